@@ -1,0 +1,159 @@
+//! Command-line interface: options of the VM itself, and the `qmp` client subcommand.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "emu",
+    version,
+    about = "A small KVM virtual machine emulator with live migration",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Multiboot kernel to boot (ELF, or a flat image with load addresses in its header).
+    /// Without it emu boots its built-in guest.
+    #[arg(long, value_name = "IMAGE")]
+    pub guest: Option<PathBuf>,
+    /// Kernel command line (the built-in guest defaults to `wl=idle`).
+    #[arg(long, value_name = "CMDLINE")]
+    pub append: Option<String>,
+    /// Guest RAM, with a K, M or G suffix [default: 512M; with --incoming: the source's].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Number of vCPUs, 1 to 64 [default: 1; with --incoming: the source's].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub smp: Option<u16>,
+    /// Where the guest's serial console goes: stdio, file:PATH or none.
+    #[arg(long, value_name = "SINK", default_value = "stdio")]
+    pub serial: SerialArg,
+    /// Serve the QMP-shaped monitor on a Unix socket: unix:PATH.
+    #[arg(long, value_name = "unix:PATH")]
+    pub monitor: Option<UnixAddr>,
+    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["guest", "append"])]
+    pub incoming: Option<String>,
+    /// Do not run the guest until the monitor's `cont` (after boot, or after an incoming migration).
+    #[arg(short = 'S', long)]
+    pub paused: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Send one command to a running emu's monitor and print the reply's "return" value as JSON.
+    Qmp {
+        /// The monitor socket: unix:PATH.
+        socket: UnixAddr,
+        /// The command, e.g. query-status.
+        command: String,
+        /// Its arguments as a JSON object, e.g. '{"uri": "tcp:127.0.0.1:4444"}'.
+        arguments: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialArg {
+    Stdio,
+    File(PathBuf),
+    None,
+}
+
+impl FromStr for SerialArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialArg::Stdio),
+            "none" => Ok(SerialArg::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialArg::File(PathBuf::from(p))),
+                _ => Err(format!("'{s}' is not stdio, file:PATH or none")),
+            },
+        }
+    }
+}
+
+/// A Unix socket address, written `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixAddr(pub PathBuf);
+
+impl FromStr for UnixAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some(p) if !p.is_empty() => Ok(UnixAddr(PathBuf::from(p))),
+            _ => Err(format!("'{s}' is not unix:PATH")),
+        }
+    }
+}
+
+/// Parses a size like `512M`, `2G`, `65536K` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        Some((i, 'T' | 't')) => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes == 0 || bytes % 4096 != 0 {
+        return Err(format!("'{s}' is not a positive multiple of 4 KiB"));
+    }
+    Ok(bytes)
+}
+
+pub fn run_subcommand(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Qmp {
+            socket,
+            command,
+            arguments,
+        } => crate::qmp::client(&socket, &command, arguments.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("8192"), Ok(8192));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("100").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn serial_and_unix_args() {
+        assert_eq!("file:/tmp/x".parse(), Ok(SerialArg::File("/tmp/x".into())));
+        assert!("file:".parse::<SerialArg>().is_err());
+        assert!("tcp:1".parse::<SerialArg>().is_err());
+        assert_eq!("unix:/a".parse(), Ok(UnixAddr("/a".into())));
+        assert!("/a".parse::<UnixAddr>().is_err());
+    }
+}

@@ -1,0 +1,270 @@
+//! The monitor: newline-delimited JSON on a Unix socket, shaped like QEMU's QMP, and the client that
+//! `emu qmp` runs.
+//!
+//! ```text
+//! <- {"QMP": {"version": {...}, "capabilities": []}}        greeting on connect
+//! -> {"execute": "query-status", "id": 1}
+//! <- {"return": {"status": "running", "running": true}, "id": 1}
+//! -> {"execute": "nonsense"}
+//! <- {"error": {"class": "CommandNotFound", "desc": "..."}}
+//! ```
+//!
+//! `qmp_capabilities` is accepted but not required. Each client has its own thread; a malformed line
+//! gets an error reply and the connection stays open. The monitor maps commands onto the VM and the
+//! migration controller and has no logic of its own.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::Sender;
+use serde_json::{json, Map, Value};
+
+use crate::cli::UnixAddr;
+use crate::migration::MigrationController;
+use crate::vm::{Vm, VmEvent};
+
+/// A line longer than this is refused (and the connection closed): a client cannot make the monitor
+/// buffer without bound.
+const MAX_LINE: u64 = 1 << 20;
+
+/// A command's failure, as QMP reports it.
+#[derive(Debug)]
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for QmpError {
+    fn from(e: E) -> Self {
+        QmpError::generic(e.to_string())
+    }
+}
+
+/// What the monitor's commands act on.
+pub struct Commands {
+    pub vm: Arc<Vm>,
+    pub events: Sender<VmEvent>,
+    pub migration: Option<Arc<MigrationController>>,
+}
+
+impl Commands {
+    pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match name {
+            "qmp_capabilities" => Ok(json!({})),
+            "query-status" => {
+                let state = self.vm.run_state();
+                Ok(
+                    json!({"status": state.name(), "running": state == crate::vm::RunState::Running}),
+                )
+            }
+            "stop" => {
+                self.vm.stop()?;
+                Ok(json!({}))
+            }
+            "cont" => {
+                self.vm.cont()?;
+                Ok(json!({}))
+            }
+            "quit" => {
+                let _ = self.events.send(VmEvent::Quit);
+                Ok(json!({}))
+            }
+            "query-vcpus" => Ok(Value::Array(
+                self.vm
+                    .vcpus()
+                    .iter()
+                    .map(|v| json!({"cpu-index": v.index(), "thread-id": v.thread_id()}))
+                    .collect(),
+            )),
+            "query-ram-digest" => Ok(self.ram_digest(args)),
+            _ => match &self.migration {
+                Some(m) => m.execute(name, args),
+                None => Err(QmpError {
+                    class: "CommandNotFound",
+                    desc: format!("the command {name} has not been found"),
+                }),
+            },
+        }
+    }
+
+    /// A CRC-32 of every page and one over all of them, to compare two guests' RAM page for page
+    /// (with `{"pages": true}` the per-page list too). Meaningful while the guest is paused.
+    fn ram_digest(&self, args: &Map<String, Value>) -> Value {
+        use migrate::vm::MigratableVm;
+        let digests = self.vm.ram().page_digests();
+        let all = migrate::ram::combined_digest(&digests);
+        let mut out = json!({"page-count": digests.len(), "digest": format!("{all:08x}")});
+        if args.get("pages").and_then(Value::as_bool) == Some(true) {
+            out["pages"] = Value::Array(digests.iter().map(|d| json!(d)).collect());
+        }
+        out
+    }
+
+    fn reply(&self, line: &str) -> Value {
+        let request: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                return error_reply(
+                    QmpError {
+                        class: "GenericError",
+                        desc: format!("JSON parse error: {e}"),
+                    },
+                    None,
+                )
+            }
+        };
+        let id = request.get("id").cloned();
+        let Some(name) = request.get("execute").and_then(Value::as_str) else {
+            return error_reply(QmpError::generic("expected an object with \"execute\""), id);
+        };
+        let empty = Map::new();
+        let args = match request.get("arguments") {
+            None => &empty,
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return error_reply(QmpError::generic("\"arguments\" must be an object"), id)
+            }
+        };
+        match self.execute(name, args) {
+            Ok(v) => {
+                let mut r = json!({"return": v});
+                if let Some(id) = id {
+                    r["id"] = id;
+                }
+                r
+            }
+            Err(e) => error_reply(e, id),
+        }
+    }
+}
+
+fn error_reply(e: QmpError, id: Option<Value>) -> Value {
+    let mut r = json!({"error": {"class": e.class, "desc": e.desc}});
+    if let Some(id) = id {
+        r["id"] = id;
+    }
+    r
+}
+
+/// The listening monitor; dropping it removes the socket file.
+pub struct Monitor {
+    path: PathBuf,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts serving `commands` on `addr`.
+pub fn serve(addr: &UnixAddr, commands: Arc<Commands>) -> Result<Monitor> {
+    let path = addr.0.clone();
+    if path.exists() {
+        // A socket left by an emu that is gone; refuse to take one that something still serves.
+        if UnixStream::connect(&path).is_ok() {
+            bail!(
+                "monitor socket {} is in use by another process",
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::thread::Builder::new()
+        .name("monitor".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let commands = commands.clone();
+                let _ = std::thread::Builder::new()
+                    .name("monitor-client".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_client(conn, &commands) {
+                            log::debug!("monitor client: {e}");
+                        }
+                    });
+            }
+        })?;
+    Ok(Monitor { path })
+}
+
+fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
+    let mut out = conn.try_clone()?;
+    let greeting = json!({"QMP": {"version": {"package": "emu", "emu": env!("CARGO_PKG_VERSION")}, "capabilities": []}});
+    writeln!(out, "{greeting}")?;
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') && n as u64 == MAX_LINE {
+            let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
+            writeln!(out, "{}", error_reply(e, None))?;
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        writeln!(out, "{}", commands.reply(line.trim()))?;
+    }
+}
+
+/// `emu qmp SOCKET COMMAND [ARGS]`: prints the "return" value as JSON; an error reply goes to stderr
+/// and the exit status is 1.
+pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>) -> Result<ExitCode> {
+    let args: Value = match arguments {
+        Some(a) => {
+            serde_json::from_str(a).with_context(|| format!("arguments are not JSON: {a}"))?
+        }
+        None => json!({}),
+    };
+    if !args.is_object() {
+        bail!("arguments must be a JSON object");
+    }
+    let conn = UnixStream::connect(&socket.0)
+        .with_context(|| format!("cannot connect to monitor {}", socket.0.display()))?;
+    let mut out = conn.try_clone()?;
+    let mut lines = BufReader::new(conn).lines();
+    let mut next = || -> Result<Value> {
+        let line = lines
+            .next()
+            .context("the monitor closed the connection")??;
+        Ok(serde_json::from_str(&line)?)
+    };
+    next()?; // greeting
+    writeln!(out, "{}", json!({"execute": command, "arguments": args}))?;
+    loop {
+        let reply = next()?;
+        if let Some(r) = reply.get("return") {
+            println!("{r}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(e) = reply.get("error") {
+            let desc = e
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error");
+            eprintln!("emu qmp: {command}: {desc}");
+            return Ok(ExitCode::from(1));
+        }
+        // anything else (an event) is skipped
+    }
+}

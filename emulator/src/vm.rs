@@ -1,0 +1,565 @@
+//! The virtual machine: KVM VM, guest RAM, devices and vCPU threads, and its lifecycle
+//! (running, paused, migrating, shut down).
+//!
+//! Creation order matters to KVM: the irqchip before vCPUs, CPUID before long mode, memory slots
+//! before the first run. A VM is created with its vCPUs paused; `boot` or a restore from a
+//! migration stream decides what they run, and `start` lets them go.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use migrate::ram::{GuestRam, RamLayout};
+use migrate::vm::{MachineState, MigratableVm, RestorableVm, VmError as MigrateVmError};
+use serde::{Deserialize, Serialize};
+
+use crate::devices::exit::{ExitDevice, EXIT_PORT};
+use crate::devices::serial::{
+    self, IrqTrigger, SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, COM1_PORTS,
+};
+use crate::devices::PioBus;
+use crate::state::{self, StateError, StateKind, Versioned};
+use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle, VcpuState};
+use crate::{loader, mptable};
+
+/// At most this many vCPUs (the guest kernel's limit too).
+pub const MAX_VCPUS: usize = 64;
+/// Where KVM puts its three-page TSS for real-mode emulation: just below the BIOS area at 4 GiB.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// How long a vCPU may take to stop before the VM calls it stuck.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it?)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM lacks {0}, which emu needs")]
+    MissingCap(&'static str),
+    #[error("cannot {op}: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Ram(#[from] migrate::ram::RamError),
+    #[error("cannot load the guest: {0}")]
+    Load(#[from] loader::LoadError),
+    #[error("{0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("serial device: {0}")]
+    Serial(std::io::Error),
+    #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
+    VcpuCount(usize),
+    #[error("vCPU {0} did not pause within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout(usize),
+    #[error("cannot {action} while the VM is {state}")]
+    WrongState {
+        action: &'static str,
+        state: &'static str,
+    },
+    #[error("the migrated state does not fit this VM: {0}")]
+    StateMismatch(String),
+}
+
+/// What ends the VM, sent to the main thread.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// The guest wrote its status to the exit device.
+    GuestExit(u8),
+    /// `quit` on the monitor.
+    Quit,
+    /// A vCPU hit something it cannot go on from (triple fault, KVM error).
+    Crashed { vcpu: usize, reason: String },
+}
+
+/// The VM's run state, with QMP's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    /// Destination: waiting for, or receiving, a migration.
+    InMigrate,
+    /// Source: paused for the final pass of a migration.
+    FinishMigrate,
+    /// Source: the guest now runs on the destination.
+    PostMigrate,
+}
+
+impl RunState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::InMigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
+        }
+    }
+}
+
+pub struct VmConfig {
+    pub mem_bytes: u64,
+    pub vcpus: usize,
+    pub serial: SerialSink,
+}
+
+/// Interrupt controllers, PIT and clock: the VM-wide state KVM keeps.
+#[derive(Serialize, Deserialize)]
+struct VmState {
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+impl Versioned for VmState {
+    const KIND: StateKind = StateKind::Vm;
+    const VERSION: u16 = 1;
+}
+
+struct Lifecycle {
+    state: RunState,
+    /// During a migration: whether the guest ran when it started (a failure restores that).
+    running_before_migration: bool,
+}
+
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    ram: Arc<GuestRam>,
+    vcpus: Vec<VcpuHandle>,
+    bus: Arc<PioBus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    lifecycle: Mutex<Lifecycle>,
+}
+
+fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+impl Vm {
+    /// Creates the VM. With `boot = Some((image, cmdline))` the kernel is loaded and the VM starts
+    /// paused in `Paused`, ready for `start`; with `None` it waits in `InMigrate` for a restore.
+    pub fn create(
+        config: VmConfig,
+        events: Sender<VmEvent>,
+        boot: Option<(&[u8], &str)>,
+    ) -> Result<Arc<Vm>, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(config.vcpus));
+        }
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "an in-kernel irqchip"),
+            (Cap::Pit2, "an in-kernel PIT"),
+            (Cap::Xsave, "XSAVE state"),
+            (Cap::Xcrs, "XCRs"),
+            (Cap::ImmediateExit, "immediate_exit"),
+            (Cap::UserMemory, "user memory slots"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("set the TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("create the irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+
+        let ram = Arc::new(GuestRam::new(RamLayout::pc(config.mem_bytes)?)?);
+        for (slot, (region, host, len)) in ram.host_regions().enumerate() {
+            let mem = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.gpa,
+                memory_size: len as u64,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which this VM keeps (Arc) for as
+            // long as `fd` exists, so KVM never sees a dangling address.
+            unsafe { fd.set_user_memory_region(mem) }.map_err(kvm_err("add a memory slot"))?;
+        }
+
+        let trigger = IrqTrigger::new().map_err(VmError::Serial)?;
+        fd.register_irqfd(trigger.event_fd(), COM1_IRQ)
+            .map_err(kvm_err("route the serial IRQ"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(trigger, config.serial)));
+        let exit = Arc::new(Mutex::new(ExitDevice::new(events.clone())));
+        let mut bus = PioBus::default();
+        bus.insert(COM1_PORT, COM1_PORTS, serial.clone());
+        bus.insert(EXIT_PORT, 1, exit);
+        let bus = Arc::new(bus);
+
+        let entry = match boot {
+            Some((image, cmdline)) => {
+                let entry = loader::load(&ram, image, cmdline)?;
+                mptable::write(&ram, config.vcpus as u8)?;
+                Some(entry)
+            }
+            None => None,
+        };
+
+        vcpu::install_kick_handler().map_err(VmError::Serial)?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        let mut msr_indices = None;
+        for index in 0..config.vcpus {
+            let vcpu = fd
+                .create_vcpu(index as u64)
+                .map_err(kvm_err("create a vCPU"))?;
+            let tsc_khz = vcpu
+                .get_tsc_khz()
+                .map_err(kvm_err("get the TSC frequency"))?;
+            vcpu::set_cpuid(&vcpu, index, &vcpu::cpuid_for(&supported, index, tsc_khz))?;
+            if index == 0 {
+                if let Some(entry) = entry {
+                    vcpu::set_multiboot_entry(&vcpu, entry)?;
+                }
+                msr_indices = Some(Arc::new(vcpu::saveable_msrs(&kvm, &vcpu)?));
+            }
+            let ctx = VcpuContext {
+                index,
+                bus: bus.clone(),
+                events: events.clone(),
+                msr_indices: msr_indices.clone().unwrap_or_default(),
+            };
+            vcpus.push(VcpuHandle::spawn(vcpu, ctx)?);
+        }
+        let state = if boot.is_some() {
+            RunState::Paused
+        } else {
+            RunState::InMigrate
+        };
+        Ok(Arc::new(Vm {
+            _kvm: kvm,
+            fd,
+            ram,
+            vcpus,
+            bus,
+            serial,
+            lifecycle: Mutex::new(Lifecycle {
+                state,
+                running_before_migration: false,
+            }),
+        }))
+    }
+
+    fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn run_state(&self) -> RunState {
+        self.lifecycle().state
+    }
+
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    pub fn flush_serial(&self) {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush_output();
+    }
+
+    fn pause_vcpus(&self) -> Result<(), VmError> {
+        let acks = self
+            .vcpus
+            .iter()
+            .map(|v| v.request_pause())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (v, ack) in self.vcpus.iter().zip(acks) {
+            ack.recv_timeout(PAUSE_TIMEOUT)
+                .map_err(|_| VmError::PauseTimeout(v.index()))?;
+        }
+        Ok(())
+    }
+
+    fn resume_vcpus(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPUs run (a booted or restored VM).
+    pub fn start(&self) -> Result<(), VmError> {
+        let mut l = self.lifecycle();
+        self.resume_vcpus()?;
+        l.state = RunState::Running;
+        Ok(())
+    }
+
+    /// `stop`: pauses a running guest.
+    pub fn stop(&self) -> Result<(), VmError> {
+        let mut l = self.lifecycle();
+        match l.state {
+            RunState::Running => {
+                self.pause_vcpus()?;
+                l.state = RunState::Paused;
+                Ok(())
+            }
+            RunState::Paused | RunState::PostMigrate => Ok(()),
+            s => Err(VmError::WrongState {
+                action: "stop",
+                state: s.name(),
+            }),
+        }
+    }
+
+    /// `cont`: resumes a paused guest (also one that migrated away, which the user may want back
+    /// if the destination failed after the switchover).
+    pub fn cont(&self) -> Result<(), VmError> {
+        let mut l = self.lifecycle();
+        match l.state {
+            RunState::Paused | RunState::PostMigrate => {
+                self.resume_vcpus()?;
+                l.state = RunState::Running;
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            s => Err(VmError::WrongState {
+                action: "continue",
+                state: s.name(),
+            }),
+        }
+    }
+
+    /// Marks the start of an outgoing migration; refuses one while another is in its final phase.
+    pub fn begin_outgoing_migration(&self) -> Result<(), VmError> {
+        let mut l = self.lifecycle();
+        match l.state {
+            RunState::Running | RunState::Paused | RunState::PostMigrate => {
+                l.running_before_migration = l.state == RunState::Running;
+                Ok(())
+            }
+            s => Err(VmError::WrongState {
+                action: "migrate",
+                state: s.name(),
+            }),
+        }
+    }
+
+    fn save_vm_state(&self) -> Result<Vec<u8>, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("get the irqchip state"))?;
+            Ok(c)
+        };
+        let s = VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("get the PIT state"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("get the KVM clock"))?,
+        };
+        Ok(state::encode(&s)?)
+    }
+
+    /// Saves all non-RAM state; the vCPUs must be paused.
+    pub fn save_machine_state(&self) -> Result<MachineState, VmError> {
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(state::encode(&v.save()?)?);
+        }
+        let mut devices = Vec::new();
+        for d in self.bus.devices() {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            devices.push((d.name().to_string(), d.save_state()?));
+        }
+        Ok(MachineState {
+            vcpus,
+            vm: self.save_vm_state()?,
+            devices,
+        })
+    }
+
+    /// Restores all non-RAM state into a VM that has not run. Every blob is decoded and checked
+    /// before any is applied, so a bad stream changes nothing.
+    pub fn restore_machine_state(&self, st: &MachineState) -> Result<(), VmError> {
+        if st.vcpus.len() != self.vcpus.len() {
+            return Err(VmError::StateMismatch(format!(
+                "{} vCPU states for {} vCPUs",
+                st.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        let vcpu_states = st
+            .vcpus
+            .iter()
+            .map(|b| state::decode::<VcpuState>(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm_state: VmState = state::decode(&st.vm)?;
+        let names: Vec<&'static str> = self
+            .bus
+            .devices()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).name())
+            .collect();
+        for name in &names {
+            if !st.devices.iter().any(|(n, _)| n == name) {
+                return Err(VmError::StateMismatch(format!(
+                    "no state for device {name}"
+                )));
+            }
+        }
+        if let Some((n, _)) = st
+            .devices
+            .iter()
+            .find(|(n, _)| !names.contains(&n.as_str()))
+        {
+            return Err(VmError::StateMismatch(format!(
+                "state for unknown device {n}"
+            )));
+        }
+
+        for (id, chip) in [
+            (KVM_IRQCHIP_PIC_MASTER, &vm_state.pic_master),
+            (KVM_IRQCHIP_PIC_SLAVE, &vm_state.pic_slave),
+            (KVM_IRQCHIP_IOAPIC, &vm_state.ioapic),
+        ] {
+            if chip.chip_id != id {
+                return Err(VmError::StateMismatch(format!(
+                    "irqchip {} where {id} was expected",
+                    chip.chip_id
+                )));
+            }
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("set the irqchip state"))?;
+        }
+        self.fd
+            .set_pit2(&vm_state.pit)
+            .map_err(kvm_err("set the PIT state"))?;
+        let mut clock = vm_state.clock;
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(kvm_err("set the KVM clock"))?;
+        for d in self.bus.devices() {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            let blob = st
+                .devices
+                .iter()
+                .find(|(n, _)| n == d.name())
+                .map(|(_, b)| b);
+            if let Some(blob) = blob {
+                d.restore_state(blob)?;
+            }
+        }
+        for (v, s) in self.vcpus.iter().zip(vcpu_states) {
+            v.restore(s)?;
+        }
+        Ok(())
+    }
+
+    /// After a completed incoming migration: paused (`-S`) or running.
+    pub fn finish_incoming(&self, run: bool) -> Result<(), VmError> {
+        if run {
+            self.start()
+        } else {
+            self.lifecycle().state = RunState::Paused;
+            Ok(())
+        }
+    }
+}
+
+impl MigratableVm for Vm {
+    fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    fn pause_for_switchover(&self) -> Result<(), MigrateVmError> {
+        let mut l = self.lifecycle();
+        if l.state == RunState::Running {
+            self.pause_vcpus()
+                .map_err(|e| MigrateVmError(e.to_string()))?;
+        }
+        l.state = RunState::FinishMigrate;
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<MachineState, MigrateVmError> {
+        self.save_machine_state()
+            .map_err(|e| MigrateVmError(e.to_string()))
+    }
+
+    fn migration_completed(&self) {
+        self.lifecycle().state = RunState::PostMigrate;
+    }
+
+    fn migration_failed(&self) {
+        let mut l = self.lifecycle();
+        if l.state != RunState::FinishMigrate {
+            return; // never paused: nothing to undo
+        }
+        if l.running_before_migration {
+            match self.resume_vcpus() {
+                Ok(()) => l.state = RunState::Running,
+                Err(e) => {
+                    log::error!("cannot resume the guest after a failed migration: {e}");
+                    l.state = RunState::Paused;
+                }
+            }
+        } else {
+            l.state = RunState::Paused;
+        }
+    }
+}
+
+impl RestorableVm for Vm {
+    fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    fn restore_state(&self, state: &MachineState) -> Result<(), MigrateVmError> {
+        self.restore_machine_state(state)
+            .map_err(|e| MigrateVmError(e.to_string()))
+    }
+}
+
+/// Starts feeding stdin to the guest's UART.
+pub fn connect_stdin(vm: &Vm) {
+    serial::spawn_stdin_reader(vm.serial().clone());
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // vCPU threads hold the bus; stop them before the VM fd and RAM go away.
+        self.vcpus.clear();
+    }
+}

@@ -1,0 +1,255 @@
+//! Page bitmaps: an atomic one that fault handlers and VMM writers set concurrently, and a plain one
+//! the sender owns while it walks a pass.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const BITS: usize = 64;
+
+fn words_for(bits: usize) -> usize {
+    bits.div_ceil(BITS)
+}
+
+/// A bitmap many threads set at once; one thread drains it.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Box<[AtomicU64]>,
+    bits: usize,
+}
+
+impl AtomicBitmap {
+    pub fn new(bits: usize) -> Self {
+        let words = (0..words_for(bits)).map(|_| AtomicU64::new(0)).collect();
+        AtomicBitmap { words, bits }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Sets bit `i`; out-of-range bits are ignored (a caller bug, not worth a panic in a handler).
+    pub fn set(&self, i: usize) {
+        if i < self.bits {
+            self.words[i / BITS].fetch_or(1 << (i % BITS), Ordering::AcqRel);
+        }
+    }
+
+    pub fn set_range(&self, start: usize, count: usize) {
+        for i in start..(start + count).min(self.bits) {
+            self.set(i);
+        }
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        i < self.bits && self.words[i / BITS].load(Ordering::Acquire) & (1 << (i % BITS)) != 0
+    }
+
+    /// Moves every set bit into `into` and clears it here, word by word, so a bit set concurrently
+    /// is either taken now or stays for the next call: never lost.
+    pub fn drain_into(&self, into: &mut PageBitmap) {
+        debug_assert_eq!(into.bits, self.bits);
+        for (dst, src) in into.words.iter_mut().zip(self.words.iter()) {
+            if src.load(Ordering::Relaxed) != 0 {
+                *dst |= src.swap(0, Ordering::AcqRel);
+            }
+        }
+    }
+
+    pub fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
+    }
+}
+
+/// A plain page bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageBitmap {
+    words: Vec<u64>,
+    bits: usize,
+}
+
+impl PageBitmap {
+    pub fn new(bits: usize) -> Self {
+        PageBitmap {
+            words: vec![0; words_for(bits)],
+            bits,
+        }
+    }
+
+    /// A bitmap with every bit set.
+    pub fn full(bits: usize) -> Self {
+        let mut b = PageBitmap {
+            words: vec![u64::MAX; words_for(bits)],
+            bits,
+        };
+        b.trim();
+        b
+    }
+
+    /// Builds a bitmap from raw words (as KVM returns them); bits past `bits` are dropped.
+    pub fn from_words(words: Vec<u64>, bits: usize) -> Self {
+        let mut words = words;
+        words.resize(words_for(bits), 0);
+        let mut b = PageBitmap { words, bits };
+        b.trim();
+        b
+    }
+
+    fn trim(&mut self) {
+        let extra = self.words.len() * BITS - self.bits;
+        if extra > 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= u64::MAX >> extra;
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    pub fn set(&mut self, i: usize) {
+        if i < self.bits {
+            self.words[i / BITS] |= 1 << (i % BITS);
+        }
+    }
+
+    pub fn clear_bit(&mut self, i: usize) {
+        if i < self.bits {
+            self.words[i / BITS] &= !(1 << (i % BITS));
+        }
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        i < self.bits && self.words[i / BITS] & (1 << (i % BITS)) != 0
+    }
+
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+    }
+
+    /// ORs `words` (bit i = page `offset + i`) into this bitmap.
+    pub fn or_words_at(&mut self, offset: usize, words: &[u64]) {
+        if offset.is_multiple_of(BITS) {
+            let first = offset / BITS;
+            for (dst, src) in self.words[first..].iter_mut().zip(words) {
+                *dst |= src;
+            }
+            self.trim();
+            return;
+        }
+        for (wi, &w) in words.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as usize;
+                self.set(offset + wi * BITS + bit);
+                w &= w - 1;
+            }
+        }
+    }
+
+    /// Takes the whole set, leaving this bitmap empty.
+    pub fn take(&mut self) -> PageBitmap {
+        let empty = PageBitmap::new(self.bits);
+        std::mem::replace(self, empty)
+    }
+
+    /// Set bits in increasing order.
+    pub fn iter_ones(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some(wi * BITS + bit)
+            })
+        })
+    }
+
+    /// Maximal runs of set bits as (first, count), in increasing order.
+    pub fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut ones = self.iter_ones().peekable();
+        std::iter::from_fn(move || {
+            let first = ones.next()?;
+            let mut count = 1;
+            while ones.peek() == Some(&(first + count)) {
+                ones.next();
+                count += 1;
+            }
+            Some((first, count))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_moves_bits_and_clears_source() {
+        let a = AtomicBitmap::new(130);
+        a.set(0);
+        a.set(64);
+        a.set(129);
+        a.set(500); // ignored
+        let mut p = PageBitmap::new(130);
+        a.drain_into(&mut p);
+        assert_eq!(p.iter_ones().collect::<Vec<_>>(), vec![0, 64, 129]);
+        assert_eq!(a.count(), 0);
+    }
+
+    #[test]
+    fn full_has_exactly_len_bits() {
+        let p = PageBitmap::full(70);
+        assert_eq!(p.count(), 70);
+        assert!(!p.get(70));
+    }
+
+    #[test]
+    fn runs_groups_contiguous_bits() {
+        let mut p = PageBitmap::new(200);
+        for i in [1, 2, 3, 63, 64, 65, 100, 199] {
+            p.set(i);
+        }
+        assert_eq!(
+            p.runs().collect::<Vec<_>>(),
+            vec![(1, 3), (63, 3), (100, 1), (199, 1)]
+        );
+    }
+
+    #[test]
+    fn or_words_at_unaligned_offset() {
+        let mut p = PageBitmap::new(200);
+        p.or_words_at(70, &[0b101, 1 << 63]);
+        assert_eq!(p.iter_ones().collect::<Vec<_>>(), vec![70, 72, 197]);
+        let mut q = PageBitmap::new(100);
+        q.or_words_at(64, &[u64::MAX]);
+        assert_eq!(q.count(), 36);
+    }
+}

@@ -1,0 +1,7 @@
+//! The migration path of emu: guest RAM and its dirty trackers, the stream format, transports, and
+//! the precopy sender and receiver. It knows nothing of KVM vCPUs or devices: the emulator plugs in
+//! through the [`vm::MigratableVm`] trait.
+
+pub mod bitmap;
+pub mod ram;
+pub mod vm;

@@ -1,0 +1,424 @@
+//! Guest RAM: the one owner of the host mapping behind the guest's physical memory.
+//!
+//! It hands host addresses to KVM and to the dirty trackers, reads pages for the sender, and is the
+//! only way the emulator itself writes into the guest: every such write is recorded in the VMM dirty
+//! log while a migration runs, whatever tracker is in use (KVM's dirty log never sees them, and the
+//! write-protect trackers would see them only as faults of the emulator's own threads).
+//!
+//! Guest memory is only ever touched through raw-pointer copies, never through Rust references: the
+//! guest writes it concurrently, and a `&[u8]` over it would promise the compiler otherwise.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::bitmap::{AtomicBitmap, PageBitmap};
+
+pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Below 4 GiB, RAM stops at 3 GiB; the gap holds the IOAPIC, the LAPIC and room for MMIO devices.
+pub const LOW_RAM_END: u64 = 3 << 30;
+/// RAM beyond the first 3 GiB continues at 4 GiB.
+pub const HIGH_RAM_START: u64 = 4 << 30;
+/// The largest guest emu accepts (also the bound a migration stream's header is checked against).
+pub const MAX_RAM_BYTES: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    #[error("guest RAM size {0} is not a positive multiple of 4 KiB")]
+    BadSize(u64),
+    #[error("guest RAM of {0} bytes is more than the {MAX_RAM_BYTES} emu supports")]
+    TooLarge(u64),
+    #[error("RAM region {index} (gpa {gpa:#x}, {size:#x} bytes) is empty, unaligned or overlaps the previous one")]
+    BadRegion { index: usize, gpa: u64, size: u64 },
+    #[error("guest range {gpa:#x}+{len:#x} is not inside one RAM region")]
+    OutOfRange { gpa: u64, len: usize },
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Map { size: u64, source: std::io::Error },
+}
+
+/// One contiguous range of guest-physical RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRegion {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl RamRegion {
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+}
+
+/// Where RAM sits in guest-physical space, and the numbering of its pages: page indices run through
+/// the regions in order, so one bitmap covers all of RAM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamLayout {
+    regions: Vec<RamRegion>,
+    first_page: Vec<usize>,
+    pages: usize,
+}
+
+impl RamLayout {
+    /// The PC layout emu gives a guest of `bytes` of RAM: [0, min(bytes, 3 GiB)) and the rest from 4 GiB.
+    pub fn pc(bytes: u64) -> Result<Self, RamError> {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(RamError::BadSize(bytes));
+        }
+        let low = bytes.min(LOW_RAM_END);
+        let mut regions = vec![RamRegion { gpa: 0, size: low }];
+        if bytes > low {
+            regions.push(RamRegion {
+                gpa: HIGH_RAM_START,
+                size: bytes - low,
+            });
+        }
+        Self::new(regions)
+    }
+
+    /// A layout from regions that must be page-aligned, non-empty, sorted and disjoint, and at most
+    /// [`MAX_RAM_BYTES`] in all.
+    pub fn new(regions: Vec<RamRegion>) -> Result<Self, RamError> {
+        let page = PAGE_SIZE as u64;
+        let mut first_page = Vec::with_capacity(regions.len());
+        let mut pages = 0usize;
+        let mut total = 0u64;
+        let mut prev_end = 0u64;
+        for (index, r) in regions.iter().enumerate() {
+            let bad = r.size == 0
+                || r.gpa % page != 0
+                || r.size % page != 0
+                || (index > 0 && r.gpa < prev_end)
+                || r.gpa.checked_add(r.size).is_none();
+            if bad {
+                return Err(RamError::BadRegion {
+                    index,
+                    gpa: r.gpa,
+                    size: r.size,
+                });
+            }
+            total = total.saturating_add(r.size);
+            if total > MAX_RAM_BYTES {
+                return Err(RamError::TooLarge(total));
+            }
+            first_page.push(pages);
+            pages += (r.size / page) as usize;
+            prev_end = r.end();
+        }
+        Ok(RamLayout {
+            regions,
+            first_page,
+            pages,
+        })
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    pub fn page_count(&self) -> usize {
+        self.pages
+    }
+
+    /// Index of the first page of region `region`.
+    pub fn first_page_of_region(&self, region: usize) -> usize {
+        self.first_page[region]
+    }
+
+    /// (region index, byte offset) of `gpa`, if it is RAM.
+    fn locate(&self, gpa: u64) -> Option<(usize, u64)> {
+        let i = self.regions.partition_point(|r| r.end() <= gpa);
+        let r = self.regions.get(i)?;
+        (gpa >= r.gpa).then(|| (i, gpa - r.gpa))
+    }
+
+    /// Page index of `gpa`, if it is RAM.
+    pub fn page_of(&self, gpa: u64) -> Option<usize> {
+        let (i, off) = self.locate(gpa)?;
+        Some(self.first_page[i] + (off >> PAGE_SHIFT) as usize)
+    }
+
+    /// Guest-physical address of page `page` (which must be below `page_count()`).
+    pub fn gpa_of(&self, page: usize) -> u64 {
+        let i = self.first_page.partition_point(|&f| f <= page) - 1;
+        self.regions[i].gpa + (((page - self.first_page[i]) as u64) << PAGE_SHIFT)
+    }
+
+    /// Whether pages `first..first + count` are contiguous in guest-physical space (one region).
+    pub fn is_contiguous(&self, first: usize, count: usize) -> bool {
+        if count == 0 || first + count > self.pages {
+            return count == 0;
+        }
+        let i = self.first_page.partition_point(|&f| f <= first) - 1;
+        let region_pages = (self.regions[i].size >> PAGE_SHIFT) as usize;
+        first + count <= self.first_page[i] + region_pages
+    }
+}
+
+struct Mapping {
+    /// Keeps the mapping alive; never dereferenced as a slice (see the module comment).
+    _mmap: MmapMut,
+    host: *mut u8,
+    len: usize,
+}
+
+/// The guest's RAM, mapped in this process.
+pub struct GuestRam {
+    layout: RamLayout,
+    maps: Vec<Mapping>,
+    vmm_dirty: AtomicBitmap,
+    vmm_logging: AtomicBool,
+}
+
+// SAFETY: the raw pointers in `maps` point into mappings owned by the same struct, valid for its
+// whole life; all access through them is by raw copies that tolerate concurrent writers (the guest
+// and other threads), so sharing the struct between threads adds no aliasing of Rust references.
+unsafe impl Send for GuestRam {}
+// SAFETY: as for Send; every method takes `&self` and touches guest memory only by raw copies.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// Maps anonymous, lazily-populated memory for every region of `layout`.
+    pub fn new(layout: RamLayout) -> Result<Self, RamError> {
+        let mut maps = Vec::new();
+        for r in layout.regions() {
+            let len = r.size as usize;
+            let mut mmap = MmapOptions::new()
+                .len(len)
+                .no_reserve_swap()
+                .map_anon()
+                .map_err(|source| RamError::Map {
+                    size: r.size,
+                    source,
+                })?;
+            let host = mmap.as_mut_ptr();
+            maps.push(Mapping {
+                _mmap: mmap,
+                host,
+                len,
+            });
+        }
+        let vmm_dirty = AtomicBitmap::new(layout.page_count());
+        Ok(GuestRam {
+            layout,
+            maps,
+            vmm_dirty,
+            vmm_logging: AtomicBool::new(false),
+        })
+    }
+
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    pub fn page_count(&self) -> usize {
+        self.layout.page_count()
+    }
+
+    /// Each region with its host address and length, for KVM memory slots and the trackers.
+    pub fn host_regions(&self) -> impl Iterator<Item = (RamRegion, *mut u8, usize)> + '_ {
+        self.layout
+            .regions()
+            .iter()
+            .zip(&self.maps)
+            .map(|(r, m)| (*r, m.host, m.len))
+    }
+
+    /// Host address of page `page`.
+    pub fn page_host_addr(&self, page: usize) -> *mut u8 {
+        let i = self.layout.first_page.partition_point(|&f| f <= page) - 1;
+        let off = (page - self.layout.first_page[i]) << PAGE_SHIFT;
+        debug_assert!(off < self.maps[i].len);
+        // SAFETY: `off` is inside region i's mapping because page < page_count.
+        unsafe { self.maps[i].host.add(off) }
+    }
+
+    /// Host pointer for [gpa, gpa + len), which must lie inside one region.
+    fn host_range(&self, gpa: u64, len: usize) -> Result<*mut u8, RamError> {
+        let out = || RamError::OutOfRange { gpa, len };
+        let (i, off) = self.layout.locate(gpa).ok_or_else(out)?;
+        let end = off.checked_add(len as u64).ok_or_else(out)?;
+        if end > self.layout.regions[i].size {
+            return Err(out());
+        }
+        // SAFETY: off + len <= region size, so the result and the range after it are in the mapping.
+        Ok(unsafe { self.maps[i].host.add(off as usize) })
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), RamError> {
+        let src = self.host_range(gpa, buf.len())?;
+        // SAFETY: src..src+len is mapped guest RAM (checked above) and cannot overlap `buf`, which is
+        // emulator memory.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Writes `data` into guest memory at `gpa` on behalf of the emulator (a device, the loader),
+    /// recording the pages in the VMM dirty log while one is active.
+    ///
+    /// Under a write-protect tracker the copy may fault; that fault is resolved by the tracker's own
+    /// thread, never by the writer, so the caller must not be that thread (see `tracker::uffd`).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
+        let dst = self.host_range(gpa, data.len())?;
+        self.mark_vmm_dirty(gpa, data.len());
+        // SAFETY: dst..dst+len is mapped guest RAM (checked above), disjoint from `data`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    fn mark_vmm_dirty(&self, gpa: u64, len: usize) {
+        if len == 0 || !self.vmm_logging.load(Ordering::Acquire) {
+            return;
+        }
+        if let (Some(first), Some(last)) = (
+            self.layout.page_of(gpa),
+            self.layout.page_of(gpa + len as u64 - 1),
+        ) {
+            self.vmm_dirty.set_range(first, last - first + 1);
+        }
+    }
+
+    /// Copies page `page` into `buf` (`PAGE_SIZE` bytes).
+    pub fn read_page(&self, page: usize, buf: &mut [u8]) {
+        assert_eq!(buf.len(), PAGE_SIZE);
+        let src = self.page_host_addr(page);
+        // SAFETY: a page of mapped guest RAM, copied into a distinct emulator buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), PAGE_SIZE) };
+    }
+
+    /// Stores a received page. Used by the migration receiver before the guest runs, so it does not
+    /// go through the VMM dirty log.
+    pub fn write_page(&self, page: usize, data: &[u8]) {
+        assert_eq!(data.len(), PAGE_SIZE);
+        let dst = self.page_host_addr(page);
+        // SAFETY: a page of mapped guest RAM, written from a distinct emulator buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
+    }
+
+    /// Zeroes page `page` (receiver side, like `write_page`).
+    pub fn zero_page(&self, page: usize) {
+        let dst = self.page_host_addr(page);
+        // SAFETY: a page of mapped guest RAM.
+        unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) };
+    }
+
+    /// Starts recording the emulator's own writes; they are merged into every tracker's dirty set.
+    pub fn start_vmm_dirty_log(&self) {
+        self.vmm_dirty.clear();
+        self.vmm_logging.store(true, Ordering::Release);
+    }
+
+    pub fn stop_vmm_dirty_log(&self) {
+        self.vmm_logging.store(false, Ordering::Release);
+        self.vmm_dirty.clear();
+    }
+
+    /// Moves the pages the emulator wrote since the last call into `into`.
+    pub fn drain_vmm_dirty(&self, into: &mut PageBitmap) {
+        self.vmm_dirty.drain_into(into);
+    }
+
+    /// CRC-32 of every page, in page order: the page-for-page comparison of two guests' RAM.
+    pub fn page_digests(&self) -> Vec<u32> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        (0..self.page_count())
+            .map(|p| {
+                self.read_page(p, &mut buf);
+                crc32fast::hash(&buf)
+            })
+            .collect()
+    }
+}
+
+/// One CRC-32 over a list of page digests (as `GuestRam::page_digests` returns them).
+pub fn combined_digest(page_digests: &[u32]) -> u32 {
+    let mut all = crc32fast::Hasher::new();
+    for d in page_digests {
+        all.update(&d.to_le_bytes());
+    }
+    all.finalize()
+}
+
+/// Whether a page-sized buffer is all zeroes (checked 64 bytes at a time so it vectorises).
+pub fn is_zero_page(buf: &[u8]) -> bool {
+    buf.chunks_exact(64).all(|c| {
+        c.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))
+        }) == 0
+    }) && buf.chunks_exact(64).remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pc_layout_splits_at_3g() {
+        let l = RamLayout::pc(5 << 30).unwrap();
+        assert_eq!(
+            l.regions(),
+            &[
+                RamRegion {
+                    gpa: 0,
+                    size: 3 << 30
+                },
+                RamRegion {
+                    gpa: 4 << 30,
+                    size: 2 << 30
+                }
+            ]
+        );
+        let low_pages = (3usize << 30) / PAGE_SIZE;
+        assert_eq!(l.page_of(4 << 30), Some(low_pages));
+        assert_eq!(l.gpa_of(low_pages), 4 << 30);
+        assert_eq!(l.page_of(3 << 30), None);
+        assert!(l.is_contiguous(low_pages - 2, 2));
+        assert!(!l.is_contiguous(low_pages - 2, 3));
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        assert!(RamLayout::pc(0).is_err());
+        assert!(RamLayout::pc(4097).is_err());
+        assert!(RamLayout::new(vec![
+            RamRegion { gpa: 0, size: 8192 },
+            RamRegion {
+                gpa: 4096,
+                size: 4096
+            }
+        ])
+        .is_err());
+        assert!(RamLayout::new(vec![RamRegion { gpa: 1, size: 4096 }]).is_err());
+        assert!(RamLayout::pc(MAX_RAM_BYTES + 4096).is_err());
+    }
+
+    #[test]
+    fn write_read_and_vmm_dirty_log() {
+        let ram = GuestRam::new(RamLayout::pc(1 << 20).unwrap()).unwrap();
+        ram.write(0x1ffe, &[1, 2, 3, 4]).unwrap(); // not logged yet
+        ram.start_vmm_dirty_log();
+        ram.write(0x3ffe, &[5, 6, 7, 8]).unwrap(); // spans pages 3 and 4
+        let mut buf = [0u8; 4];
+        ram.read(0x1ffe, &mut buf).unwrap();
+        assert_eq!(buf, [1, 2, 3, 4]);
+        let mut dirty = PageBitmap::new(ram.page_count());
+        ram.drain_vmm_dirty(&mut dirty);
+        assert_eq!(dirty.iter_ones().collect::<Vec<_>>(), vec![3, 4]);
+        assert!(ram.write(1 << 20, &[0]).is_err());
+        assert!(ram.read((1 << 20) - 2, &mut buf).is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero_page(&page));
+        page[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero_page(&page));
+    }
+}

@@ -1,0 +1,45 @@
+//! What the migration path needs from a virtual machine, and nothing more: the emulator implements
+//! these traits, so `migrate` does not depend on it (or on how vCPUs and devices work).
+
+use std::sync::Arc;
+
+use crate::ram::GuestRam;
+
+/// A failure inside the VM (a KVM ioctl, a device refusing its state), as text for the migration's
+/// error report.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct VmError(pub String);
+
+/// The machine's state other than RAM, as versioned blobs the emulator encodes and checks itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MachineState {
+    /// One blob per vCPU, in vCPU order.
+    pub vcpus: Vec<Vec<u8>>,
+    /// Interrupt controllers, timer, clock.
+    pub vm: Vec<u8>,
+    /// (device name, blob) for every device.
+    pub devices: Vec<(String, Vec<u8>)>,
+}
+
+/// The source side: a running VM that can be stopped for the switchover.
+pub trait MigratableVm: Send + Sync {
+    fn ram(&self) -> &Arc<GuestRam>;
+    fn vcpu_count(&self) -> usize;
+    /// Stops every vCPU and leaves them quiescent (no exit half-handled), for the final pass.
+    fn pause_for_switchover(&self) -> Result<(), VmError>;
+    /// Saves vCPU, VM and device state; only called while paused for the switchover.
+    fn save_state(&self) -> Result<MachineState, VmError>;
+    /// The destination has the guest: stay paused (QEMU's "postmigrate") until told otherwise.
+    fn migration_completed(&self);
+    /// The migration failed or was cancelled: put the VM back as it was before (running if it was).
+    fn migration_failed(&self);
+}
+
+/// The destination side: a VM that has not run, into which the stream is restored.
+pub trait RestorableVm: Send + Sync {
+    fn ram(&self) -> &Arc<GuestRam>;
+    fn vcpu_count(&self) -> usize;
+    /// Restores non-RAM state; called once, after every page arrived and before the guest runs.
+    fn restore_state(&self, state: &MachineState) -> Result<(), VmError>;
+}
