@@ -387,7 +387,6 @@ mod tests {
             base + 32,
         ];
         let mut img: Vec<u8> = fields.iter().flat_map(|f| f.to_le_bytes()).collect();
-        img.extend_from_slice(&[0; 4]);
         img.extend_from_slice(body);
         img
     }
@@ -405,7 +404,7 @@ mod tests {
             }
         );
         let mut buf = [0u8; 8];
-        r.read(0x10_0024, &mut buf).unwrap();
+        r.read(0x10_0020, &mut buf).unwrap();
         assert_eq!(&buf, b"\xf4\xf4kernel");
         let mut cmd = [0u8; 8];
         r.read(MBI_CMDLINE, &mut cmd).unwrap();
