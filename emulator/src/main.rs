@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use crossbeam_channel::{Receiver, Sender};
 
 use cli::{Cli, RunArgs, SerialArg};
 use devices::serial::SerialSink;
@@ -64,7 +65,7 @@ fn read_image(args: &RunArgs, mem: u64) -> Result<(Vec<u8>, String)> {
 }
 
 /// Waits for what ends the VM and turns it into emu's exit status.
-fn wait_for_end(vm: &Vm, events: &crossbeam_channel::Receiver<VmEvent>) -> ExitCode {
+fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>) -> ExitCode {
     let code = match events.recv() {
         Ok(VmEvent::GuestExit(status)) => status,
         Ok(VmEvent::Quit) | Err(_) => 0,
@@ -77,34 +78,67 @@ fn wait_for_end(vm: &Vm, events: &crossbeam_channel::Receiver<VmEvent>) -> ExitC
     ExitCode::from(code)
 }
 
+/// Monitor, serial input and the wait for the end: what a booted and a migrated-in VM share.
+fn serve_vm(
+    vm: Arc<Vm>,
+    args: &RunArgs,
+    events_tx: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+) -> Result<ExitCode> {
+    if matches!(args.serial, SerialArg::Stdio) {
+        vm::connect_stdin(&vm);
+    }
+    let _monitor = match &args.monitor {
+        Some(addr) => {
+            let migration = Some(Arc::new(migration::MigrationController::new(vm.clone())));
+            let commands = qmp::Commands {
+                vm: vm.clone(),
+                events: events_tx,
+                migration,
+            };
+            Some(qmp::serve(addr, Arc::new(commands))?)
+        }
+        None => None,
+    };
+    Ok(wait_for_end(&vm, &events))
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
+    let (events_tx, events) = crossbeam_channel::unbounded();
+    if let Some(uri) = &args.incoming {
+        let uri: migrate::transport::Uri = uri.parse()?;
+        let serial = serial_sink(&args.serial)?;
+        let limits = migration::IncomingLimits {
+            mem: args.mem,
+            vcpus: args.smp.map(usize::from),
+        };
+        let make_config = |mem_bytes, vcpus| VmConfig {
+            mem_bytes,
+            vcpus,
+            serial,
+        };
+        let received = migration::receive(&uri, limits, make_config, events_tx.clone())?;
+        eprintln!(
+            "emu: migration received: {} MiB in {} passes",
+            received.bytes >> 20,
+            received.passes
+        );
+        let vm = received.vm;
+        vm.finish_incoming(!args.paused)?;
+        return serve_vm(vm, &args, events_tx, events);
+    }
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let (image, cmdline) = read_image(&args, mem)?;
-    let (events_tx, events) = crossbeam_channel::unbounded();
     let config = VmConfig {
         mem_bytes: mem,
         vcpus: usize::from(args.smp.unwrap_or(1)),
         serial: serial_sink(&args.serial)?,
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx.clone(), Some((&image, &cmdline)))?;
-    if matches!(args.serial, SerialArg::Stdio) {
-        vm::connect_stdin(&vm);
-    }
-    let _monitor = match &args.monitor {
-        Some(addr) => {
-            let commands = qmp::Commands {
-                vm: vm.clone(),
-                events: events_tx,
-                migration: None,
-            };
-            Some(qmp::serve(addr, Arc::new(commands))?)
-        }
-        None => None,
-    };
     if !args.paused {
         vm.start()?;
     }
-    Ok(wait_for_end(&vm, &events))
+    serve_vm(vm, &args, events_tx, events)
 }
 
 fn main() -> ExitCode {

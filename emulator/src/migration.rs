@@ -1,16 +1,232 @@
-//! Outgoing and incoming migration, as the monitor and `--incoming` drive them.
+//! Migration as the monitor drives it (`migrate`, `query-migrate`, `migrate-cancel`,
+//! `migrate-set-parameters`, `query-migrate-parameters`) and as `--incoming` receives it. The work
+//! itself is in the `migrate` crate; this maps commands and JSON onto it.
 
-use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use migrate::progress::Progress;
+use migrate::receiver::{self, ReceiveError, Received};
+use migrate::sender::{self, MigrationParams, Outgoing};
+use migrate::stream::StreamHeader;
+use migrate::tracker::{self, TrackerKind};
+use migrate::transport::{Listener, Uri};
+use migrate::vm::MigratableVm;
+use serde_json::{json, Map, Value};
 
 use crate::qmp::QmpError;
+use crate::vm::{Vm, VmConfig};
 
-pub struct MigrationController {}
+/// The longest downtime limit accepted, as in QEMU (2000 s).
+const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+pub struct MigrationController {
+    vm: Arc<Vm>,
+    params: Arc<Mutex<MigrationParams>>,
+    current: Mutex<Option<Outgoing>>,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
 
 impl MigrationController {
-    pub fn execute(&self, name: &str, _args: &Map<String, Value>) -> Result<Value, QmpError> {
-        Err(QmpError {
-            class: "CommandNotFound",
-            desc: format!("the command {name} has not been found"),
-        })
+    pub fn new(vm: Arc<Vm>) -> Self {
+        MigrationController {
+            vm,
+            params: Arc::new(Mutex::new(MigrationParams::default())),
+            current: Mutex::new(None),
+        }
     }
+
+    fn current(&self) -> MutexGuard<'_, Option<Outgoing>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match name {
+            "migrate" => self.migrate(args),
+            "query-migrate" => Ok(self
+                .current()
+                .as_ref()
+                .map_or(json!({}), |o| progress_json(&o.progress.snapshot()))),
+            "migrate-cancel" => {
+                if let Some(o) = self.current().as_ref() {
+                    if !o.progress.snapshot().status.is_finished() {
+                        o.cancel.cancel();
+                    }
+                }
+                Ok(json!({}))
+            }
+            "migrate-set-parameters" => self.set_parameters(args),
+            "query-migrate-parameters" => Ok(params_json(
+                &self.params.lock().unwrap_or_else(|e| e.into_inner()),
+            )),
+            _ => Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("the command {name} has not been found"),
+            }),
+        }
+    }
+
+    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let uri = args
+            .get("uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
+        let uri: Uri = uri.parse()?;
+        let mut current = self.current();
+        if current
+            .as_ref()
+            .is_some_and(|o| !o.progress.snapshot().status.is_finished())
+        {
+            return Err(QmpError::generic("a migration is already running"));
+        }
+        if let Some(old) = current.take() {
+            old.join();
+        }
+        self.vm.begin_outgoing_migration()?;
+        let vm: Arc<dyn MigratableVm> = self.vm.clone();
+        let outgoing = sender::start(vm, uri, self.params.clone(), Arc::new(tracker::ram_tracker))?;
+        *current = Some(outgoing);
+        Ok(json!({}))
+    }
+
+    fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        // Check everything before changing anything.
+        let mut p = self
+            .params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (key, value) in args {
+            let number = || {
+                value.as_u64().ok_or_else(|| {
+                    QmpError::generic(format!("{key} must be a non-negative integer"))
+                })
+            };
+            match key.as_str() {
+                "downtime-limit" => {
+                    let v = number()?;
+                    if v > MAX_DOWNTIME_LIMIT_MS {
+                        return Err(QmpError::generic(format!(
+                            "downtime-limit is at most {MAX_DOWNTIME_LIMIT_MS} ms"
+                        )));
+                    }
+                    p.downtime_limit = Duration::from_millis(v);
+                }
+                "max-bandwidth" => p.max_bandwidth = number()?,
+                "max-passes" => {
+                    p.max_passes = u32::try_from(number()?)
+                        .map_err(|_| QmpError::generic("max-passes is too large"))?
+                }
+                "dirty-tracker" => {
+                    let s = value
+                        .as_str()
+                        .ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
+                    p.tracker = s.parse::<TrackerKind>().map_err(QmpError::generic)?;
+                }
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "unknown migration parameter {other}"
+                    )))
+                }
+            }
+        }
+        *self.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        Ok(json!({}))
+    }
+}
+
+fn params_json(p: &MigrationParams) -> Value {
+    json!({
+        "downtime-limit": ms(p.downtime_limit),
+        "max-bandwidth": p.max_bandwidth,
+        "max-passes": p.max_passes,
+        "dirty-tracker": p.tracker.name(),
+    })
+}
+
+/// `query-migrate`: QEMU's field names where QEMU has one, plus the pass history.
+pub fn progress_json(p: &Progress) -> Value {
+    let total_ms = p.total_time.unwrap_or_else(|| p.started.elapsed());
+    let mut v = json!({
+        "status": p.status.name(),
+        "dirty-tracker": p.tracker.name(),
+        "pass": p.pass,
+        "total-time": ms(total_ms),
+        "ram": {
+            "total": p.ram_bytes,
+            "transferred": p.bytes,
+            "remaining": p.dirty_pages * 4096,
+            "dirty-pages": p.dirty_pages,
+            "normal": p.normal_pages,
+            "normal-bytes": p.normal_pages * 4096,
+            "duplicate": p.zero_pages,
+            "dirty-pages-rate": p.dirty_rate.round() as u64,
+            "throughput": p.throughput.round() as u64,
+            "mbps": p.throughput * 8.0 / 1e6,
+            "dirty-sync-count": p.passes.len(),
+        },
+        "passes": p.passes.iter().map(|r| json!({
+            "pass": r.pass, "pages": r.pages, "bytes": r.bytes,
+            "time-us": r.duration.as_micros() as u64, "dirty-after": r.dirty_after,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(d) = p.setup_time {
+        v["setup-time"] = json!(ms(d));
+    }
+    if let Some(d) = p.expected_downtime {
+        v["expected-downtime"] = json!(ms(d));
+    }
+    if let Some(d) = p.downtime {
+        v["downtime"] = json!(ms(d));
+        v["downtime-us"] = json!(d.as_micros() as u64);
+    }
+    if let Some(e) = &p.error {
+        v["error-desc"] = json!(e);
+    }
+    v
+}
+
+/// What the user said the destination VM must look like (`--mem`, `--smp`): checked against the
+/// stream's header, so a mismatch is refused before anything is received.
+pub struct IncomingLimits {
+    pub mem: Option<u64>,
+    pub vcpus: Option<usize>,
+}
+
+/// Waits on `uri` for one source and receives its guest. Returns a VM whose state is complete,
+/// not yet running.
+pub fn receive(
+    uri: &Uri,
+    limits: IncomingLimits,
+    make_config: impl FnOnce(u64, usize) -> VmConfig,
+    events: crossbeam_channel::Sender<crate::vm::VmEvent>,
+) -> anyhow::Result<Received<Vm>> {
+    use anyhow::Context;
+    let listener = Listener::bind(uri).with_context(|| format!("cannot listen on {uri}"))?;
+    eprintln!(
+        "emu: waiting for an incoming migration on {}",
+        listener.local_uri()?
+    );
+    let conn = listener
+        .accept()
+        .context("cannot accept the migration connection")?;
+    drop(listener);
+    let create = |h: &StreamHeader| -> Result<Arc<Vm>, String> {
+        let mem: u64 = h.regions.iter().map(|r| r.size).sum();
+        let vcpus = h.vcpu_count as usize;
+        if let Some(m) = limits.mem.filter(|&m| m != mem) {
+            return Err(format!(
+                "the source has {mem} bytes of RAM, --mem asks for {m}"
+            ));
+        }
+        if let Some(n) = limits.vcpus.filter(|&n| n != vcpus) {
+            return Err(format!("the source has {vcpus} vCPUs, --smp asks for {n}"));
+        }
+        Vm::create(make_config(mem, vcpus), events, None)
+            .map_err(|e| format!("cannot create the VM: {e}"))
+    };
+    receiver::receive(conn, create).map_err(|e: ReceiveError| anyhow::anyhow!(e))
 }

@@ -171,6 +171,14 @@ impl PageBitmap {
         }
     }
 
+    /// Adds every bit of `other` (same length).
+    pub fn union_with(&mut self, other: &PageBitmap) {
+        debug_assert_eq!(self.bits, other.bits);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
     /// Takes the whole set, leaving this bitmap empty.
     pub fn take(&mut self) -> PageBitmap {
         let empty = PageBitmap::new(self.bits);

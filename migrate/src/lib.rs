@@ -3,5 +3,13 @@
 //! through the [`vm::MigratableVm`] trait.
 
 pub mod bitmap;
+pub mod convergence;
+pub mod progress;
 pub mod ram;
+pub mod receiver;
+pub mod sender;
+pub mod stream;
+pub mod tracker;
+pub mod transport;
+pub mod uffd;
 pub mod vm;

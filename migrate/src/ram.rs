@@ -238,6 +238,92 @@ impl GuestRam {
         unsafe { self.maps[i].host.add(off) }
     }
 
+    /// The page whose host address is `addr`, if `addr` is in guest RAM.
+    pub fn page_of_host(&self, addr: u64) -> Option<usize> {
+        self.maps.iter().enumerate().find_map(|(i, m)| {
+            let start = m.host as u64;
+            (addr >= start && addr < start + m.len as u64)
+                .then(|| self.layout.first_page[i] + ((addr - start) >> PAGE_SHIFT) as usize)
+        })
+    }
+
+    /// The set pages of `pages` as host ranges (address, bytes), split where regions end.
+    pub fn host_runs<'a>(&'a self, pages: &'a PageBitmap) -> impl Iterator<Item = (u64, u64)> + 'a {
+        pages.runs().flat_map(move |(first, count)| {
+            let mut out = Vec::with_capacity(1);
+            let (mut p, end) = (first, first + count);
+            while p < end {
+                let i = self.layout.first_page.partition_point(|&f| f <= p) - 1;
+                let region_end = self.layout.first_page[i]
+                    + (self.layout.regions[i].size >> PAGE_SHIFT) as usize;
+                let n = end.min(region_end) - p;
+                out.push((self.page_host_addr(p) as u64, (n << PAGE_SHIFT) as u64));
+                p += n;
+            }
+            out
+        })
+    }
+
+    /// Pages the process has never populated (neither present nor swapped, per /proc/self/pagemap):
+    /// they are zero without being read. Pass 0 of a migration sends them as zero runs, which makes
+    /// a mostly idle guest cheap to send.
+    pub fn unpopulated_pages(&self) -> std::io::Result<PageBitmap> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const CHUNK: usize = 64 * 1024;
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let mut out = PageBitmap::new(self.page_count());
+        let mut raw = vec![0u8; CHUNK * 8];
+        for (i, m) in self.maps.iter().enumerate() {
+            let first_vpn = m.host as u64 >> PAGE_SHIFT;
+            let pages = m.len >> PAGE_SHIFT;
+            let mut done = 0;
+            while done < pages {
+                let n = CHUNK.min(pages - done);
+                pagemap.read_exact_at(&mut raw[..n * 8], (first_vpn + done as u64) * 8)?;
+                for (j, e) in raw[..n * 8].chunks_exact(8).enumerate() {
+                    let entry = u64::from_le_bytes(e.try_into().unwrap_or([0xff; 8]));
+                    if entry & (PRESENT | SWAPPED) == 0 {
+                        out.set(self.layout.first_page[i] + done + j);
+                    }
+                }
+                done += n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A mutable view of pages `first..first + count` (one region), for the migration receiver to
+    /// read page data straight into guest RAM.
+    ///
+    /// # Safety
+    /// Nothing else may access those pages while the slice lives: no vCPU has run (a destination
+    /// before resume) and no other thread writes them.
+    pub unsafe fn pages_mut(&self, first: usize, count: usize) -> &mut [u8] {
+        assert!(
+            self.layout.is_contiguous(first, count),
+            "pages {first}+{count} span regions"
+        );
+        let p = self.page_host_addr(first);
+        // SAFETY: the pages are one mapped, contiguous range of a region (asserted above); the
+        // caller guarantees exclusive access for the slice's lifetime.
+        unsafe { std::slice::from_raw_parts_mut(p, count << PAGE_SHIFT) }
+    }
+
+    /// Faults in every page for writing (MADV_POPULATE_WRITE), for trackers that cannot see writes to
+    /// pages that were never populated.
+    pub fn populate(&self) -> std::io::Result<()> {
+        for m in &self.maps {
+            // SAFETY: the range is exactly one of our own anonymous mappings.
+            let r = unsafe { libc::madvise(m.host.cast(), m.len, libc::MADV_POPULATE_WRITE) };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Host pointer for [gpa, gpa + len), which must lie inside one region.
     fn host_range(&self, gpa: u64, len: usize) -> Result<*mut u8, RamError> {
         let out = || RamError::OutOfRange { gpa, len };
@@ -266,9 +352,11 @@ impl GuestRam {
     /// thread, never by the writer, so the caller must not be that thread (see `tracker::uffd`).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
         let dst = self.host_range(gpa, data.len())?;
-        self.mark_vmm_dirty(gpa, data.len());
         // SAFETY: dst..dst+len is mapped guest RAM (checked above), disjoint from `data`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        // Marked after the copy: a sender that takes the mark reads the page after it, so it cannot
+        // send the old contents and drop the mark.
+        self.mark_vmm_dirty(gpa, data.len());
         Ok(())
     }
 

@@ -1,0 +1,115 @@
+//! When precopy stops iterating and switches over. One pure function, tested on made-up inputs.
+
+use std::time::Duration;
+
+/// What the decision is made from.
+#[derive(Clone, Copy, Debug)]
+pub struct PassOutcome {
+    /// Bytes of guest RAM dirty now (pages left to send x page size).
+    pub remaining_bytes: u64,
+    /// Bytes per second the stream has moved so far (0 if nothing was measured yet).
+    pub throughput: f64,
+    /// Passes completed after pass 0 (the full one).
+    pub passes_done: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    /// Send another pass.
+    Continue,
+    /// Stop: nothing is dirty.
+    NothingLeft,
+    /// Stop: what is left fits in the downtime limit at the measured throughput.
+    Converged,
+    /// Stop although it does not fit: `max_passes` passes are done.
+    MaxPasses,
+}
+
+impl Decision {
+    pub fn stops(self) -> bool {
+        self != Decision::Continue
+    }
+}
+
+/// How long sending `remaining_bytes` would take at `throughput`; None without a measurement.
+pub fn expected_downtime(remaining_bytes: u64, throughput: f64) -> Option<Duration> {
+    (throughput > 0.0).then(|| Duration::from_secs_f64(remaining_bytes as f64 / throughput))
+}
+
+/// Decides whether precopy stops. The criteria, in order:
+///
+/// 1. Nothing is dirty: stop.
+/// 2. `max_passes` passes after pass 0 are done: stop, even though the downtime may exceed the limit (a guest that
+///    dirties memory faster than the link moves it never converges by itself).
+/// 3. The dirty bytes, at the throughput measured so far, take at most `downtime_limit`: stop.
+/// 4. Otherwise (also when nothing has been measured yet): another pass.
+pub fn decide(outcome: PassOutcome, downtime_limit: Duration, max_passes: u32) -> Decision {
+    if outcome.remaining_bytes == 0 {
+        return Decision::NothingLeft;
+    }
+    if outcome.passes_done >= max_passes {
+        return Decision::MaxPasses;
+    }
+    match expected_downtime(outcome.remaining_bytes, outcome.throughput) {
+        Some(d) if d <= downtime_limit => Decision::Converged,
+        _ => Decision::Continue,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(50);
+    const GBPS: f64 = 1e9;
+
+    fn outcome(remaining_bytes: u64, throughput: f64, passes_done: u32) -> PassOutcome {
+        PassOutcome {
+            remaining_bytes,
+            throughput,
+            passes_done,
+        }
+    }
+
+    #[test]
+    fn stops_when_nothing_is_dirty() {
+        assert_eq!(decide(outcome(0, 0.0, 1), LIMIT, 30), Decision::NothingLeft);
+    }
+
+    #[test]
+    fn stops_when_remaining_fits_the_limit() {
+        // 40 MB at 1 GB/s = 40 ms <= 50 ms
+        assert_eq!(
+            decide(outcome(40_000_000, GBPS, 1), LIMIT, 30),
+            Decision::Converged
+        );
+        // 60 MB = 60 ms > 50 ms
+        assert_eq!(
+            decide(outcome(60_000_000, GBPS, 1), LIMIT, 30),
+            Decision::Continue
+        );
+        assert_eq!(
+            expected_downtime(60_000_000, GBPS),
+            Some(Duration::from_millis(60))
+        );
+    }
+
+    #[test]
+    fn continues_without_a_measurement() {
+        assert_eq!(decide(outcome(4096, 0.0, 1), LIMIT, 30), Decision::Continue);
+        assert_eq!(expected_downtime(4096, 0.0), None);
+    }
+
+    #[test]
+    fn max_passes_forces_the_switchover() {
+        assert_eq!(
+            decide(outcome(1 << 40, GBPS, 30), LIMIT, 30),
+            Decision::MaxPasses
+        );
+        assert_eq!(
+            decide(outcome(1 << 40, GBPS, 29), LIMIT, 30),
+            Decision::Continue
+        );
+        assert!(Decision::MaxPasses.stops() && !Decision::Continue.stops());
+    }
+}

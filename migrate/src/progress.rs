@@ -1,0 +1,115 @@
+//! What a running (or finished) outgoing migration reports: `query-migrate` and the benchmarks
+//! read it.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::tracker::TrackerKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Connecting, starting the tracker.
+    Setup,
+    /// Precopy passes while the guest runs.
+    Active,
+    /// Guest paused: final pages and device state.
+    Device,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Device => "device",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// One pass of precopy.
+#[derive(Clone, Debug)]
+pub struct PassRecord {
+    pub pass: u32,
+    /// Pages sent in the pass (normal and zero).
+    pub pages: u64,
+    pub bytes: u64,
+    pub duration: Duration,
+    /// Dirty pages found when the pass ended (what the next pass, or the switchover, must send).
+    pub dirty_after: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub status: Status,
+    pub tracker: TrackerKind,
+    pub started: Instant,
+    pub ram_bytes: u64,
+    /// The pass being sent (0 = the first, full one).
+    pub pass: u32,
+    pub bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub dirty_pages: u64,
+    /// Pages dirtied per second, measured between the last two collections.
+    pub dirty_rate: f64,
+    /// Stream bytes per second over the passes so far.
+    pub throughput: f64,
+    pub expected_downtime: Option<Duration>,
+    pub setup_time: Option<Duration>,
+    pub total_time: Option<Duration>,
+    /// From pausing the source to the destination's acknowledgement (sent as it resumes).
+    pub downtime: Option<Duration>,
+    pub error: Option<String>,
+    pub passes: Vec<PassRecord>,
+}
+
+impl Progress {
+    pub fn new(tracker: TrackerKind, ram_bytes: u64) -> Self {
+        Progress {
+            status: Status::Setup,
+            tracker,
+            started: Instant::now(),
+            ram_bytes,
+            pass: 0,
+            bytes: 0,
+            normal_pages: 0,
+            zero_pages: 0,
+            dirty_pages: 0,
+            dirty_rate: 0.0,
+            throughput: 0.0,
+            expected_downtime: None,
+            setup_time: None,
+            total_time: None,
+            downtime: None,
+            error: None,
+            passes: Vec::new(),
+        }
+    }
+}
+
+/// Progress shared between the migration thread and its readers.
+pub struct ProgressCell(Mutex<Progress>);
+
+impl ProgressCell {
+    pub fn new(p: Progress) -> Self {
+        ProgressCell(Mutex::new(p))
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn snapshot(&self) -> Progress {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}

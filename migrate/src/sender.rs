@@ -1,0 +1,563 @@
+//! The source side of a precopy migration, top to bottom:
+//!
+//! 1. setup: connect, start the dirty tracker (all of RAM write-protected), send the header;
+//! 2. pass 0: every page, zero pages as markers;
+//! 3. passes 1..n: take the dirty set (re-protected before it is read), send it, until the
+//!    convergence rule says the rest fits in the downtime limit (or `max_passes` is reached);
+//! 4. switchover: pause every vCPU, send the last dirty pages and the vCPU, VM and device state, wait
+//!    for the destination's acknowledgement; the source stays paused ("postmigrate").
+//!
+//! Any failure before the acknowledgement (connection lost, destination refused, cancel) stops the
+//! tracker (RAM writable again, fault thread gone) and puts the guest back as it was.
+
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::bitmap::PageBitmap;
+use crate::convergence::{self, PassOutcome};
+use crate::progress::{PassRecord, Progress, ProgressCell, Status};
+use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
+use crate::stream::{Decoder, Encoder, PageBatch, Record, StreamError, StreamHeader};
+use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
+use crate::transport::{self, Connection, Uri};
+use crate::vm::{MigratableVm, VmError};
+
+/// How long the source waits for the destination to restore the state and acknowledge.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Stream buffer for small records (PAGES records of 1 MiB go out directly).
+const WRITE_BUFFER: usize = 256 << 10;
+
+/// Tunables of an outgoing migration (`migrate-set-parameters`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationParams {
+    /// Switch over once the dirty pages left would take at most this long to send. QEMU's default
+    /// is 300 ms, sized for 1 Gb/s links; emu defaults to 50 ms because on the links it targets
+    /// (10 Gb/s and up, loopback) that still converges for guests dirtying memory at up to about
+    /// half the link rate, and a pause stays below what interactive users notice.
+    pub downtime_limit: Duration,
+    /// Bytes per second the stream may use while the guest runs; 0 = no limit (the default: the
+    /// sooner precopy ends, the less the guest redirties). The switchover is never throttled.
+    pub max_bandwidth: u64,
+    /// Passes after pass 0 before the switchover is forced even if it will exceed the downtime
+    /// limit. 30 bounds the migration of a guest that writes faster than the link (QEMU would loop
+    /// until cancelled); converging guests stop far earlier.
+    pub max_passes: u32,
+    /// How dirty pages are tracked (takes effect at the next `migrate`).
+    pub tracker: TrackerKind,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        MigrationParams {
+            downtime_limit: Duration::from_millis(50),
+            max_bandwidth: 0,
+            max_passes: 30,
+            tracker: TrackerKind::UffdWp,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot connect to {uri}: {source}")]
+    Connect { uri: String, source: std::io::Error },
+    #[error("dirty tracking: {0}")]
+    Tracker(#[from] TrackerError),
+    #[error("sending: {0}")]
+    Send(#[from] std::io::Error),
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("no acknowledgement from the destination: {0}")]
+    NoAck(String),
+    #[error("the VM: {0}")]
+    Vm(#[from] VmError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Cancels a migration from another thread, also one blocked on the network.
+#[derive(Default)]
+pub struct Cancel {
+    requested: AtomicBool,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.shutdown();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn attach(&self, conn: &Connection) {
+        if let Ok(c) = conn.try_clone() {
+            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        }
+    }
+
+    fn check(&self) -> Result<(), MigrationError> {
+        if self.is_cancelled() {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A migration running in its own thread.
+pub struct Outgoing {
+    pub progress: Arc<ProgressCell>,
+    pub cancel: Arc<Cancel>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Outgoing {
+    /// Waits for the migration thread to end.
+    pub fn join(mut self) -> Progress {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.progress.snapshot()
+    }
+}
+
+/// Starts migrating `vm` to `uri` in a new thread. `params` is read at every pass, so changes to the
+/// downtime limit, bandwidth and pass limit apply to a running migration.
+pub fn start(
+    vm: Arc<dyn MigratableVm>,
+    uri: Uri,
+    params: Arc<Mutex<MigrationParams>>,
+    trackers: Arc<TrackerFactory>,
+) -> std::io::Result<Outgoing> {
+    let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
+    let progress = Arc::new(ProgressCell::new(Progress::new(
+        kind,
+        vm.ram().layout().total_bytes(),
+    )));
+    let cancel = Arc::new(Cancel::default());
+    let (p, c) = (progress.clone(), cancel.clone());
+    let thread = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let result = migrate(&*vm, &uri, &params, &*trackers, &p, &c);
+            match result {
+                Ok(()) => {}
+                Err(e) => {
+                    // The tracker is stopped already (dropped inside `migrate`): RAM is writable again
+                    // before the guest resumes.
+                    vm.migration_failed();
+                    let status = if c.is_cancelled() {
+                        Status::Cancelled
+                    } else {
+                        Status::Failed
+                    };
+                    log::warn!("migration to {uri}: {e}");
+                    p.update(|p| {
+                        p.status = status;
+                        p.error = Some(e.to_string());
+                        p.total_time = Some(p.started.elapsed());
+                    });
+                }
+            }
+        })?;
+    Ok(Outgoing {
+        progress,
+        cancel,
+        thread: Some(thread),
+    })
+}
+
+fn migrate(
+    vm: &dyn MigratableVm,
+    uri: &Uri,
+    params: &Mutex<MigrationParams>,
+    trackers: &TrackerFactory,
+    progress: &ProgressCell,
+    cancel: &Cancel,
+) -> Result<(), MigrationError> {
+    let conn = transport::connect(uri).map_err(|source| MigrationError::Connect {
+        uri: uri.to_string(),
+        source,
+    })?;
+    cancel.attach(&conn);
+    cancel.check()?;
+    let ram = vm.ram().clone();
+    let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
+    let log = DirtyLog::start(trackers(kind, &ram)?, ram.clone())?;
+    let mut sender = Sender {
+        vm,
+        ram,
+        enc: Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?)),
+        conn,
+        log,
+        params,
+        progress,
+        cancel,
+        batch: PageBatch::default(),
+        zero_run: None,
+        throughput: Throughput::default(),
+        pass_bytes_start: 0,
+        pass_started: Instant::now(),
+        throttle: true,
+    };
+    sender.run().map_err(|e| sender.explain(e))
+}
+
+/// Bytes moved while sending passes, for the convergence rule.
+#[derive(Default)]
+struct Throughput {
+    bytes: u64,
+    time: Duration,
+}
+
+impl Throughput {
+    fn bytes_per_sec(&self) -> f64 {
+        if self.time.is_zero() {
+            0.0
+        } else {
+            self.bytes as f64 / self.time.as_secs_f64()
+        }
+    }
+}
+
+struct Sender<'a> {
+    vm: &'a dyn MigratableVm,
+    ram: Arc<GuestRam>,
+    enc: Encoder<BufWriter<Connection>>,
+    conn: Connection,
+    log: DirtyLog,
+    params: &'a Mutex<MigrationParams>,
+    progress: &'a ProgressCell,
+    cancel: &'a Cancel,
+    batch: PageBatch,
+    /// A run of zero pages not sent yet: (first gpa, count).
+    zero_run: Option<(u64, u64)>,
+    throughput: Throughput,
+    pass_bytes_start: u64,
+    pass_started: Instant,
+    /// Whether max-bandwidth applies (not during the switchover).
+    throttle: bool,
+}
+
+impl Sender<'_> {
+    fn params(&self) -> MigrationParams {
+        self.params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn run(&mut self) -> Result<(), MigrationError> {
+        let started = self.progress.snapshot().started;
+        let layout = self.ram.layout().clone();
+        self.enc.preamble()?;
+        let header = StreamHeader {
+            page_size: PAGE_SIZE as u32,
+            vcpu_count: self.vm.vcpu_count() as u32,
+            regions: layout.regions().to_vec(),
+        };
+        self.enc.header(&header)?;
+        self.progress.update(|p| {
+            p.status = Status::Active;
+            p.setup_time = Some(started.elapsed());
+        });
+
+        // Pass 0: everything. Pages never populated are zero without being read.
+        let unpopulated = self.ram.unpopulated_pages().ok();
+        let all = PageBitmap::full(self.ram.page_count());
+        self.send_pass(0, &all, unpopulated.as_ref())?;
+
+        // Passes 1..n while the guest runs.
+        let mut dirty = PageBitmap::new(self.ram.page_count());
+        let mut pass = 0;
+        let mut last_collect = Instant::now();
+        loop {
+            self.collect(&mut dirty, &mut last_collect)?;
+            let params = self.params();
+            let outcome = PassOutcome {
+                remaining_bytes: (dirty.count() * PAGE_SIZE) as u64,
+                throughput: self.throughput.bytes_per_sec(),
+                passes_done: pass,
+            };
+            let decision = convergence::decide(outcome, params.downtime_limit, params.max_passes);
+            self.progress.update(|p| {
+                p.expected_downtime =
+                    convergence::expected_downtime(outcome.remaining_bytes, outcome.throughput);
+                if let Some(last) = p.passes.last_mut() {
+                    last.dirty_after = dirty.count() as u64;
+                }
+            });
+            if decision.stops() {
+                log::info!(
+                    "precopy stops after pass {pass}: {decision:?}, {} pages left",
+                    dirty.count()
+                );
+                break;
+            }
+            pass += 1;
+            let to_send = dirty.take();
+            self.send_pass(pass, &to_send, None)?;
+        }
+        self.switchover(pass + 1, &mut dirty, &mut last_collect)
+    }
+
+    /// Pause, final pages, state, acknowledgement.
+    fn switchover(
+        &mut self,
+        pass: u32,
+        dirty: &mut PageBitmap,
+        last_collect: &mut Instant,
+    ) -> Result<(), MigrationError> {
+        self.cancel.check()?;
+        self.progress.update(|p| p.status = Status::Device);
+        let paused_at = Instant::now();
+        self.vm.pause_for_switchover()?;
+        self.throttle = false;
+        self.collect(dirty, last_collect)?;
+        let last = dirty.take();
+        self.send_pass(pass, &last, None)?;
+
+        let state = self.vm.save_state()?;
+        for (i, blob) in state.vcpus.iter().enumerate() {
+            self.enc.vcpu_state(i as u32, blob)?;
+        }
+        self.enc.vm_state(&state.vm)?;
+        for (name, blob) in &state.devices {
+            self.enc.device_state(name, blob)?;
+        }
+        self.enc
+            .end(state.vcpus.len() as u32, state.devices.len() as u32)?;
+        self.enc.flush()?;
+        self.wait_for_ack()?;
+
+        let downtime = paused_at.elapsed();
+        // The destination runs the guest now; stop tracking before reporting success.
+        self.log.stop()?;
+        self.vm.migration_completed();
+        let bytes = self.enc.bytes_written();
+        self.progress.update(|p| {
+            p.status = Status::Completed;
+            p.downtime = Some(downtime);
+            p.total_time = Some(p.started.elapsed());
+            p.bytes = bytes;
+            p.dirty_pages = 0;
+        });
+        Ok(())
+    }
+
+    fn wait_for_ack(&mut self) -> Result<(), MigrationError> {
+        self.conn.set_read_timeout(Some(ACK_TIMEOUT))?;
+        match read_reply(&self.conn) {
+            Ok(Reply::Ack) => Ok(()),
+            Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
+            Ok(Reply::Unexpected(what)) => {
+                Err(MigrationError::NoAck(format!("{what} instead of ACK")))
+            }
+            Err(e) => Err(MigrationError::NoAck(e.to_string())),
+        }
+    }
+
+    /// Takes the dirty set (re-protected by the tracker) and measures the dirty rate.
+    fn collect(
+        &mut self,
+        dirty: &mut PageBitmap,
+        last: &mut Instant,
+    ) -> Result<(), MigrationError> {
+        let before = dirty.count();
+        self.log.collect(dirty)?;
+        let found = dirty.count() - before;
+        let secs = last.elapsed().as_secs_f64();
+        *last = Instant::now();
+        let count = dirty.count() as u64;
+        self.progress.update(|p| {
+            p.dirty_pages = count;
+            if secs > 0.0 {
+                p.dirty_rate = found as f64 / secs;
+            }
+        });
+        Ok(())
+    }
+
+    /// Sends the pages of `pages` (those in `known_zero` as zero without reading them), then PASS_END.
+    fn send_pass(
+        &mut self,
+        pass: u32,
+        pages: &PageBitmap,
+        known_zero: Option<&PageBitmap>,
+    ) -> Result<(), MigrationError> {
+        self.pass_started = Instant::now();
+        self.pass_bytes_start = self.enc.bytes_written();
+        self.progress.update(|p| p.pass = pass);
+        let layout = self.ram.layout().clone();
+        let mut sent = 0u64;
+        for page in pages.iter_ones() {
+            let gpa = layout.gpa_of(page);
+            sent += 1;
+            if known_zero.is_some_and(|z| z.get(page)) {
+                self.add_zero(gpa)?;
+                continue;
+            }
+            if !self.batch.accepts(gpa) {
+                self.flush_batch()?;
+            }
+            let slot = self.batch.next_slot(gpa);
+            self.ram.read_page(page, slot);
+            if is_zero_page(slot) {
+                self.add_zero(gpa)?;
+            } else {
+                self.batch.commit();
+                if self.batch.len() == crate::stream::MAX_PAGES_PER_RECORD {
+                    self.flush_batch()?;
+                }
+            }
+        }
+        self.flush_batch()?;
+        self.flush_zero_run()?;
+        self.enc.pass_end(pass, sent)?;
+        let bytes = self.enc.bytes_written() - self.pass_bytes_start;
+        let duration = self.pass_started.elapsed();
+        self.throughput.bytes += bytes;
+        self.throughput.time += duration;
+        let (total, rate) = (self.enc.bytes_written(), self.throughput.bytes_per_sec());
+        self.progress.update(|p| {
+            p.bytes = total;
+            p.throughput = rate;
+            p.passes.push(PassRecord {
+                pass,
+                pages: sent,
+                bytes,
+                duration,
+                dirty_after: 0,
+            });
+        });
+        Ok(())
+    }
+
+    fn add_zero(&mut self, gpa: u64) -> Result<(), MigrationError> {
+        match &mut self.zero_run {
+            Some((first, count)) if *first + *count * PAGE_SIZE as u64 == gpa => *count += 1,
+            _ => {
+                self.flush_zero_run()?;
+                self.zero_run = Some((gpa, 1));
+            }
+        }
+        self.progress.update(|p| p.zero_pages += 1);
+        Ok(())
+    }
+
+    fn flush_zero_run(&mut self) -> Result<(), MigrationError> {
+        if let Some((gpa, count)) = self.zero_run.take() {
+            self.enc.zero_pages(gpa, count)?;
+        }
+        Ok(())
+    }
+
+    fn flush_batch(&mut self) -> Result<(), MigrationError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.cancel.check()?;
+        self.check_peer()?;
+        let n = self.batch.len() as u64;
+        self.enc.pages(&mut self.batch)?;
+        let total = self.enc.bytes_written();
+        self.progress.update(|p| {
+            p.normal_pages += n;
+            p.bytes = total;
+        });
+        self.throttle_bandwidth();
+        Ok(())
+    }
+
+    /// The destination speaks before the end only to refuse: notice it between records rather
+    /// than at the next failed write.
+    fn check_peer(&mut self) -> Result<(), MigrationError> {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.conn.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+            return Ok(());
+        }
+        Err(match read_reply(&self.conn) {
+            Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
+            Ok(Reply::Ack) => MigrationError::Refused("an early ACK from the destination".into()),
+            Ok(Reply::Unexpected(what)) => {
+                MigrationError::Refused(format!("unexpected {what} from the destination"))
+            }
+            Err(StreamError::Closed) => {
+                MigrationError::Refused("the destination closed the connection".into())
+            }
+            Err(e) => MigrationError::Refused(e.to_string()),
+        })
+    }
+
+    /// Sleeps as long as this pass is ahead of `max_bandwidth`.
+    fn throttle_bandwidth(&self) {
+        let limit = self.params().max_bandwidth;
+        if !self.throttle || limit == 0 {
+            return;
+        }
+        let sent = self.enc.bytes_written() - self.pass_bytes_start;
+        let due = Duration::from_secs_f64(sent as f64 / limit as f64);
+        let elapsed = self.pass_started.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+
+    /// A write error often means the destination refused the stream and closed: fetch its reason.
+    fn explain(&mut self, e: MigrationError) -> MigrationError {
+        if self.cancel.is_cancelled() {
+            return MigrationError::Cancelled;
+        }
+        if !matches!(e, MigrationError::Send(_)) {
+            return e;
+        }
+        let _ = self.conn.set_read_timeout(Some(Duration::from_secs(1)));
+        match read_reply(&self.conn) {
+            Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
+            _ => e,
+        }
+    }
+}
+
+/// What the destination said on the return path.
+enum Reply {
+    Ack,
+    Refused(String),
+    Unexpected(String),
+}
+
+fn read_reply(conn: &Connection) -> Result<Reply, StreamError> {
+    let mut dec = Decoder::new(conn.try_clone()?);
+    let frame = dec.next_frame()?;
+    Ok(match dec.read_record(&frame)? {
+        Record::Ack => Reply::Ack,
+        Record::Error(reason) => Reply::Refused(reason.to_string()),
+        other => Reply::Unexpected(format!("{other:?}")),
+    })
+}
+
+impl Drop for Sender<'_> {
+    fn drop(&mut self) {
+        // Stop tracking before anything else happens to the guest (DirtyLog's drop does it too;
+        // doing it here first keeps the order explicit), then close the stream.
+        if let Err(e) = self.log.stop() {
+            log::error!("stopping the dirty tracker: {e}");
+        }
+        let _ = self.enc.get_mut().flush();
+        self.conn.shutdown();
+    }
+}

@@ -1,0 +1,142 @@
+//! Dirty-page trackers: how the source learns which guest pages changed since it last copied them.
+//!
+//! Every tracker implements [`DirtyTracker`]; the sender holds a [`DirtyLog`], which adds the pages
+//! the emulator itself wrote (they bypass some trackers: KVM's log never sees them), and never knows
+//! which tracker it has.
+
+pub mod uffd_wp;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::bitmap::PageBitmap;
+use crate::ram::GuestRam;
+use crate::uffd::UffdError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("userfaultfd: {0}")]
+    Uffd(#[from] UffdError),
+    #[error("cannot start the tracker's thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the tracker's fault thread failed: {0}")]
+    FaultThread(String),
+    #[error("cannot populate guest RAM: {0}")]
+    Populate(std::io::Error),
+}
+
+/// Which tracker a migration uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackerKind {
+    /// userfaultfd write-protect, synchronous: a fault thread resolves every first write to a page.
+    UffdWp,
+}
+
+impl TrackerKind {
+    pub const ALL: &'static [TrackerKind] = &[TrackerKind::UffdWp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackerKind::UffdWp => "uffd-wp",
+        }
+    }
+}
+
+impl FromStr for TrackerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        TrackerKind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = TrackerKind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown dirty tracker '{s}' (one of: {})", names.join(", "))
+            })
+    }
+}
+
+/// One way of tracking guest writes to RAM.
+pub trait DirtyTracker: Send {
+    fn kind(&self) -> TrackerKind;
+
+    /// From now on every guest write to RAM is recorded.
+    fn start(&mut self) -> Result<(), TrackerError>;
+
+    /// Adds to `dirty` every page written since `start` or the previous call, and re-arms tracking
+    /// for those pages *before* returning: a page is read for sending only once a later write to it
+    /// would be recorded again.
+    fn collect(&mut self, dirty: &mut PageBitmap) -> Result<(), TrackerError>;
+
+    /// Stops tracking: all of RAM writable, no thread left behind. Idempotent.
+    fn stop(&mut self) -> Result<(), TrackerError>;
+}
+
+/// Builds a tracker of the given kind for `ram` (the emulator supplies one that also knows KVM).
+pub type TrackerFactory = dyn Fn(TrackerKind, &Arc<GuestRam>) -> Result<Box<dyn DirtyTracker>, TrackerError>
+    + Send
+    + Sync;
+
+/// The trackers this crate can build from guest RAM alone.
+pub fn ram_tracker(
+    kind: TrackerKind,
+    ram: &Arc<GuestRam>,
+) -> Result<Box<dyn DirtyTracker>, TrackerError> {
+    match kind {
+        TrackerKind::UffdWp => Ok(Box::new(uffd_wp::UffdWpTracker::new(ram.clone()))),
+    }
+}
+
+/// A running tracker plus the emulator's own writes: the dirty set the sender sees.
+pub struct DirtyLog {
+    tracker: Box<dyn DirtyTracker>,
+    ram: Arc<GuestRam>,
+    running: bool,
+}
+
+impl DirtyLog {
+    pub fn start(
+        mut tracker: Box<dyn DirtyTracker>,
+        ram: Arc<GuestRam>,
+    ) -> Result<Self, TrackerError> {
+        ram.start_vmm_dirty_log();
+        if let Err(e) = tracker.start() {
+            ram.stop_vmm_dirty_log();
+            let _ = tracker.stop();
+            return Err(e);
+        }
+        Ok(DirtyLog {
+            tracker,
+            ram,
+            running: true,
+        })
+    }
+
+    pub fn kind(&self) -> TrackerKind {
+        self.tracker.kind()
+    }
+
+    /// Adds the pages written since the last call (guest and emulator) to `dirty`, re-armed.
+    pub fn collect(&mut self, dirty: &mut PageBitmap) -> Result<(), TrackerError> {
+        self.tracker.collect(dirty)?;
+        self.ram.drain_vmm_dirty(dirty);
+        Ok(())
+    }
+
+    pub fn stop(&mut self) -> Result<(), TrackerError> {
+        if !self.running {
+            return Ok(());
+        }
+        self.running = false;
+        self.ram.stop_vmm_dirty_log();
+        self.tracker.stop()
+    }
+}
+
+impl Drop for DirtyLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            log::error!("stopping the dirty tracker: {e}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The synchronous userfaultfd write-protect tracker: the design of the original KVM migration.
+//!
+//! All of RAM is write-protected; the first guest write to a page blocks the vCPU inside KVM_RUN
+//! and queues a fault event. The tracker's fault thread unprotects the page (which wakes the vCPU)
+//! and then marks it dirty. `collect` takes the marks and protects those pages again.
+//!
+//! The order in the fault thread matters: unprotect, *then* mark. Marking first would let `collect`
+//! take the mark, re-protect and read the page while the vCPU is still blocked, after which the
+//! unprotect would let the write through unrecorded.
+//!
+//! The emulator's own writes into guest RAM fault like the guest's and are resolved by the same
+//! thread, so no emulator thread may ever be the one resolving its own fault: only the fault thread
+//! resolves, and it never writes guest RAM.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::{DirtyTracker, TrackerError, TrackerKind};
+use crate::bitmap::{AtomicBitmap, PageBitmap};
+use crate::ram::{GuestRam, PAGE_SIZE};
+use crate::uffd::{self, Uffd, UffdError, UffdMsg};
+
+struct Running {
+    uffd: Arc<Uffd>,
+    dirty: Arc<AtomicBitmap>,
+    stop: OwnedFd,
+    thread: Option<JoinHandle<Result<(), UffdError>>>,
+}
+
+pub struct UffdWpTracker {
+    ram: Arc<GuestRam>,
+    running: Option<Running>,
+    faults: Arc<AtomicU64>,
+}
+
+impl UffdWpTracker {
+    pub fn new(ram: Arc<GuestRam>) -> Self {
+        UffdWpTracker {
+            ram,
+            running: None,
+            faults: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Write faults resolved so far.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    /// A userfaultfd that write-protects unpopulated pages too; without WP_UNPOPULATED (older
+    /// kernels) every page is populated first, or writes to untouched pages would go unseen.
+    fn open(&self) -> Result<Uffd, TrackerError> {
+        let base = uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_THREAD_ID;
+        match Uffd::open(base | uffd::FEATURE_WP_UNPOPULATED) {
+            Ok(u) => Ok(u),
+            Err(_) => {
+                self.ram.populate().map_err(TrackerError::Populate)?;
+                Ok(Uffd::open(base)?)
+            }
+        }
+    }
+
+    fn protect_all(uffd: &Uffd, ram: &GuestRam, protect: bool) -> Result<(), UffdError> {
+        for (_, host, len) in ram.host_regions() {
+            uffd.write_protect(host as u64, len as u64, protect)?;
+        }
+        Ok(())
+    }
+
+    fn start_inner(&mut self, uffd: Arc<Uffd>) -> Result<Running, TrackerError> {
+        for (_, host, len) in self.ram.host_regions() {
+            uffd.register_wp(host as u64, len as u64)?;
+        }
+        // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(TrackerError::Thread(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let dirty = Arc::new(AtomicBitmap::new(self.ram.page_count()));
+        let thread = {
+            let (uffd, dirty, ram, faults) = (
+                uffd.clone(),
+                dirty.clone(),
+                self.ram.clone(),
+                self.faults.clone(),
+            );
+            let stop_fd = stop.try_clone().map_err(TrackerError::Thread)?;
+            std::thread::Builder::new()
+                .name("uffd-wp".into())
+                .spawn(move || fault_loop(&uffd, &ram, &dirty, &stop_fd, &faults))
+                .map_err(TrackerError::Thread)?
+        };
+        let running = Running {
+            uffd: uffd.clone(),
+            dirty,
+            stop,
+            thread: Some(thread),
+        };
+        Self::protect_all(&uffd, &self.ram, true)?;
+        Ok(running)
+    }
+}
+
+/// The fault thread: unprotect, then mark (see the module comment for why in that order).
+fn fault_loop(
+    uffd: &Uffd,
+    ram: &GuestRam,
+    dirty: &AtomicBitmap,
+    stop: &OwnedFd,
+    faults: &AtomicU64,
+) -> Result<(), UffdError> {
+    let mut msgs = [UffdMsg::default(); 64];
+    let mut fds = [
+        libc::pollfd {
+            fd: uffd.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(UffdError::Read(e));
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        loop {
+            let n = uffd.read_events(&mut msgs)?;
+            if n == 0 {
+                break;
+            }
+            for m in &msgs[..n] {
+                if m.event != uffd::EVENT_PAGEFAULT || m.flags & uffd::PAGEFAULT_FLAG_WP == 0 {
+                    continue;
+                }
+                let page_addr = m.address & !(PAGE_SIZE as u64 - 1);
+                uffd.write_protect(page_addr, PAGE_SIZE as u64, false)?;
+                if let Some(page) = ram.page_of_host(page_addr) {
+                    dirty.set(page);
+                }
+                faults.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn kind(&self) -> TrackerKind {
+        TrackerKind::UffdWp
+    }
+
+    fn start(&mut self) -> Result<(), TrackerError> {
+        self.stop()?;
+        let uffd = Arc::new(self.open()?);
+        match self.start_inner(uffd.clone()) {
+            Ok(r) => {
+                self.running = Some(r);
+                Ok(())
+            }
+            Err(e) => {
+                // Undo whatever part was done; closing the userfaultfd releases the rest.
+                let _ = Self::protect_all(&uffd, &self.ram, false);
+                for (_, host, len) in self.ram.host_regions() {
+                    let _ = uffd.unregister(host as u64, len as u64);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn collect(&mut self, into: &mut PageBitmap) -> Result<(), TrackerError> {
+        let Some(r) = &mut self.running else {
+            return Ok(());
+        };
+        if r.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            let result = r.thread.take().map(|t| t.join());
+            let why = match result {
+                Some(Ok(Err(e))) => e.to_string(),
+                _ => "it stopped".to_string(),
+            };
+            return Err(TrackerError::FaultThread(why));
+        }
+        let mut taken = PageBitmap::new(self.ram.page_count());
+        r.dirty.drain_into(&mut taken);
+        for (addr, len) in self.ram.host_runs(&taken) {
+            r.uffd.write_protect(addr, len, true)?;
+        }
+        into.union_with(&taken);
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        let Some(mut r) = self.running.take() else {
+            return Ok(());
+        };
+        // Unprotect everything first: it also wakes any vCPU blocked on a fault, so nothing waits
+        // on the thread we are about to stop.
+        let unprotected = Self::protect_all(&r.uffd, &self.ram, false);
+        for (_, host, len) in self.ram.host_regions() {
+            let _ = r.uffd.unregister(host as u64, len as u64);
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(r.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let joined = r.thread.take().map(|t| t.join());
+        unprotected?;
+        match joined {
+            Some(Ok(Err(e))) => Err(TrackerError::FaultThread(e.to_string())),
+            Some(Err(_)) => Err(TrackerError::FaultThread("it panicked".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for UffdWpTracker {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

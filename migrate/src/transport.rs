@@ -1,0 +1,266 @@
+//! Transports: a migration URI turned into a byte stream.
+//!
+//! - `tcp:HOST:PORT` (`tcp:0:4444` listens on every address; `tcp:[::1]:4444` for IPv6)
+//! - `unix:PATH`
+//!
+//! The stream is bidirectional: records go source to destination, and the destination answers on
+//! the same connection (acknowledgement or refusal).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Uri {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("'{uri}' is not a migration URI ({why}); use tcp:HOST:PORT or unix:PATH")]
+pub struct BadUri {
+    uri: String,
+    why: &'static str,
+}
+
+impl FromStr for Uri {
+    type Err = BadUri;
+
+    fn from_str(s: &str) -> Result<Self, BadUri> {
+        let bad = |why| BadUri {
+            uri: s.to_string(),
+            why,
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad("empty path"));
+            }
+            return Ok(Uri::Unix(PathBuf::from(path)));
+        }
+        let Some(rest) = s.strip_prefix("tcp:") else {
+            return Err(bad("unknown scheme"));
+        };
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = port.parse().map_err(|_| bad("bad port"))?;
+        let host = if host.is_empty() || host == "0" {
+            "0.0.0.0".to_string()
+        } else {
+            host.to_string()
+        };
+        Ok(Uri::Tcp { host, port })
+    }
+}
+
+impl std::fmt::Display for Uri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Uri::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Uri::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Uri::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One migration connection.
+#[derive(Debug)]
+pub enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection {
+    pub fn try_clone(&self) -> io::Result<Connection> {
+        Ok(match self {
+            Connection::Tcp(s) => Connection::Tcp(s.try_clone()?),
+            Connection::Unix(s) => Connection::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Ends both directions; a thread blocked in read or write on a clone returns at once.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Connection::Tcp(s) => s.shutdown(Shutdown::Both),
+            Connection::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_read_timeout(t),
+            Connection::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Connection {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Connection::Tcp(s) => s.as_raw_fd(),
+            Connection::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.read(buf),
+            Connection::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write(buf),
+            Connection::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write_vectored(bufs),
+            Connection::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How long a source waits for the destination to accept the connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Source side: connects to the destination.
+pub fn connect(uri: &Uri) -> io::Result<Connection> {
+    match uri {
+        Uri::Tcp { host, port } => {
+            let mut last =
+                io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+            for addr in (host.as_str(), *port).to_socket_addrs()? {
+                match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                    Ok(s) => {
+                        // The switchover exchange is latency-bound; bulk data goes in large writes.
+                        s.set_nodelay(true)?;
+                        return Ok(Connection::Tcp(s));
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        }
+        Uri::Unix(path) => UnixStream::connect(path).map(Connection::Unix),
+    }
+}
+
+/// Destination side: a listening socket for one incoming migration.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn bind(uri: &Uri) -> io::Result<Listener> {
+        match uri {
+            Uri::Tcp { host, port } => {
+                Ok(Listener::Tcp(TcpListener::bind((host.as_str(), *port))?))
+            }
+            Uri::Unix(path) => {
+                if path.exists() && UnixStream::connect(path).is_err() {
+                    std::fs::remove_file(path)?; // stale socket of a process that is gone
+                }
+                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound (a `tcp:HOST:0` URI gets a port from the kernel).
+    pub fn local_uri(&self) -> io::Result<Uri> {
+        match self {
+            Listener::Tcp(l) => {
+                let a = l.local_addr()?;
+                Ok(Uri::Tcp {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
+            }
+            Listener::Unix(_, p) => Ok(Uri::Unix(p.clone())),
+        }
+    }
+
+    pub fn accept(&self) -> io::Result<Connection> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Ok(Connection::Tcp(s))
+            }
+            Listener::Unix(l, _) => Ok(Connection::Unix(l.accept()?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_uris() {
+        assert_eq!(
+            "tcp:0:4444".parse::<Uri>().unwrap(),
+            Uri::Tcp {
+                host: "0.0.0.0".into(),
+                port: 4444
+            }
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:1".parse::<Uri>().unwrap(),
+            Uri::Tcp {
+                host: "127.0.0.1".into(),
+                port: 1
+            }
+        );
+        assert_eq!(
+            "tcp:[::1]:5".parse::<Uri>().unwrap(),
+            Uri::Tcp {
+                host: "::1".into(),
+                port: 5
+            }
+        );
+        assert_eq!(
+            "unix:/tmp/s".parse::<Uri>().unwrap(),
+            Uri::Unix("/tmp/s".into())
+        );
+        for bad in [
+            "tcp:host",
+            "tcp:h:99999",
+            "udp:1:2",
+            "unix:",
+            "",
+            "exec:cat",
+        ] {
+            assert!(bad.parse::<Uri>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "tcp:[::1]:5".parse::<Uri>().unwrap().to_string(),
+            "tcp:[::1]:5"
+        );
+    }
+}
