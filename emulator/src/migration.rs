@@ -120,6 +120,10 @@ impl MigrationController {
                     p.max_passes = u32::try_from(number()?)
                         .map_err(|_| QmpError::generic("max-passes is too large"))?
                 }
+                "x-drop-final-pages" => {
+                    p.drop_final_pages = u32::try_from(number()?)
+                        .map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
+                }
                 "dirty-tracker" => {
                     let s = value
                         .as_str()

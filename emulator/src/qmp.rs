@@ -78,10 +78,8 @@ impl Commands {
                 self.vm.cont()?;
                 Ok(json!({}))
             }
-            "quit" => {
-                let _ = self.events.send(VmEvent::Quit);
-                Ok(json!({}))
-            }
+            // The VM ends once the reply is out (see `serve_client`).
+            "quit" => Ok(json!({})),
             "query-vcpus" => Ok(Value::Array(
                 self.vm
                     .vcpus()
@@ -113,29 +111,33 @@ impl Commands {
         out
     }
 
-    fn reply(&self, line: &str) -> Value {
+    /// The reply to one request line, and whether it was a successful `quit`.
+    fn reply(&self, line: &str) -> (Value, bool) {
         let request: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
-                return error_reply(
-                    QmpError {
-                        class: "GenericError",
-                        desc: format!("JSON parse error: {e}"),
-                    },
-                    None,
+                return (
+                    error_reply(QmpError::generic(format!("JSON parse error: {e}")), None),
+                    false,
                 )
             }
         };
         let id = request.get("id").cloned();
         let Some(name) = request.get("execute").and_then(Value::as_str) else {
-            return error_reply(QmpError::generic("expected an object with \"execute\""), id);
+            return (
+                error_reply(QmpError::generic("expected an object with \"execute\""), id),
+                false,
+            );
         };
         let empty = Map::new();
         let args = match request.get("arguments") {
             None => &empty,
             Some(Value::Object(m)) => m,
             Some(_) => {
-                return error_reply(QmpError::generic("\"arguments\" must be an object"), id)
+                return (
+                    error_reply(QmpError::generic("\"arguments\" must be an object"), id),
+                    false,
+                )
             }
         };
         match self.execute(name, args) {
@@ -144,9 +146,9 @@ impl Commands {
                 if let Some(id) = id {
                     r["id"] = id;
                 }
-                r
+                (r, name == "quit")
             }
-            Err(e) => error_reply(e, id),
+            Err(e) => (error_reply(e, id), false),
         }
     }
 }
@@ -223,7 +225,11 @@ fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        writeln!(out, "{}", commands.reply(line.trim()))?;
+        let (reply, quit) = commands.reply(line.trim());
+        writeln!(out, "{reply}")?;
+        if quit {
+            let _ = commands.events.send(VmEvent::Quit);
+        }
     }
 }
 

@@ -300,6 +300,7 @@ impl GuestRam {
     /// # Safety
     /// Nothing else may access those pages while the slice lives: no vCPU has run (a destination
     /// before resume) and no other thread writes them.
+    #[allow(clippy::mut_from_ref)] // the point of this unsafe fn; exclusivity is the caller's contract
     pub unsafe fn pages_mut(&self, first: usize, count: usize) -> &mut [u8] {
         assert!(
             self.layout.is_contiguous(first, count),

@@ -59,8 +59,8 @@ struct Target<V> {
 
 enum Phase<V> {
     AwaitHeader,
-    Ram(Target<V>),
-    State(Target<V>),
+    Ram(Box<Target<V>>),
+    State(Box<Target<V>>),
 }
 
 impl<V> Phase<V> {
@@ -171,7 +171,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
                 };
                 let create = self.create.take().expect("one header");
                 self.accept_header(header, create)
-                    .map(|t| Step::Next(Phase::Ram(t)))
+                    .map(|t| Step::Next(Phase::Ram(Box::new(t))))
                     .map_err(|e| (Phase::AwaitHeader, e))
             }
             (Phase::AwaitHeader, kind) => Err((
@@ -377,7 +377,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
     /// END: everything must be here; then the state goes into the VM.
     fn finish<V: RestorableVm>(
         &mut self,
-        mut t: Target<V>,
+        mut t: Box<Target<V>>,
         frame: &Frame,
     ) -> Result<Step<V>, (Phase<V>, String)> {
         let (vcpu_states, device_states) = match self.dec.read_record(frame) {

@@ -47,6 +47,9 @@ pub struct MigrationParams {
     pub max_passes: u32,
     /// How dirty pages are tracked (takes effect at the next `migrate`).
     pub tracker: TrackerKind,
+    /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
+    /// destination's RAM is known to differ. Never set outside tests.
+    pub drop_final_pages: u32,
 }
 
 impl Default for MigrationParams {
@@ -56,6 +59,7 @@ impl Default for MigrationParams {
             max_bandwidth: 0,
             max_passes: 30,
             tracker: TrackerKind::UffdWp,
+            drop_final_pages: 0,
         }
     }
 }
@@ -322,7 +326,15 @@ impl Sender<'_> {
         self.vm.pause_for_switchover()?;
         self.throttle = false;
         self.collect(dirty, last_collect)?;
-        let last = dirty.take();
+        let mut last = dirty.take();
+        let drop: Vec<usize> = last
+            .iter_ones()
+            .take(self.params().drop_final_pages as usize)
+            .collect();
+        for page in drop {
+            log::warn!("fault injection: page {page} left out of the final pass");
+            last.clear_bit(page);
+        }
         self.send_pass(pass, &last, None)?;
 
         let state = self.vm.save_state()?;

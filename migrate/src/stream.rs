@@ -541,7 +541,7 @@ impl<R: Read> Decoder<R> {
                 format!("{} bytes for {count} pages", f.len()),
             ));
         }
-        if gpa % PAGE_SIZE as u64 != 0 || u32_le(&prefix, 12) != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) || u32_le(&prefix, 12) != 0 {
             return Err(malformed(
                 kind,
                 format!("unaligned address {gpa:#x} or non-zero reserved field"),

@@ -1,0 +1,376 @@
+//! Test harness: runs real `emu` processes (real KVM, real sockets) and talks to their monitors.
+//! Each test file uses part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The emu binary under test (the bench binary finds it beside itself).
+pub fn emu_bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_emu") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .expect("current exe")
+            .with_file_name("emu"),
+    }
+}
+
+/// The guest images the build made.
+pub fn guest_image(name: &str) -> PathBuf {
+    Path::new(guest_images::IMAGE_DIR).join(name)
+}
+
+/// Whether tests that need KVM can run. Under `CI=true` a missing /dev/kvm fails the test; elsewhere
+/// the test says why it did not run and passes.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: /dev/kvm is not usable ({e}); CI must run on a host with KVM")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e}); this test boots real guests under KVM");
+            false
+        }
+    }
+}
+
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !common::kvm_or_skip(concat!(module_path!(), ":", line!())) {
+            return;
+        }
+    };
+}
+
+/// A scratch directory removed when dropped.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "emu-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        ScratchDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+fn collect_lines(r: impl std::io::Read + Send + 'static, into: Lines) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            into.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// A running emu process: its serial output (stdout) and stderr as lines, and its monitor.
+pub struct Emu {
+    child: Child,
+    pub dir: ScratchDir,
+    out: Lines,
+    err: Lines,
+    monitor: PathBuf,
+    exit: Option<i32>,
+}
+
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Emu {
+    /// Starts `emu ARGS --monitor unix:...` with serial output on stdout.
+    pub fn spawn(args: &[&str]) -> Emu {
+        Self::spawn_with(args, true)
+    }
+
+    /// Starts `emu ARGS`, with a monitor socket in its scratch directory if `monitor`.
+    pub fn spawn_with(args: &[&str], monitor_socket: bool) -> Emu {
+        let dir = ScratchDir::new();
+        let monitor = dir.path("monitor.sock");
+        let mut cmd = Command::new(emu_bin());
+        cmd.args(args);
+        if monitor_socket {
+            cmd.arg("--monitor")
+                .arg(format!("unix:{}", monitor.display()));
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start emu");
+        let (out, err) = (Lines::default(), Lines::default());
+        collect_lines(child.stdout.take().unwrap(), out.clone());
+        collect_lines(child.stderr.take().unwrap(), err.clone());
+        Emu {
+            child,
+            dir,
+            out,
+            err,
+            monitor,
+            exit: None,
+        }
+    }
+
+    /// Boots a guest and waits for its monitor.
+    pub fn boot(args: &[&str]) -> Emu {
+        let emu = Emu::spawn(args);
+        assert!(
+            emu.wait_monitor(BOOT_TIMEOUT),
+            "emu {args:?} did not come up; stderr: {}",
+            emu.stderr()
+        );
+        emu
+    }
+
+    /// Starts a destination on an ephemeral port; returns it and the URI to migrate to.
+    pub fn incoming(extra: &[&str]) -> (Emu, String) {
+        let mut args = vec!["--incoming", "tcp:127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let emu = Emu::spawn(&args);
+        let line = emu
+            .wait_stderr(
+                |l| l.contains("waiting for an incoming migration on "),
+                BOOT_TIMEOUT,
+            )
+            .unwrap_or_else(|| {
+                panic!(
+                    "destination did not start listening; stderr: {}",
+                    emu.stderr()
+                )
+            });
+        let uri = line.rsplit(' ').next().unwrap().to_string();
+        (emu, uri)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.out.lock().unwrap().clone()
+    }
+
+    pub fn line_count(&self) -> usize {
+        self.out.lock().unwrap().len()
+    }
+
+    pub fn output(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.lock().unwrap().join("\n")
+    }
+
+    fn wait_in(
+        lines: &Lines,
+        from: usize,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = lines.lock().unwrap().iter().skip(from).find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The first serial line at index `from` or later that matches.
+    pub fn wait_line_from(
+        &self,
+        from: usize,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        Self::wait_in(&self.out, from, pred, timeout)
+    }
+
+    pub fn wait_line(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        self.wait_line_from(0, pred, timeout)
+    }
+
+    /// Waits for a serial line containing `text`, failing the test with the output so far if none comes.
+    pub fn expect_line(&self, text: &str, timeout: Duration) -> String {
+        self.wait_line(|l| l.contains(text), timeout)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no line with {text:?}; serial:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr()
+                )
+            })
+    }
+
+    pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
+        Self::wait_in(&self.err, 0, pred, timeout)
+    }
+
+    pub fn wait_monitor(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if UnixStream::connect(&self.monitor).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// One monitor command; `Err` carries the error's description.
+    pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
+        let conn = UnixStream::connect(&self.monitor).map_err(|e| format!("connect: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
+        writeln!(w, "{}", json!({"execute": command, "arguments": arguments}))
+            .map_err(|e| e.to_string())?;
+        line.clear();
+        r.read_line(&mut line).map_err(|e| e.to_string())?;
+        let reply: Value =
+            serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
+        match (reply.get("return"), reply.get("error")) {
+            (Some(v), _) => Ok(v.clone()),
+            (_, Some(e)) => Err(e["desc"].as_str().unwrap_or("?").to_string()),
+            _ => Err(format!("reply without return or error: {line}")),
+        }
+    }
+
+    pub fn qmp_ok(&self, command: &str, arguments: Value) -> Value {
+        self.qmp(command, arguments)
+            .unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
+    pub fn status(&self) -> String {
+        self.qmp_ok("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits for the process to end; its exit code (None if killed by a signal or still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                self.exit = s.code();
+                // let the reader threads catch the last lines
+                std::thread::sleep(Duration::from_millis(50));
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// CRC of all guest RAM, page by page; meaningful while the guest is paused.
+    pub fn ram_digest(&self) -> Value {
+        self.qmp_ok("query-ram-digest", json!({"pages": true}))
+    }
+
+    /// Names of the process's threads.
+    pub fn thread_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) {
+            for t in tasks.flatten() {
+                if let Ok(n) = std::fs::read_to_string(t.path().join("comm")) {
+                    names.push(n.trim().to_string());
+                }
+            }
+        }
+        names
+    }
+}
+
+impl Drop for Emu {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// Runs emu to completion (killing it after `timeout`); returns (exit code, stdout, stderr).
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> (Option<i32>, String, String) {
+    let mut emu = Emu::spawn_with(args, false);
+    let code = emu.wait_exit(timeout);
+    if code.is_none() {
+        emu.kill();
+    }
+    (code, emu.output(), emu.stderr())
+}
+
+/// Starts a migration and polls `query-migrate` until it ends; returns the last answer.
+pub fn migrate(src: &Emu, uri: &str, timeout: Duration) -> Value {
+    src.qmp_ok("migrate", json!({"uri": uri}));
+    wait_migration(src, timeout)
+}
+
+pub fn wait_migration(src: &Emu, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = src.qmp_ok("query-migrate", json!({}));
+        let status = info["status"].as_str().unwrap_or("");
+        if matches!(status, "completed" | "failed" | "cancelled") {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration did not end in {timeout:?}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Numbers after `key=` in a line: `field("tick 5 up=1.0", "tick ")`.
+pub fn number_after(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
