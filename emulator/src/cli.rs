@@ -60,6 +60,10 @@ pub enum Command {
         command: String,
         /// Its arguments as a JSON object, e.g. '{"uri": "tcp:127.0.0.1:4444"}'.
         arguments: Option<String>,
+        /// Print only these fields of the reply (dotted paths such as ram.transferred), space-separated
+        /// on one line, for scripts.
+        #[arg(long = "get", value_name = "FIELD")]
+        get: Vec<String>,
     },
 }
 
@@ -127,7 +131,8 @@ pub fn run_subcommand(cmd: Command) -> Result<ExitCode> {
             socket,
             command,
             arguments,
-        } => crate::qmp::client(&socket, &command, arguments.as_deref()),
+            get,
+        } => crate::qmp::client(&socket, &command, arguments.as_deref(), &get),
     }
 }
 

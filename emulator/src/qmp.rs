@@ -233,9 +233,24 @@ fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
     }
 }
 
-/// `emu qmp SOCKET COMMAND [ARGS]`: prints the "return" value as JSON; an error reply goes to stderr
-/// and the exit status is 1.
-pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>) -> Result<ExitCode> {
+/// A field of a JSON value by dotted path, printed bare (strings without quotes, absent as `-`).
+fn field(v: &Value, path: &str) -> String {
+    let found = path.split('.').try_fold(v, |v, key| v.get(key));
+    match found {
+        None | Some(Value::Null) => "-".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// `emu qmp SOCKET COMMAND [ARGS] [--get FIELD]...`: prints the "return" value as JSON (or just the
+/// fields asked for); an error reply goes to stderr and the exit status is 1.
+pub fn client(
+    socket: &UnixAddr,
+    command: &str,
+    arguments: Option<&str>,
+    get: &[String],
+) -> Result<ExitCode> {
     let args: Value = match arguments {
         Some(a) => {
             serde_json::from_str(a).with_context(|| format!("arguments are not JSON: {a}"))?
@@ -260,7 +275,12 @@ pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>) -> Resu
     loop {
         let reply = next()?;
         if let Some(r) = reply.get("return") {
-            println!("{r}");
+            if get.is_empty() {
+                println!("{r}");
+            } else {
+                let fields: Vec<String> = get.iter().map(|f| field(r, f)).collect();
+                println!("{}", fields.join(" "));
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if let Some(e) = reply.get("error") {

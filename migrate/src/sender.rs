@@ -481,9 +481,15 @@ impl Sender<'_> {
         let n = self.batch.len() as u64;
         self.enc.pages(&mut self.batch)?;
         let total = self.enc.bytes_written();
+        // The running estimate includes the pass in flight, so progress shows a rate during pass 0.
+        let so_far = Throughput {
+            bytes: self.throughput.bytes + (total - self.pass_bytes_start),
+            time: self.throughput.time + self.pass_started.elapsed(),
+        };
         self.progress.update(|p| {
             p.normal_pages += n;
             p.bytes = total;
+            p.throughput = so_far.bytes_per_sec();
         });
         self.throttle_bandwidth();
         Ok(())
