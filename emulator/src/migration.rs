@@ -190,6 +190,10 @@ pub fn progress_json(p: &Progress) -> Value {
     if let Some(e) = &p.error {
         v["error-desc"] = json!(e);
     }
+    if let Some(r) = p.stop_reason {
+        v["stop-reason"] = json!(r);
+        v["converged"] = json!(r != "max-passes");
+    }
     v
 }
 

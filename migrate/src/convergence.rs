@@ -29,6 +29,15 @@ impl Decision {
     pub fn stops(self) -> bool {
         self != Decision::Continue
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Continue => "continue",
+            Decision::NothingLeft => "nothing-left",
+            Decision::Converged => "converged",
+            Decision::MaxPasses => "max-passes",
+        }
+    }
 }
 
 /// How long sending `remaining_bytes` would take at `throughput`; None without a measurement.

@@ -4,6 +4,7 @@
 
 pub mod bitmap;
 pub mod convergence;
+pub mod pagemap;
 pub mod progress;
 pub mod ram;
 pub mod receiver;

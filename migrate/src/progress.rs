@@ -71,6 +71,8 @@ pub struct Progress {
     pub downtime: Option<Duration>,
     pub error: Option<String>,
     pub passes: Vec<PassRecord>,
+    /// Why precopy stopped iterating (once it has): "nothing-left", "converged" or "max-passes".
+    pub stop_reason: Option<&'static str>,
 }
 
 impl Progress {
@@ -93,6 +95,7 @@ impl Progress {
             downtime: None,
             error: None,
             passes: Vec::new(),
+            stop_reason: None,
         }
     }
 }

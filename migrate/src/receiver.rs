@@ -253,6 +253,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
                 vm.vcpu_count()
             ));
         }
+        vm.ram().advise_huge_pages();
         let pages = layout.page_count();
         Ok(Target {
             vm,

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::convergence::{self, PassOutcome};
+use crate::pagemap::{self, ZeroHints};
 use crate::progress::{PassRecord, Progress, ProgressCell, Status};
 use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, PageBatch, Record, StreamError, StreamHeader};
@@ -274,10 +275,10 @@ impl Sender<'_> {
             p.setup_time = Some(started.elapsed());
         });
 
-        // Pass 0: everything. Pages never populated are zero without being read.
-        let unpopulated = self.ram.unpopulated_pages().ok();
+        // Pass 0: everything. Pages the host's page tables show to be zero are not read.
+        let known_zero = pagemap::zero_pages(&self.ram, ZeroHints::get()).ok();
         let all = PageBitmap::full(self.ram.page_count());
-        self.send_pass(0, &all, unpopulated.as_ref())?;
+        self.send_pass(0, &all, known_zero.as_ref())?;
 
         // Passes 1..n while the guest runs.
         let mut dirty = PageBitmap::new(self.ram.page_count());
@@ -300,6 +301,8 @@ impl Sender<'_> {
                 }
             });
             if decision.stops() {
+                self.progress
+                    .update(|p| p.stop_reason = Some(decision.name()));
                 log::info!(
                     "precopy stops after pass {pass}: {decision:?}, {} pages left",
                     dirty.count()
