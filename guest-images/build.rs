@@ -29,12 +29,7 @@ const COMMON_FLAGS: &[&str] = &[
 
 fn compile(sources: &[&str], extra: &[&str], defines: &[&str], tag: &str) -> Vec<PathBuf> {
     let mut build = cc::Build::new();
-    build
-        .pic(false)
-        .warnings(false)
-        .extra_warnings(false)
-        .cargo_metadata(false)
-        .include("kernel");
+    build.pic(false).warnings(false).extra_warnings(false).cargo_metadata(false).include("kernel");
     for f in COMMON_FLAGS.iter().chain(extra) {
         build.flag(f);
     }
@@ -49,9 +44,7 @@ fn compile(sources: &[&str], extra: &[&str], defines: &[&str], tag: &str) -> Vec
 }
 
 fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed with {status}");
 }
 
@@ -74,9 +67,7 @@ fn link(objects: &[PathBuf], out: &Path) {
 }
 
 fn main() {
-    for f in [
-        "boot.S", "kernel.c", "user.c", "lib.c", "kernel.h", "layout.h", "link.ld",
-    ] {
+    for f in ["boot.S", "kernel.c", "user.c", "lib.c", "kernel.h", "layout.h", "link.ld"] {
         println!("cargo:rerun-if-changed=kernel/{f}");
     }
     println!("cargo:rerun-if-env-changed=CC");
@@ -84,12 +75,7 @@ fn main() {
 
     // Ring 0 must not use the red zone (interrupts arrive on the same stack) nor SSE registers
     // (the kernel does not save them); ring 3 may use both.
-    let kernel = compile(
-        &["kernel.c", "lib.c"],
-        &["-mno-red-zone", "-mgeneral-regs-only"],
-        &[],
-        "k",
-    );
+    let kernel = compile(&["kernel.c", "lib.c"], &["-mno-red-zone", "-mgeneral-regs-only"], &[], "k");
     let user = compile(&["user.c"], &[], &[], "u");
     let boot_elf = compile(&["boot.S"], &[], &[], "boot-elf");
     let boot_flat = compile(&["boot.S"], &[], &["AOUT_KLUDGE"], "boot-flat");
@@ -100,20 +86,11 @@ fn main() {
     let elf32 = out.join("emu-guest32.elf");
     link(&[boot_elf, kernel.clone(), user.clone()].concat(), &elf);
     link(&[boot_flat, kernel, user].concat(), &elf_kludge);
-    run(Command::new("objcopy")
-        .args(["-O", "binary"])
-        .arg(&elf_kludge)
-        .arg(&flat));
-    run(Command::new("objcopy")
-        .args(["-O", "elf32-i386"])
-        .arg(&elf)
-        .arg(&elf32));
+    run(Command::new("objcopy").args(["-O", "binary"]).arg(&elf_kludge).arg(&flat));
+    run(Command::new("objcopy").args(["-O", "elf32-i386"]).arg(&elf).arg(&elf32));
 
     // target/<profile>/build/guest-images-<hash>/out -> target/guest-images
-    let target = out
-        .ancestors()
-        .nth(4)
-        .expect("OUT_DIR is inside the target directory");
+    let target = out.ancestors().nth(4).expect("OUT_DIR is inside the target directory");
     let dir = target.join("guest-images");
     std::fs::create_dir_all(&dir).expect("create target/guest-images");
     for f in [&flat, &elf, &elf32] {

@@ -21,11 +21,7 @@ fn connect(uri: &str) -> TcpStream {
 }
 
 fn header(mem: u64, vcpus: u32) -> StreamHeader {
-    StreamHeader {
-        page_size: 4096,
-        vcpu_count: vcpus,
-        regions: vec![RamRegion { gpa: 0, size: mem }],
-    }
+    StreamHeader { page_size: 4096, vcpu_count: vcpus, regions: vec![RamRegion { gpa: 0, size: mem }] }
 }
 
 /// Sends `bytes` to a fresh destination; expects it to fail with `expect` in its error, answer an
@@ -38,17 +34,12 @@ fn refused(bytes: &[u8], expect: &str) {
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply);
     let code = dst.wait_exit(T);
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "{expect}: destination exit {code:?}"
-    );
+    assert!(matches!(code, Some(c) if c != 0), "{expect}: destination exit {code:?}");
     let err = dst.stderr();
     assert!(err.contains(expect), "expected {expect:?} in: {err}");
     assert!(dst.lines().is_empty(), "a guest ran: {}", dst.output());
     let mut dec = Decoder::new(&reply[..]);
-    let f = dec
-        .next_frame()
-        .unwrap_or_else(|e| panic!("{expect}: no ERROR reply ({e}), got {reply:?}"));
+    let f = dec.next_frame().unwrap_or_else(|e| panic!("{expect}: no ERROR reply ({e}), got {reply:?}"));
     match dec.read_record(&f).unwrap() {
         Record::Error(why) => assert!(why.contains(expect), "{why}"),
         other => panic!("{other:?}"),
@@ -80,10 +71,7 @@ fn wrong_version_is_refused() {
 #[test]
 fn truncated_streams_are_refused() {
     require_kvm!();
-    refused(
-        &stream(|e| e.header(&header(64 << 20, 1)).unwrap()),
-        "closed the connection before the end",
-    );
+    refused(&stream(|e| e.header(&header(64 << 20, 1)).unwrap()), "closed the connection before the end");
     let mut cut = stream(|e| {
         e.header(&header(64 << 20, 1)).unwrap();
         let mut b = PageBatch::default();
@@ -98,29 +86,14 @@ fn truncated_streams_are_refused() {
 #[test]
 fn bad_headers_are_refused() {
     require_kvm!();
-    refused(
-        &stream(|e| e.header(&header(64 << 20, 0)).unwrap()),
-        "0 vCPUs",
-    );
-    refused(
-        &stream(|e| e.header(&header(64 << 20, 1000)).unwrap()),
-        "1000 vCPUs",
-    );
-    refused(
-        &stream(|e| e.header(&header((1 << 40) + 4096, 1)).unwrap()),
-        "RAM layout",
-    );
-    refused(
-        &stream(|e| e.header(&header(12345, 1)).unwrap()),
-        "RAM layout",
-    );
+    refused(&stream(|e| e.header(&header(64 << 20, 0)).unwrap()), "0 vCPUs");
+    refused(&stream(|e| e.header(&header(64 << 20, 1000)).unwrap()), "1000 vCPUs");
+    refused(&stream(|e| e.header(&header((1 << 40) + 4096, 1)).unwrap()), "RAM layout");
+    refused(&stream(|e| e.header(&header(12345, 1)).unwrap()), "RAM layout");
     let mut h = header(64 << 20, 1);
     h.page_size = 65536;
     refused(&stream(|e| e.header(&h).unwrap()), "page size 65536");
-    refused(
-        &stream(|e| e.zero_pages(0, 1).unwrap()),
-        "before the header",
-    );
+    refused(&stream(|e| e.zero_pages(0, 1).unwrap()), "before the header");
 }
 
 #[test]
@@ -264,18 +237,9 @@ fn a_cut_connection_loses_nothing() {
     assert_eq!(info["status"], "failed", "{info}");
     assert_eq!(src.status(), "running");
     let n = src.line_count();
-    src.wait_line_from(n, |l| l.contains("verify: written="), T)
-        .expect("source goes on");
+    src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("source goes on");
     assert!(!src.output().contains("VERIFY-FAIL"));
     assert!(matches!(dst.wait_exit(T), Some(c) if c != 0));
-    assert!(
-        dst.lines().is_empty(),
-        "destination ran an incomplete guest: {}",
-        dst.output()
-    );
-    assert!(
-        dst.stderr().contains("incoming migration"),
-        "{}",
-        dst.stderr()
-    );
+    assert!(dst.lines().is_empty(), "destination ran an incomplete guest: {}", dst.output());
+    assert!(dst.stderr().contains("incoming migration"), "{}", dst.stderr());
 }

@@ -18,10 +18,7 @@ fn idle_ticks_once_a_second() {
     let second = emu.expect_line("tick 2 up=", T);
     let up = |l: &str| l.split("up=").nth(1).unwrap().parse::<f64>().unwrap();
     let gap = up(&second) - up(&first);
-    assert!(
-        (0.9..1.5).contains(&gap),
-        "ticks {gap} s apart: {first} / {second}"
-    );
+    assert!((0.9..1.5).contains(&gap), "ticks {gap} s apart: {first} / {second}");
 }
 
 #[test]
@@ -50,15 +47,9 @@ fn dirty_holds_its_rate() {
     require_kvm!();
     let emu = Emu::boot(&["--mem", "128M", "--append", "wl=dirty:16:20000"]);
     emu.expect_line("dirty: rate=", T);
-    let line = emu
-        .wait_line(|l| l.contains("dirty: rate=") && l.contains("total=4"), T)
-        .unwrap_or_default();
+    let line = emu.wait_line(|l| l.contains("dirty: rate=") && l.contains("total=4"), T).unwrap_or_default();
     // Second report onwards: the pacing holds the rate within a few percent.
-    let second = emu
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("dirty: rate="))
-        .nth(1);
+    let second = emu.lines().into_iter().filter(|l| l.contains("dirty: rate=")).nth(1);
     let second = second.unwrap_or(line);
     let rate = number_after(&second, "rate=").unwrap();
     assert!((18_000..=22_000).contains(&rate), "{second}");
@@ -115,10 +106,7 @@ fn ports_and_addresses_without_devices_read_all_ones() {
     require_kvm!();
     let (code, out, err) = run_to_exit(&["--append", "wl=probe"], T);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(
-        out.contains("probe: port 0x80=0xff mmio 0xe0000000=0xffffffff"),
-        "{out}"
-    );
+    assert!(out.contains("probe: port 0x80=0xff mmio 0xe0000000=0xffffffff"), "{out}");
 }
 
 #[test]
@@ -151,19 +139,9 @@ fn serial_to_file_and_none() {
 /// A failing start: non-zero exit and one line on stderr that says what is wrong.
 fn refused(args: &[&str], expect: &str) {
     let (code, out, err) = run_to_exit(args, T);
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "{args:?} should fail: {code:?} {out} {err}"
-    );
-    assert!(
-        err.contains(expect),
-        "{args:?}: expected {expect:?} in stderr: {err}"
-    );
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "{args:?}: one line expected: {err}"
-    );
+    assert!(matches!(code, Some(c) if c != 0), "{args:?} should fail: {code:?} {out} {err}");
+    assert!(err.contains(expect), "{args:?}: expected {expect:?} in stderr: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line expected: {err}");
     assert!(!out.contains("emu-guest"), "{args:?}: a guest ran: {out}");
 }
 
@@ -184,19 +162,10 @@ fn bad_images_are_refused_clearly() {
     refused(&["--guest", &p(&text)], "not a Multiboot image");
     refused(&["--guest", &p(&truncated)], "truncated image");
     refused(&["--guest", &p(&truncated_elf)], "truncated image");
-    refused(
-        &["--guest", "/nonexistent/kernel"],
-        "cannot read guest image",
-    );
+    refused(&["--guest", "/nonexistent/kernel"], "cannot read guest image");
     refused(&["--guest", dir.0.to_str().unwrap()], "not a regular file");
-    refused(
-        &["--guest", &image, "--mem", "4M"],
-        "does not fit in guest RAM",
-    );
-    refused(
-        &["--guest", &image, "--mem", "64K"],
-        "larger than guest RAM",
-    );
+    refused(&["--guest", &image, "--mem", "4M"], "does not fit in guest RAM");
+    refused(&["--guest", &image, "--mem", "64K"], "larger than guest RAM");
 }
 
 #[test]

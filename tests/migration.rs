@@ -17,17 +17,10 @@ fn assert_ram_equal(a: &Emu, b: &Emu) {
     if da["digest"] == db["digest"] {
         return;
     }
-    let (pa, pb) = (
-        da["pages"].as_array().unwrap(),
-        db["pages"].as_array().unwrap(),
-    );
+    let (pa, pb) = (da["pages"].as_array().unwrap(), db["pages"].as_array().unwrap());
     assert_eq!(pa.len(), pb.len(), "RAM sizes differ");
     let diff: Vec<usize> = (0..pa.len()).filter(|&i| pa[i] != pb[i]).collect();
-    panic!(
-        "RAM differs in {} pages, first {:?}",
-        diff.len(),
-        &diff[..diff.len().min(10)]
-    );
+    panic!("RAM differs in {} pages, first {:?}", diff.len(), &diff[..diff.len().min(10)]);
 }
 
 /// Migrates `src` to a new destination started paused, checks RAM page for page and the run
@@ -64,10 +57,7 @@ fn check_ticks_continue(src: &Emu, dst: &Emu, prefix: &str) {
     let last = number_after(&last_line(src, &format!("{prefix}tick ")), "tick ").unwrap();
     let next = format!("{prefix}tick {} ", last + 1);
     dst.expect_line(&next, T);
-    assert!(
-        !dst.output().contains(&format!("{prefix}tick {last} ")),
-        "tick {last} repeated"
-    );
+    assert!(!dst.output().contains(&format!("{prefix}tick {last} ")), "tick {last} repeated");
 }
 
 #[test]
@@ -77,10 +67,7 @@ fn idle_guest_migrates_and_ticks_on() {
     src.expect_line("tick 2 ", T);
     let (dst, info) = migrate_checked(&src);
     check_ticks_continue(&src, &dst, "");
-    assert!(
-        info["downtime"].as_u64().is_some() && info["total-time"].as_u64().is_some(),
-        "{info}"
-    );
+    assert!(info["downtime"].as_u64().is_some() && info["total-time"].as_u64().is_some(), "{info}");
     assert!(info["setup-time"].as_u64().is_some(), "{info}");
     assert_eq!(info["ram"]["total"], 256 << 20);
 }
@@ -100,14 +87,9 @@ fn dirty_guest_migrates(smp: &str, workload: &str) {
     src.expect_line("dirty: rate=", T);
     let (dst, info) = migrate_checked(&src);
     let before = number_after(&last_line(&src, "dirty: rate="), "total=").unwrap();
-    let line = dst
-        .wait_line(|l| l.contains("dirty: rate="), T)
-        .expect("dirty goes on at the destination");
+    let line = dst.wait_line(|l| l.contains("dirty: rate="), T).expect("dirty goes on at the destination");
     let after = number_after(&line, "total=").unwrap();
-    assert!(
-        after > before,
-        "the page counter went back: {before} -> {after}"
-    );
+    assert!(after > before, "the page counter went back: {before} -> {after}");
     assert!(info["ram"]["normal"].as_u64().unwrap() > 0, "{info}");
 }
 
@@ -137,17 +119,11 @@ fn verify_guest_migrates(smp: &str) {
     // several seconds of rewriting and re-checking every page at the destination
     for _ in 0..4 {
         let n = dst.line_count();
-        dst.wait_line_from(n.max(from), |l| l.contains("verify: written="), T)
-            .expect("verify goes on");
+        dst.wait_line_from(n.max(from), |l| l.contains("verify: written="), T).expect("verify goes on");
     }
     let out = dst.output();
     assert!(!out.contains("VERIFY-FAIL"), "{out}");
-    assert!(
-        out.lines()
-            .filter(|l| l.contains("written="))
-            .all(|l| l.contains("failures=0")),
-        "{out}"
-    );
+    assert!(out.lines().filter(|l| l.contains("written=")).all(|l| l.contains("failures=0")), "{out}");
 }
 
 #[test]
@@ -171,8 +147,7 @@ fn there_and_back_again() {
     b.expect_line("verify: written=", T);
     let (a2, _) = migrate_checked(&b);
     let n = a2.line_count();
-    a2.wait_line_from(n, |l| l.contains("verify: written="), T)
-        .expect("verify goes on back home");
+    a2.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on back home");
     assert!(!a2.output().contains("VERIFY-FAIL") && !b.output().contains("VERIFY-FAIL"));
 }
 
@@ -183,14 +158,10 @@ fn slow_migration(src: &Emu, uri: &str) {
     let deadline = std::time::Instant::now() + T;
     loop {
         let info = src.qmp_ok("query-migrate", json!({}));
-        if info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20
-        {
+        if info["status"] == "active" && info["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20 {
             return;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "migration did not get going: {info}"
-        );
+        assert!(std::time::Instant::now() < deadline, "migration did not get going: {info}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -199,16 +170,10 @@ fn slow_migration(src: &Emu, uri: &str) {
 fn assert_source_recovered(src: &Emu, rate_before: u64) {
     assert_eq!(src.status(), "running");
     let names = src.thread_names();
-    assert!(
-        !names.iter().any(|n| n == "uffd-wp" || n == "migration"),
-        "threads left: {names:?}"
-    );
+    assert!(!names.iter().any(|n| n == "uffd-wp" || n == "migration"), "threads left: {names:?}");
     let n = src.line_count();
-    src.wait_line_from(n, |l| l.contains("verify: written="), T)
-        .expect("guest runs");
-    let line = src
-        .wait_line_from(n + 1, |l| l.contains("verify: written="), T)
-        .expect("guest runs");
+    src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("guest runs");
+    let line = src.wait_line_from(n + 1, |l| l.contains("verify: written="), T).expect("guest runs");
     let prev = src.lines()[..src.lines().iter().position(|l| l == &line).unwrap()]
         .iter()
         .rev()
@@ -218,36 +183,24 @@ fn assert_source_recovered(src: &Emu, rate_before: u64) {
     let rate = number_after(&line, "written=").unwrap() - number_after(&prev, "written=").unwrap();
     // Write-protected pages would cost a fault per page per pass; unprotected, the guest is back to
     // native speed (allow a wide margin for a busy 2-core host).
-    assert!(
-        rate * 3 > rate_before,
-        "guest writes {rate}/s after, {rate_before}/s before"
-    );
+    assert!(rate * 3 > rate_before, "guest writes {rate}/s after, {rate_before}/s before");
     assert!(!src.output().contains("VERIFY-FAIL"), "{}", src.output());
 }
 
 fn verify_rate(src: &Emu) -> u64 {
-    let lines: Vec<String> = src
-        .lines()
-        .into_iter()
-        .filter(|l| l.contains("written="))
-        .collect();
+    let lines: Vec<String> = src.lines().into_iter().filter(|l| l.contains("written=")).collect();
     let n = lines.len();
-    number_after(&lines[n - 1], "written=").unwrap()
-        - number_after(&lines[n - 2], "written=").unwrap()
+    number_after(&lines[n - 1], "written=").unwrap() - number_after(&lines[n - 2], "written=").unwrap()
 }
 
 #[test]
 fn cancel_mid_pass_leaves_the_source_running() {
     require_kvm!();
     let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
-    src.wait_line(
-        |l| l.contains("written=") && number_after(l, "written=").unwrap_or(0) > 0,
-        T,
-    );
+    src.wait_line(|l| l.contains("written=") && number_after(l, "written=").unwrap_or(0) > 0, T);
     src.expect_line("verify: written=", T);
     let n = src.line_count();
-    src.wait_line_from(n, |l| l.contains("written="), T)
-        .unwrap();
+    src.wait_line_from(n, |l| l.contains("written="), T).unwrap();
     let rate_before = verify_rate(&src);
     let (mut dst, uri) = Emu::incoming(&[]);
     slow_migration(&src, &uri);
@@ -257,15 +210,8 @@ fn cancel_mid_pass_leaves_the_source_running() {
     assert_source_recovered(&src, rate_before);
     // The destination saw the stream end early: it fails and never runs the guest.
     let code = dst.wait_exit(T);
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "destination exit {code:?}"
-    );
-    assert!(
-        dst.lines().is_empty(),
-        "destination ran a guest: {}",
-        dst.output()
-    );
+    assert!(matches!(code, Some(c) if c != 0), "destination exit {code:?}");
+    assert!(dst.lines().is_empty(), "destination ran a guest: {}", dst.output());
     // and a later migration succeeds
     src.qmp_ok("migrate-set-parameters", json!({"max-bandwidth": 0}));
     let (dst2, _) = migrate_checked(&src);
@@ -278,8 +224,7 @@ fn killed_destination_leaves_the_source_running() {
     let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
     src.expect_line("verify: written=", T);
     let n = src.line_count();
-    src.wait_line_from(n, |l| l.contains("written="), T)
-        .unwrap();
+    src.wait_line_from(n, |l| l.contains("written="), T).unwrap();
     let rate_before = verify_rate(&src);
     let (mut dst, uri) = Emu::incoming(&[]);
     slow_migration(&src, &uri);
@@ -305,16 +250,12 @@ fn mismatched_destination_refuses_and_the_source_goes_on() {
     assert!(why.contains("refused") && why.contains("--mem"), "{why}");
     assert_eq!(src.status(), "running");
     let n = src.line_count();
-    src.wait_line_from(n, |l| l.contains("tick "), T)
-        .expect("source goes on");
+    src.wait_line_from(n, |l| l.contains("tick "), T).expect("source goes on");
     assert!(matches!(dst.wait_exit(T), Some(c) if c != 0));
     assert!(dst.stderr().contains("--mem"), "{}", dst.stderr());
     let (mut dst, uri) = Emu::incoming(&["--smp", "2"]);
     let info = common::migrate(&src, &uri, T);
-    assert!(
-        info["error-desc"].as_str().unwrap().contains("--smp"),
-        "{info}"
-    );
+    assert!(info["error-desc"].as_str().unwrap().contains("--smp"), "{info}");
     assert!(matches!(dst.wait_exit(T), Some(c) if c != 0));
 }
 
@@ -349,35 +290,16 @@ fn migration_parameters_are_checked() {
         json!({"dirty-tracker": "magic"}),
         json!({"bogus": 1}),
     ] {
-        assert!(
-            src.qmp("migrate-set-parameters", bad.clone()).is_err(),
-            "{bad}"
-        );
+        assert!(src.qmp("migrate-set-parameters", bad.clone()).is_err(), "{bad}");
     }
-    assert_eq!(
-        src.qmp_ok("query-migrate-parameters", json!({})),
-        defaults,
-        "a refused change changed something"
-    );
-    src.qmp_ok(
-        "migrate-set-parameters",
-        json!({"downtime-limit": 10, "max-passes": 3}),
-    );
-    assert_eq!(
-        src.qmp_ok("query-migrate-parameters", json!({}))["max-passes"],
-        3
-    );
+    assert_eq!(src.qmp_ok("query-migrate-parameters", json!({})), defaults, "a refused change changed something");
+    src.qmp_ok("migrate-set-parameters", json!({"downtime-limit": 10, "max-passes": 3}));
+    assert_eq!(src.qmp_ok("query-migrate-parameters", json!({}))["max-passes"], 3);
     assert!(src.qmp("migrate", json!({"uri": "nonsense"})).is_err());
     assert_eq!(src.qmp_ok("query-migrate", json!({})), json!({}));
     // nothing listens there: fails, guest keeps running
     let info = common::migrate(&src, "tcp:127.0.0.1:1", T);
     assert_eq!(info["status"], "failed");
-    assert!(
-        info["error-desc"]
-            .as_str()
-            .unwrap()
-            .contains("cannot connect"),
-        "{info}"
-    );
+    assert!(info["error-desc"].as_str().unwrap().contains("cannot connect"), "{info}");
     assert_eq!(src.status(), "running");
 }

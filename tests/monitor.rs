@@ -17,25 +17,16 @@ fn stop_pauses_the_guest_and_cont_resumes_it() {
     require_kvm!();
     let emu = Emu::boot(&["--append", "wl=idle"]);
     emu.expect_line("tick 1 ", T);
-    assert_eq!(
-        emu.qmp_ok("query-status", json!({})),
-        json!({"status": "running", "running": true})
-    );
+    assert_eq!(emu.qmp_ok("query-status", json!({})), json!({"status": "running", "running": true}));
     emu.qmp_ok("stop", json!({}));
     assert_eq!(emu.status(), "paused");
     let lines = emu.line_count();
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(
-        emu.line_count(),
-        lines,
-        "a stopped guest printed: {}",
-        emu.output()
-    );
+    assert_eq!(emu.line_count(), lines, "a stopped guest printed: {}", emu.output());
     emu.qmp_ok("stop", json!({})); // stopping twice is fine
     emu.qmp_ok("cont", json!({}));
     assert_eq!(emu.status(), "running");
-    emu.wait_line_from(lines, |l| l.contains("tick "), T)
-        .expect("the guest went on after cont");
+    emu.wait_line_from(lines, |l| l.contains("tick "), T).expect("the guest went on after cont");
 }
 
 #[test]
@@ -93,10 +84,7 @@ fn malformed_requests_get_errors_and_the_connection_stays() {
     assert_eq!(read()["error"]["class"], "CommandNotFound");
     writeln!(w, "{}", json!({"execute": "query-status", "id": "x7"})).unwrap();
     let reply = read();
-    assert_eq!(
-        (reply["id"].clone(), reply["return"]["status"].clone()),
-        (json!("x7"), json!("running"))
-    );
+    assert_eq!((reply["id"].clone(), reply["return"]["status"].clone()), (json!("x7"), json!("running")));
     // clients come and go; others keep working
     drop(w);
     for _ in 0..5 {
@@ -109,37 +97,19 @@ fn qmp_client_subcommand() {
     require_kvm!();
     let emu = Emu::boot(&["--append", "wl=idle"]);
     let sock = format!("unix:{}", emu.dir.path("monitor.sock").display());
-    let out = std::process::Command::new(common::emu_bin())
-        .args(["qmp", &sock, "query-status"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(common::emu_bin()).args(["qmp", &sock, "query-status"]).output().unwrap();
     assert!(out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "running");
-    let out = std::process::Command::new(common::emu_bin())
-        .args(["qmp", &sock, "bogus"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(common::emu_bin()).args(["qmp", &sock, "bogus"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
     let out = std::process::Command::new(common::emu_bin())
-        .args([
-            "qmp",
-            &sock,
-            "migrate-set-parameters",
-            "{\"downtime-limit\": 20}",
-        ])
+        .args(["qmp", &sock, "migrate-set-parameters", "{\"downtime-limit\": 20}"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        emu.qmp_ok("query-migrate-parameters", json!({}))["downtime-limit"],
-        20
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(emu.qmp_ok("query-migrate-parameters", json!({}))["downtime-limit"], 20);
 }
 
 #[test]

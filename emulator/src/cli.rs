@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use migrate::tracker::TrackerKind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,7 +49,15 @@ pub struct RunArgs {
     /// Do not run the guest until the monitor's `cont` (after boot, or after an incoming migration).
     #[arg(short = 'S', long)]
     pub paused: bool,
+    /// How a migration from this emu tracks dirty pages: uffd-wp, uffd-wp-async, kvm-dirty-log,
+    /// kvm-dirty-ring or mprotect (also the migrate parameter dirty-tracker; kvm-dirty-ring has to be
+    /// chosen here, since KVM's rings are set up with the vCPUs).
+    #[arg(long, value_name = "TRACKER", default_value = DEFAULT_TRACKER.name())]
+    pub dirty_tracker: TrackerKind,
 }
+
+/// The default dirty tracker (see README.md: the fastest exact one, by measurement).
+pub const DEFAULT_TRACKER: TrackerKind = migrate::sender::DEFAULT_TRACKER;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -112,13 +121,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some((i, 'T' | 't')) => (&s[..i], 40),
         _ => (s, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
-    let bytes = n
-        .checked_shl(shift)
-        .filter(|b| b >> shift == n)
-        .ok_or_else(|| format!("'{s}' is too large"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
+    let bytes = n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("'{s}' is too large"))?;
     if bytes == 0 || bytes % 4096 != 0 {
         return Err(format!("'{s}' is not a positive multiple of 4 KiB"));
     }
@@ -127,12 +131,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 pub fn run_subcommand(cmd: Command) -> Result<ExitCode> {
     match cmd {
-        Command::Qmp {
-            socket,
-            command,
-            arguments,
-            get,
-        } => crate::qmp::client(&socket, &command, arguments.as_deref(), &get),
+        Command::Qmp { socket, command, arguments, get } => {
+            crate::qmp::client(&socket, &command, arguments.as_deref(), &get)
+        }
     }
 }
 

@@ -97,9 +97,7 @@ fn find_header(image: &[u8]) -> Result<(usize, u32), LoadError> {
             continue;
         }
         let (Some(flags), Some(sum)) = (u32_at(image, off + 4), u32_at(image, off + 8)) else {
-            return Err(LoadError::Truncated(format!(
-                "the Multiboot header at {off:#x} is cut short"
-            )));
+            return Err(LoadError::Truncated(format!("the Multiboot header at {off:#x} is cut short")));
         };
         if MULTIBOOT_HEADER_MAGIC.wrapping_add(flags).wrapping_add(sum) == 0 {
             return Ok((off, flags));
@@ -114,31 +112,21 @@ fn kludge_segments(image: &[u8], hdr: usize) -> Result<(Vec<Segment>, u64), Load
     let field = |i: usize| {
         u32_at(image, hdr + 12 + 4 * i)
             .map(u64::from)
-            .ok_or_else(|| {
-                LoadError::Truncated("the Multiboot header's address fields are cut short".into())
-            })
+            .ok_or_else(|| LoadError::Truncated("the Multiboot header's address fields are cut short".into()))
     };
-    let (header_addr, load_addr, load_end, bss_end, entry) =
-        (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+    let (header_addr, load_addr, load_end, bss_end, entry) = (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
     if load_addr > header_addr {
-        return Err(LoadError::BadImage(format!(
-            "load_addr {load_addr:#x} is above header_addr {header_addr:#x}"
-        )));
+        return Err(LoadError::BadImage(format!("load_addr {load_addr:#x} is above header_addr {header_addr:#x}")));
     }
     let file_start = (hdr as u64)
         .checked_sub(header_addr - load_addr)
-        .ok_or_else(|| {
-            LoadError::BadImage(
-                "header_addr - load_addr points before the start of the file".into(),
-            )
-        })? as usize;
+        .ok_or_else(|| LoadError::BadImage("header_addr - load_addr points before the start of the file".into()))?
+        as usize;
     let filesz = if load_end == 0 {
         image.len() - file_start
     } else {
         if load_end < load_addr {
-            return Err(LoadError::BadImage(format!(
-                "load_end_addr {load_end:#x} is below load_addr {load_addr:#x}"
-            )));
+            return Err(LoadError::BadImage(format!("load_end_addr {load_end:#x} is below load_addr {load_addr:#x}")));
         }
         (load_end - load_addr) as usize
     };
@@ -148,28 +136,14 @@ fn kludge_segments(image: &[u8], hdr: usize) -> Result<(Vec<Segment>, u64), Load
             image.len()
         )));
     }
-    let memsz = if bss_end == 0 {
-        filesz as u64
-    } else {
-        bss_end.saturating_sub(load_addr).max(filesz as u64)
-    };
-    Ok((
-        vec![Segment {
-            paddr: load_addr,
-            offset: file_start,
-            filesz,
-            memsz,
-        }],
-        entry,
-    ))
+    let memsz = if bss_end == 0 { filesz as u64 } else { bss_end.saturating_sub(load_addr).max(filesz as u64) };
+    Ok((vec![Segment { paddr: load_addr, offset: file_start, filesz, memsz }], entry))
 }
 
 /// Segments from an ELF32 or ELF64 file's PT_LOAD program headers.
 fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u64), LoadError> {
     if image.get(0..4) != Some(b"\x7fELF") {
-        return Err(LoadError::BadImage(
-            "neither ELF nor a Multiboot header with load addresses (flag bit 16)".into(),
-        ));
+        return Err(LoadError::BadImage("neither ELF nor a Multiboot header with load addresses (flag bit 16)".into()));
     }
     let bad = |what: &str| LoadError::BadImage(format!("ELF: {what}"));
     let cut = |what: &str| LoadError::Truncated(format!("ELF {what} is cut short"));
@@ -206,9 +180,7 @@ fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u64), LoadError> {
     }
     let mut segments = Vec::new();
     for i in 0..phnum {
-        let ph = phoff
-            .checked_add(i * phentsize)
-            .ok_or_else(|| cut("program header table"))?;
+        let ph = phoff.checked_add(i * phentsize).ok_or_else(|| cut("program header table"))?;
         if image.len() < ph + min_phent {
             return Err(cut("program header table"));
         }
@@ -223,16 +195,9 @@ fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u64), LoadError> {
                 u64::from(u32_at(image, ph + o32).unwrap_or(0))
             }
         };
-        let (offset, paddr, filesz, memsz) = (
-            field(4, 8) as usize,
-            field(12, 24),
-            field(16, 32) as usize,
-            field(20, 40),
-        );
-        if offset
-            .checked_add(filesz)
-            .is_none_or(|end| end > image.len())
-        {
+        let (offset, paddr, filesz, memsz) =
+            (field(4, 8) as usize, field(12, 24), field(16, 32) as usize, field(20, 40));
+        if offset.checked_add(filesz).is_none_or(|end| end > image.len()) {
             return Err(LoadError::Truncated(format!(
                 "segment {i} needs bytes {offset:#x}..{:#x}, the file has {:#x}",
                 offset.saturating_add(filesz),
@@ -240,17 +205,10 @@ fn elf_segments(image: &[u8]) -> Result<(Vec<Segment>, u64), LoadError> {
             )));
         }
         if memsz < filesz as u64 {
-            return Err(bad(&format!(
-                "segment {i} is smaller in memory than in the file"
-            )));
+            return Err(bad(&format!("segment {i} is smaller in memory than in the file")));
         }
         if memsz > 0 {
-            segments.push(Segment {
-                paddr,
-                offset,
-                filesz,
-                memsz,
-            });
+            segments.push(Segment { paddr, offset, filesz, memsz });
         }
     }
     if segments.is_empty() {
@@ -266,13 +224,10 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str) -> Result<Entry, LoadEr
     if unsupported != 0 {
         return Err(LoadError::UnsupportedFlags(unsupported));
     }
-    let (segments, entry) = if flags & FLAG_AOUT_KLUDGE != 0 {
-        kludge_segments(image, hdr)?
-    } else {
-        elf_segments(image)?
-    };
-    let entry = u32::try_from(entry)
-        .map_err(|_| LoadError::BadImage(format!("entry point {entry:#x} is above 4 GiB")))?;
+    let (segments, entry) =
+        if flags & FLAG_AOUT_KLUDGE != 0 { kludge_segments(image, hdr)? } else { elf_segments(image)? };
+    let entry =
+        u32::try_from(entry).map_err(|_| LoadError::BadImage(format!("entry point {entry:#x} is above 4 GiB")))?;
 
     // The low region holds the kernel: check every segment before writing any.
     let low = ram.layout().regions()[0];
@@ -282,11 +237,7 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str) -> Result<Entry, LoadEr
         }
         let end = s.paddr.saturating_add(s.memsz);
         if end > low.end() {
-            return Err(LoadError::TooBig {
-                start: s.paddr,
-                end,
-                ram_end: low.end(),
-            });
+            return Err(LoadError::TooBig { start: s.paddr, end, ram_end: low.end() });
         }
     }
     for s in &segments {
@@ -298,10 +249,7 @@ pub fn load(ram: &GuestRam, image: &[u8], cmdline: &str) -> Result<Entry, LoadEr
         }
     }
     write_boot_information(ram, cmdline)?;
-    Ok(Entry {
-        eip: entry,
-        mbi: MBI_ADDR as u32,
-    })
+    Ok(Entry { eip: entry, mbi: MBI_ADDR as u32 })
 }
 
 /// The Multiboot information structure, memory map, loader name and command line.
@@ -323,10 +271,7 @@ fn write_boot_information(ram: &GuestRam, cmdline: &str) -> Result<(), LoadError
 
     let mut mbi = [0u8; 0x74];
     let mut put = |off: usize, v: u32| mbi[off..off + 4].copy_from_slice(&v.to_le_bytes());
-    put(
-        0,
-        MBI_INFO_MEM | MBI_INFO_CMDLINE | MBI_INFO_MMAP | MBI_INFO_LOADER_NAME,
-    );
+    put(0, MBI_INFO_MEM | MBI_INFO_CMDLINE | MBI_INFO_MMAP | MBI_INFO_LOADER_NAME);
     put(4, 639); // mem_lower, KiB
     put(8, mem_upper_kib);
     put(16, MBI_CMDLINE as u32);
@@ -347,11 +292,7 @@ fn memory_map(layout: &RamLayout) -> Vec<(u64, u64, u32)> {
     let low_end = layout.regions()[0].end();
     let mut map = vec![
         (0, crate::mptable::MP_FLOATING_ADDR, 1),
-        (
-            crate::mptable::MP_FLOATING_ADDR,
-            0xa0000 - crate::mptable::MP_FLOATING_ADDR,
-            2,
-        ),
+        (crate::mptable::MP_FLOATING_ADDR, 0xa0000 - crate::mptable::MP_FLOATING_ADDR, 2),
         (0xf0000, 0x10000, 2),
     ];
     if low_end > KERNEL_MIN_ADDR {
@@ -396,13 +337,7 @@ mod tests {
         let r = ram(8);
         let img = kludge_image(0, 0, b"\xf4\xf4kernel");
         let e = load(&r, &img, "wl=idle").unwrap();
-        assert_eq!(
-            e,
-            Entry {
-                eip: 0x10_0020,
-                mbi: MBI_ADDR as u32
-            }
-        );
+        assert_eq!(e, Entry { eip: 0x10_0020, mbi: MBI_ADDR as u32 });
         let mut buf = [0u8; 8];
         r.read(0x10_0020, &mut buf).unwrap();
         assert_eq!(&buf, b"\xf4\xf4kernel");
@@ -417,10 +352,7 @@ mod tests {
     #[test]
     fn refuses_non_multiboot_truncated_and_oversized() {
         let r = ram(2);
-        assert!(matches!(
-            load(&r, b"hello world", ""),
-            Err(LoadError::NoHeader)
-        ));
+        assert!(matches!(load(&r, b"hello world", ""), Err(LoadError::NoHeader)));
         let img = kludge_image(0, 100, b"abc");
         assert!(matches!(load(&r, &img, ""), Err(LoadError::Truncated(_))));
         let mut bad = kludge_image(0, 0, b"abc");
@@ -429,32 +361,19 @@ mod tests {
         let big = kludge_image(0, 0, &vec![1u8; 2 << 20]);
         assert!(matches!(load(&r, &big, ""), Err(LoadError::TooBig { .. })));
         let unsupported = kludge_image(1 << 3, 0, b"abc");
-        assert!(matches!(
-            load(&r, &unsupported, ""),
-            Err(LoadError::UnsupportedFlags(8))
-        ));
+        assert!(matches!(load(&r, &unsupported, ""), Err(LoadError::UnsupportedFlags(8))));
         let long = "x".repeat(8000);
-        assert!(matches!(
-            load(&ram(8), &kludge_image(0, 0, b"a"), &long),
-            Err(LoadError::CmdlineTooLong(_))
-        ));
+        assert!(matches!(load(&ram(8), &kludge_image(0, 0, b"a"), &long), Err(LoadError::CmdlineTooLong(_))));
     }
 
     #[test]
     fn elf_without_kludge_needs_valid_elf() {
         let flags = FLAG_MEMORY_INFO;
-        let mut img: Vec<u8> = [
-            MULTIBOOT_HEADER_MAGIC,
-            flags,
-            0u32.wrapping_sub(MULTIBOOT_HEADER_MAGIC + flags),
-        ]
-        .iter()
-        .flat_map(|f| f.to_le_bytes())
-        .collect();
+        let mut img: Vec<u8> = [MULTIBOOT_HEADER_MAGIC, flags, 0u32.wrapping_sub(MULTIBOOT_HEADER_MAGIC + flags)]
+            .iter()
+            .flat_map(|f| f.to_le_bytes())
+            .collect();
         img.extend_from_slice(&[0; 64]);
-        assert!(matches!(
-            load(&ram(8), &img, ""),
-            Err(LoadError::BadImage(_))
-        ));
+        assert!(matches!(load(&ram(8), &img, ""), Err(LoadError::BadImage(_))));
     }
 }

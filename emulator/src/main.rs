@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use cli::{Cli, RunArgs, SerialArg};
 use devices::serial::SerialSink;
+use migrate::tracker::TrackerKind;
 use vm::{Vm, VmConfig, VmEvent};
 
 /// Default guest RAM when neither `--mem` nor a migration stream says otherwise.
@@ -40,14 +41,10 @@ fn serial_sink(arg: &SerialArg) -> Result<SerialSink> {
 
 fn read_image(args: &RunArgs, mem: u64) -> Result<(Vec<u8>, String)> {
     let Some(path) = &args.guest else {
-        let cmdline = args
-            .append
-            .clone()
-            .unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
+        let cmdline = args.append.clone().unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
         return Ok((guest_images::DEFAULT_GUEST.to_vec(), cmdline));
     };
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read guest image {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read guest image {}", path.display()))?;
     if !meta.is_file() {
         anyhow::bail!("guest image {} is not a regular file", path.display());
     }
@@ -59,8 +56,7 @@ fn read_image(args: &RunArgs, mem: u64) -> Result<(Vec<u8>, String)> {
             mem
         );
     }
-    let image = std::fs::read(path)
-        .with_context(|| format!("cannot read guest image {}", path.display()))?;
+    let image = std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?;
     Ok((image, args.append.clone().unwrap_or_default()))
 }
 
@@ -79,23 +75,14 @@ fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>) -> ExitCode {
 }
 
 /// Monitor, serial input and the wait for the end: what a booted and a migrated-in VM share.
-fn serve_vm(
-    vm: Arc<Vm>,
-    args: &RunArgs,
-    events_tx: Sender<VmEvent>,
-    events: Receiver<VmEvent>,
-) -> Result<ExitCode> {
+fn serve_vm(vm: Arc<Vm>, args: &RunArgs, events_tx: Sender<VmEvent>, events: Receiver<VmEvent>) -> Result<ExitCode> {
     if matches!(args.serial, SerialArg::Stdio) {
         vm::connect_stdin(&vm);
     }
     let _monitor = match &args.monitor {
         Some(addr) => {
-            let migration = Some(Arc::new(migration::MigrationController::new(vm.clone())));
-            let commands = qmp::Commands {
-                vm: vm.clone(),
-                events: events_tx,
-                migration,
-            };
+            let migration = Some(Arc::new(migration::MigrationController::new(vm.clone(), args.dirty_tracker)));
+            let commands = qmp::Commands { vm: vm.clone(), events: events_tx, migration };
             Some(qmp::serve(addr, Arc::new(commands))?)
         }
         None => None,
@@ -108,21 +95,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(uri) = &args.incoming {
         let uri: migrate::transport::Uri = uri.parse()?;
         let serial = serial_sink(&args.serial)?;
-        let limits = migration::IncomingLimits {
-            mem: args.mem,
-            vcpus: args.smp.map(usize::from),
-        };
-        let make_config = |mem_bytes, vcpus| VmConfig {
-            mem_bytes,
-            vcpus,
-            serial,
-        };
+        let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
+        let dirty_ring = args.dirty_tracker == TrackerKind::KvmDirtyRing;
+        let make_config = |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring };
         let received = migration::receive(&uri, limits, make_config, events_tx.clone())?;
-        eprintln!(
-            "emu: migration received: {} MiB in {} passes",
-            received.bytes >> 20,
-            received.passes
-        );
+        eprintln!("emu: migration received: {} MiB in {} passes", received.bytes >> 20, received.passes);
         let vm = received.vm;
         vm.finish_incoming(!args.paused)?;
         return serve_vm(vm, &args, events_tx, events);
@@ -133,6 +110,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         mem_bytes: mem,
         vcpus: usize::from(args.smp.unwrap_or(1)),
         serial: serial_sink(&args.serial)?,
+        dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx.clone(), Some((&image, &cmdline)))?;
     if !args.paused {

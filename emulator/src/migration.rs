@@ -9,7 +9,7 @@ use migrate::progress::Progress;
 use migrate::receiver::{self, ReceiveError, Received};
 use migrate::sender::{self, MigrationParams, Outgoing};
 use migrate::stream::StreamHeader;
-use migrate::tracker::{self, TrackerKind};
+use migrate::tracker::TrackerKind;
 use migrate::transport::{Listener, Uri};
 use migrate::vm::MigratableVm;
 use serde_json::{json, Map, Value};
@@ -31,12 +31,10 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl MigrationController {
-    pub fn new(vm: Arc<Vm>) -> Self {
-        MigrationController {
-            vm,
-            params: Arc::new(Mutex::new(MigrationParams::default())),
-            current: Mutex::new(None),
-        }
+    /// `tracker` is the default dirty tracker (`--dirty-tracker`).
+    pub fn new(vm: Arc<Vm>, tracker: TrackerKind) -> Self {
+        let params = MigrationParams { tracker, ..MigrationParams::default() };
+        MigrationController { vm, params: Arc::new(Mutex::new(params)), current: Mutex::new(None) }
     }
 
     fn current(&self) -> MutexGuard<'_, Option<Outgoing>> {
@@ -46,10 +44,7 @@ impl MigrationController {
     pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match name {
             "migrate" => self.migrate(args),
-            "query-migrate" => Ok(self
-                .current()
-                .as_ref()
-                .map_or(json!({}), |o| progress_json(&o.progress.snapshot()))),
+            "query-migrate" => Ok(self.current().as_ref().map_or(json!({}), |o| progress_json(&o.progress.snapshot()))),
             "migrate-cancel" => {
                 if let Some(o) = self.current().as_ref() {
                     if !o.progress.snapshot().status.is_finished() {
@@ -59,27 +54,16 @@ impl MigrationController {
                 Ok(json!({}))
             }
             "migrate-set-parameters" => self.set_parameters(args),
-            "query-migrate-parameters" => Ok(params_json(
-                &self.params.lock().unwrap_or_else(|e| e.into_inner()),
-            )),
-            _ => Err(QmpError {
-                class: "CommandNotFound",
-                desc: format!("the command {name} has not been found"),
-            }),
+            "query-migrate-parameters" => Ok(params_json(&self.params.lock().unwrap_or_else(|e| e.into_inner()))),
+            _ => Err(QmpError { class: "CommandNotFound", desc: format!("the command {name} has not been found") }),
         }
     }
 
     fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let uri = args
-            .get("uri")
-            .and_then(Value::as_str)
-            .ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
+        let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
         let uri: Uri = uri.parse()?;
         let mut current = self.current();
-        if current
-            .as_ref()
-            .is_some_and(|o| !o.progress.snapshot().status.is_finished())
-        {
+        if current.as_ref().is_some_and(|o| !o.progress.snapshot().status.is_finished()) {
             return Err(QmpError::generic("a migration is already running"));
         }
         if let Some(old) = current.take() {
@@ -87,54 +71,40 @@ impl MigrationController {
         }
         self.vm.begin_outgoing_migration()?;
         let vm: Arc<dyn MigratableVm> = self.vm.clone();
-        let outgoing = sender::start(vm, uri, self.params.clone(), Arc::new(tracker::ram_tracker))?;
+        let this = self.vm.clone();
+        let trackers = Arc::new(move |kind, _: &Arc<migrate::ram::GuestRam>| this.tracker(kind));
+        let outgoing = sender::start(vm, uri, self.params.clone(), trackers)?;
         *current = Some(outgoing);
         Ok(json!({}))
     }
 
     fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         // Check everything before changing anything.
-        let mut p = self
-            .params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut p = self.params.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (key, value) in args {
-            let number = || {
-                value.as_u64().ok_or_else(|| {
-                    QmpError::generic(format!("{key} must be a non-negative integer"))
-                })
-            };
+            let number =
+                || value.as_u64().ok_or_else(|| QmpError::generic(format!("{key} must be a non-negative integer")));
             match key.as_str() {
                 "downtime-limit" => {
                     let v = number()?;
                     if v > MAX_DOWNTIME_LIMIT_MS {
-                        return Err(QmpError::generic(format!(
-                            "downtime-limit is at most {MAX_DOWNTIME_LIMIT_MS} ms"
-                        )));
+                        return Err(QmpError::generic(format!("downtime-limit is at most {MAX_DOWNTIME_LIMIT_MS} ms")));
                     }
                     p.downtime_limit = Duration::from_millis(v);
                 }
                 "max-bandwidth" => p.max_bandwidth = number()?,
                 "max-passes" => {
-                    p.max_passes = u32::try_from(number()?)
-                        .map_err(|_| QmpError::generic("max-passes is too large"))?
+                    p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
                 }
                 "x-drop-final-pages" => {
-                    p.drop_final_pages = u32::try_from(number()?)
-                        .map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
+                    p.drop_final_pages =
+                        u32::try_from(number()?).map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
                 }
                 "dirty-tracker" => {
-                    let s = value
-                        .as_str()
-                        .ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
+                    let s = value.as_str().ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
                     p.tracker = s.parse::<TrackerKind>().map_err(QmpError::generic)?;
                 }
-                other => {
-                    return Err(QmpError::generic(format!(
-                        "unknown migration parameter {other}"
-                    )))
-                }
+                other => return Err(QmpError::generic(format!("unknown migration parameter {other}"))),
             }
         }
         *self.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
@@ -214,27 +184,19 @@ pub fn receive(
 ) -> anyhow::Result<Received<Vm>> {
     use anyhow::Context;
     let listener = Listener::bind(uri).with_context(|| format!("cannot listen on {uri}"))?;
-    eprintln!(
-        "emu: waiting for an incoming migration on {}",
-        listener.local_uri()?
-    );
-    let conn = listener
-        .accept()
-        .context("cannot accept the migration connection")?;
+    eprintln!("emu: waiting for an incoming migration on {}", listener.local_uri()?);
+    let conn = listener.accept().context("cannot accept the migration connection")?;
     drop(listener);
     let create = |h: &StreamHeader| -> Result<Arc<Vm>, String> {
         let mem: u64 = h.regions.iter().map(|r| r.size).sum();
         let vcpus = h.vcpu_count as usize;
         if let Some(m) = limits.mem.filter(|&m| m != mem) {
-            return Err(format!(
-                "the source has {mem} bytes of RAM, --mem asks for {m}"
-            ));
+            return Err(format!("the source has {mem} bytes of RAM, --mem asks for {m}"));
         }
         if let Some(n) = limits.vcpus.filter(|&n| n != vcpus) {
             return Err(format!("the source has {vcpus} vCPUs, --smp asks for {n}"));
         }
-        Vm::create(make_config(mem, vcpus), events, None)
-            .map_err(|e| format!("cannot create the VM: {e}"))
+        Vm::create(make_config(mem, vcpus), events, None).map_err(|e| format!("cannot create the VM: {e}"))
     };
     receiver::receive(conn, create).map_err(|e: ReceiveError| anyhow::anyhow!(e))
 }

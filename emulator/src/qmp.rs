@@ -40,10 +40,7 @@ pub struct QmpError {
 
 impl QmpError {
     pub fn generic(desc: impl Into<String>) -> Self {
-        QmpError {
-            class: "GenericError",
-            desc: desc.into(),
-        }
+        QmpError { class: "GenericError", desc: desc.into() }
     }
 }
 
@@ -66,9 +63,7 @@ impl Commands {
             "qmp_capabilities" => Ok(json!({})),
             "query-status" => {
                 let state = self.vm.run_state();
-                Ok(
-                    json!({"status": state.name(), "running": state == crate::vm::RunState::Running}),
-                )
+                Ok(json!({"status": state.name(), "running": state == crate::vm::RunState::Running}))
             }
             "stop" => {
                 self.vm.stop()?;
@@ -81,19 +76,14 @@ impl Commands {
             // The VM ends once the reply is out (see `serve_client`).
             "quit" => Ok(json!({})),
             "query-vcpus" => Ok(Value::Array(
-                self.vm
-                    .vcpus()
-                    .iter()
-                    .map(|v| json!({"cpu-index": v.index(), "thread-id": v.thread_id()}))
-                    .collect(),
+                self.vm.vcpus().iter().map(|v| json!({"cpu-index": v.index(), "thread-id": v.thread_id()})).collect(),
             )),
             "query-ram-digest" => Ok(self.ram_digest(args)),
             _ => match &self.migration {
                 Some(m) => m.execute(name, args),
-                None => Err(QmpError {
-                    class: "CommandNotFound",
-                    desc: format!("the command {name} has not been found"),
-                }),
+                None => {
+                    Err(QmpError { class: "CommandNotFound", desc: format!("the command {name} has not been found") })
+                }
             },
         }
     }
@@ -115,30 +105,17 @@ impl Commands {
     fn reply(&self, line: &str) -> (Value, bool) {
         let request: Value = match serde_json::from_str(line) {
             Ok(v) => v,
-            Err(e) => {
-                return (
-                    error_reply(QmpError::generic(format!("JSON parse error: {e}")), None),
-                    false,
-                )
-            }
+            Err(e) => return (error_reply(QmpError::generic(format!("JSON parse error: {e}")), None), false),
         };
         let id = request.get("id").cloned();
         let Some(name) = request.get("execute").and_then(Value::as_str) else {
-            return (
-                error_reply(QmpError::generic("expected an object with \"execute\""), id),
-                false,
-            );
+            return (error_reply(QmpError::generic("expected an object with \"execute\""), id), false);
         };
         let empty = Map::new();
         let args = match request.get("arguments") {
             None => &empty,
             Some(Value::Object(m)) => m,
-            Some(_) => {
-                return (
-                    error_reply(QmpError::generic("\"arguments\" must be an object"), id),
-                    false,
-                )
-            }
+            Some(_) => return (error_reply(QmpError::generic("\"arguments\" must be an object"), id), false),
         };
         match self.execute(name, args) {
             Ok(v) => {
@@ -178,37 +155,29 @@ pub fn serve(addr: &UnixAddr, commands: Arc<Commands>) -> Result<Monitor> {
     if path.exists() {
         // A socket left by an emu that is gone; refuse to take one that something still serves.
         if UnixStream::connect(&path).is_ok() {
-            bail!(
-                "monitor socket {} is in use by another process",
-                path.display()
-            );
+            bail!("monitor socket {} is in use by another process", path.display());
         }
-        std::fs::remove_file(&path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::thread::Builder::new()
-        .name("monitor".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let commands = commands.clone();
-                let _ = std::thread::Builder::new()
-                    .name("monitor-client".into())
-                    .spawn(move || {
-                        if let Err(e) = serve_client(conn, &commands) {
-                            log::debug!("monitor client: {e}");
-                        }
-                    });
-            }
-        })?;
+    let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::thread::Builder::new().name("monitor".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let commands = commands.clone();
+            let _ = std::thread::Builder::new().name("monitor-client".into()).spawn(move || {
+                if let Err(e) = serve_client(conn, &commands) {
+                    log::debug!("monitor client: {e}");
+                }
+            });
+        }
+    })?;
     Ok(Monitor { path })
 }
 
 fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
-    let greeting = json!({"QMP": {"version": {"package": "emu", "emu": env!("CARGO_PKG_VERSION")}, "capabilities": []}});
+    let greeting =
+        json!({"QMP": {"version": {"package": "emu", "emu": env!("CARGO_PKG_VERSION")}, "capabilities": []}});
     writeln!(out, "{greeting}")?;
     let mut reader = BufReader::new(conn);
     loop {
@@ -245,29 +214,20 @@ fn field(v: &Value, path: &str) -> String {
 
 /// `emu qmp SOCKET COMMAND [ARGS] [--get FIELD]...`: prints the "return" value as JSON (or just the
 /// fields asked for); an error reply goes to stderr and the exit status is 1.
-pub fn client(
-    socket: &UnixAddr,
-    command: &str,
-    arguments: Option<&str>,
-    get: &[String],
-) -> Result<ExitCode> {
+pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>, get: &[String]) -> Result<ExitCode> {
     let args: Value = match arguments {
-        Some(a) => {
-            serde_json::from_str(a).with_context(|| format!("arguments are not JSON: {a}"))?
-        }
+        Some(a) => serde_json::from_str(a).with_context(|| format!("arguments are not JSON: {a}"))?,
         None => json!({}),
     };
     if !args.is_object() {
         bail!("arguments must be a JSON object");
     }
-    let conn = UnixStream::connect(&socket.0)
-        .with_context(|| format!("cannot connect to monitor {}", socket.0.display()))?;
+    let conn =
+        UnixStream::connect(&socket.0).with_context(|| format!("cannot connect to monitor {}", socket.0.display()))?;
     let mut out = conn.try_clone()?;
     let mut lines = BufReader::new(conn).lines();
     let mut next = || -> Result<Value> {
-        let line = lines
-            .next()
-            .context("the monitor closed the connection")??;
+        let line = lines.next().context("the monitor closed the connection")??;
         Ok(serde_json::from_str(&line)?)
     };
     next()?; // greeting
@@ -284,10 +244,7 @@ pub fn client(
             return Ok(ExitCode::SUCCESS);
         }
         if let Some(e) = reply.get("error") {
-            let desc = e
-                .get("desc")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown error");
+            let desc = e.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
             eprintln!("emu qmp: {command}: {desc}");
             return Ok(ExitCode::from(1));
         }

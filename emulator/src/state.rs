@@ -33,21 +33,11 @@ pub enum StateError {
     #[error("saved state is for {found} where {expected:?} was expected")]
     WrongKind { expected: StateKind, found: u8 },
     #[error("saved {kind:?} state has version {found}; this emu reads version {supported}")]
-    Version {
-        kind: StateKind,
-        found: u16,
-        supported: u16,
-    },
+    Version { kind: StateKind, found: u16, supported: u16 },
     #[error("saved {kind:?} state does not decode: {source}")]
-    Decode {
-        kind: StateKind,
-        source: postcard::Error,
-    },
+    Decode { kind: StateKind, source: postcard::Error },
     #[error("cannot encode {kind:?} state: {source}")]
-    Encode {
-        kind: StateKind,
-        source: postcard::Error,
-    },
+    Encode { kind: StateKind, source: postcard::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -64,10 +54,7 @@ pub fn encode<T: Versioned>(state: &T) -> Result<Vec<u8>, StateError> {
     out.extend_from_slice(MAGIC);
     out.push(T::KIND as u8);
     out.extend_from_slice(&T::VERSION.to_le_bytes());
-    postcard::to_io(state, &mut out).map_err(|source| StateError::Encode {
-        kind: T::KIND,
-        source,
-    })?;
+    postcard::to_io(state, &mut out).map_err(|source| StateError::Encode { kind: T::KIND, source })?;
     Ok(out)
 }
 
@@ -76,30 +63,16 @@ pub fn decode<T: Versioned>(blob: &[u8]) -> Result<T, StateError> {
         return Err(StateError::BadMagic);
     }
     if blob[4] != T::KIND as u8 {
-        return Err(StateError::WrongKind {
-            expected: T::KIND,
-            found: blob[4],
-        });
+        return Err(StateError::WrongKind { expected: T::KIND, found: blob[4] });
     }
     let version = u16::from_le_bytes([blob[5], blob[6]]);
     if version != T::VERSION {
-        return Err(StateError::Version {
-            kind: T::KIND,
-            found: version,
-            supported: T::VERSION,
-        });
+        return Err(StateError::Version { kind: T::KIND, found: version, supported: T::VERSION });
     }
-    let (value, rest) =
-        postcard::take_from_bytes(&blob[HEADER_LEN..]).map_err(|source| StateError::Decode {
-            kind: T::KIND,
-            source,
-        })?;
+    let (value, rest) = postcard::take_from_bytes(&blob[HEADER_LEN..])
+        .map_err(|source| StateError::Decode { kind: T::KIND, source })?;
     if !rest.is_empty() {
-        return Err(StateError::Invalid(format!(
-            "{} trailing bytes after {:?} state",
-            rest.len(),
-            T::KIND
-        )));
+        return Err(StateError::Invalid(format!("{} trailing bytes after {:?} state", rest.len(), T::KIND)));
     }
     Ok(value)
 }
@@ -120,36 +93,21 @@ mod tests {
 
     #[test]
     fn round_trip_and_refusals() {
-        let d = Demo {
-            a: 7,
-            b: vec![1, 2, 3],
-        };
+        let d = Demo { a: 7, b: vec![1, 2, 3] };
         let blob = encode(&d).unwrap();
         assert_eq!(decode::<Demo>(&blob).unwrap(), d);
 
         assert!(matches!(decode::<Demo>(b"EMU"), Err(StateError::BadMagic)));
         let mut wrong_kind = blob.clone();
         wrong_kind[4] = StateKind::Vcpu as u8;
-        assert!(matches!(
-            decode::<Demo>(&wrong_kind),
-            Err(StateError::WrongKind { .. })
-        ));
+        assert!(matches!(decode::<Demo>(&wrong_kind), Err(StateError::WrongKind { .. })));
         let mut wrong_version = blob.clone();
         wrong_version[5] = 9;
-        assert!(matches!(
-            decode::<Demo>(&wrong_version),
-            Err(StateError::Version { found: 9, .. })
-        ));
+        assert!(matches!(decode::<Demo>(&wrong_version), Err(StateError::Version { found: 9, .. })));
         let truncated = &blob[..blob.len() - 2];
-        assert!(matches!(
-            decode::<Demo>(truncated),
-            Err(StateError::Decode { .. })
-        ));
+        assert!(matches!(decode::<Demo>(truncated), Err(StateError::Decode { .. })));
         let mut trailing = blob.clone();
         trailing.push(0);
-        assert!(matches!(
-            decode::<Demo>(&trailing),
-            Err(StateError::Invalid(_))
-        ));
+        assert!(matches!(decode::<Demo>(&trailing), Err(StateError::Invalid(_))));
     }
 }

@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -24,21 +24,14 @@ use crate::devices::PioBus;
 use crate::loader::{Entry, MULTIBOOT_BOOT_MAGIC};
 use crate::state::{StateKind, Versioned};
 use crate::vm::VmEvent;
+use migrate::tracker::kvm_ring::DirtyRings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {index}: cannot {op}: {source}")]
-    Kvm {
-        index: usize,
-        op: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { index: usize, op: &'static str, source: kvm_ioctls::Error },
     #[error("vCPU {index}: MSR {msr:#x} {what}")]
-    Msr {
-        index: usize,
-        msr: u32,
-        what: &'static str,
-    },
+    Msr { index: usize, msr: u32, what: &'static str },
     #[error("vCPU {0}: its thread is gone")]
     Gone(usize),
     #[error("cannot start a vCPU thread: {0}")]
@@ -133,12 +126,7 @@ pub fn cpuid_for(supported: &CpuId, index: usize, tsc_khz: u32) -> Vec<kvm_cpuid
         }
     }
     if !has_timing_leaf {
-        entries.push(kvm_cpuid_entry2 {
-            function: 0x4000_0010,
-            eax: tsc_khz,
-            ebx: 1_000_000,
-            ..Default::default()
-        });
+        entries.push(kvm_cpuid_entry2 { function: 0x4000_0010, eax: tsc_khz, ebx: 1_000_000, ..Default::default() });
     }
     entries
 }
@@ -147,11 +135,7 @@ fn kvm_err(index: usize, op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Vcpu
     move |source| VcpuError::Kvm { index, op, source }
 }
 
-pub fn set_cpuid(
-    vcpu: &VcpuFd,
-    index: usize,
-    entries: &[kvm_cpuid_entry2],
-) -> Result<(), VcpuError> {
+pub fn set_cpuid(vcpu: &VcpuFd, index: usize, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
     let cpuid = CpuId::from_entries(entries).map_err(|_| VcpuError::Kvm {
         index,
         op: "build the CPUID table",
@@ -180,13 +164,7 @@ pub fn set_multiboot_entry(vcpu: &VcpuFd, entry: Entry) -> Result<(), VcpuError>
         padding: 0,
     };
     sregs.cs = flat(0xb, 0x08);
-    for seg in [
-        &mut sregs.ds,
-        &mut sregs.es,
-        &mut sregs.fs,
-        &mut sregs.gs,
-        &mut sregs.ss,
-    ] {
+    for seg in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
         *seg = flat(0x3, 0x10);
     }
     sregs.cr0 = 0x11; // PE | ET
@@ -211,14 +189,8 @@ pub fn saveable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, V
         .iter()
         .copied()
         .filter(|&msr| {
-            let entry = kvm_msr_entry {
-                index: msr,
-                ..Default::default()
-            };
-            Msrs::from_entries(&[entry])
-                .ok()
-                .and_then(|mut m| vcpu.get_msrs(&mut m).ok())
-                == Some(1)
+            let entry = kvm_msr_entry { index: msr, ..Default::default() };
+            Msrs::from_entries(&[entry]).ok().and_then(|mut m| vcpu.get_msrs(&mut m).ok()) == Some(1)
         })
         .collect())
 }
@@ -232,32 +204,16 @@ fn save_state(vcpu: &VcpuFd, index: usize, msr_indices: &[u32]) -> Result<VcpuSt
     let xcrs = vcpu.get_xcrs().map_err(e("get xcrs"))?;
     let debugregs = vcpu.get_debug_regs().map_err(e("get debug registers"))?;
     let lapic = vcpu.get_lapic().map_err(e("get LAPIC"))?;
-    let entries: Vec<kvm_msr_entry> = msr_indices
-        .iter()
-        .map(|&i| kvm_msr_entry {
-            index: i,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msr {
-        index,
-        msr: 0,
-        what: "list is too long",
-    })?;
+    let entries: Vec<kvm_msr_entry> =
+        msr_indices.iter().map(|&i| kvm_msr_entry { index: i, ..Default::default() }).collect();
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|_| VcpuError::Msr { index, msr: 0, what: "list is too long" })?;
     let read = vcpu.get_msrs(&mut msrs).map_err(e("get MSRs"))?;
     if read < entries.len() {
-        return Err(VcpuError::Msr {
-            index,
-            msr: entries[read].index,
-            what: "cannot be read",
-        });
+        return Err(VcpuError::Msr { index, msr: entries[read].index, what: "cannot be read" });
     }
     let events = vcpu.get_vcpu_events().map_err(e("get vCPU events"))?;
-    let cpuid = vcpu
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(e("get CPUID"))?
-        .as_slice()
-        .to_vec();
+    let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(e("get CPUID"))?.as_slice().to_vec();
     let tsc_khz = vcpu.get_tsc_khz().map_err(e("get TSC frequency"))?;
     Ok(VcpuState {
         cpuid,
@@ -281,10 +237,7 @@ fn restore_state(vcpu: &VcpuFd, index: usize, s: &VcpuState) -> Result<(), VcpuE
     if local_khz != s.tsc_khz {
         // KVM here cannot scale the guest TSC (no TSC_CONTROL): the guest's clock will run at this
         // host's rate. Worth a warning, not a refusal.
-        log::warn!(
-            "vCPU {index}: TSC runs at {local_khz} kHz here, {} kHz on the source",
-            s.tsc_khz
-        );
+        log::warn!("vCPU {index}: TSC runs at {local_khz} kHz here, {} kHz on the source", s.tsc_khz);
     }
     vcpu.set_mp_state(s.mp_state).map_err(e("set MP state"))?;
     vcpu.set_regs(&s.regs).map_err(e("set regs"))?;
@@ -293,24 +246,14 @@ fn restore_state(vcpu: &VcpuFd, index: usize, s: &VcpuState) -> Result<(), VcpuE
     // when KVM_CAP_XSAVE2 reports 4096 bytes, as it does on the hosts emu supports (checked at start).
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(e("set xsave"))?;
     vcpu.set_xcrs(&s.xcrs).map_err(e("set xcrs"))?;
-    vcpu.set_debug_regs(&s.debugregs)
-        .map_err(e("set debug registers"))?;
+    vcpu.set_debug_regs(&s.debugregs).map_err(e("set debug registers"))?;
     vcpu.set_lapic(&s.lapic).map_err(e("set LAPIC"))?;
-    let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::Msr {
-        index,
-        msr: 0,
-        what: "list is too long",
-    })?;
+    let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::Msr { index, msr: 0, what: "list is too long" })?;
     let written = vcpu.set_msrs(&msrs).map_err(e("set MSRs"))?;
     if written < s.msrs.len() {
-        return Err(VcpuError::Msr {
-            index,
-            msr: s.msrs[written].index,
-            what: "was refused by KVM",
-        });
+        return Err(VcpuError::Msr { index, msr: s.msrs[written].index, what: "was refused by KVM" });
     }
-    vcpu.set_vcpu_events(&s.events)
-        .map_err(e("set vCPU events"))
+    vcpu.set_vcpu_events(&s.events).map_err(e("set vCPU events"))
 }
 
 /// What a vCPU thread needs besides its VcpuFd.
@@ -319,7 +262,12 @@ pub struct VcpuContext {
     pub bus: Arc<PioBus>,
     pub events: Sender<VmEvent>,
     pub msr_indices: Arc<Vec<u32>>,
+    /// KVM's dirty rings, when the VM has them: a full ring is harvested by its vCPU.
+    pub dirty_rings: Option<Arc<DirtyRings>>,
 }
+
+/// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls reports as an unsupported exit.
+const EXIT_DIRTY_RING_FULL: u32 = 31;
 
 /// The VM's side of a vCPU thread.
 pub struct VcpuHandle {
@@ -340,24 +288,9 @@ impl VcpuHandle {
         let (p, t) = (pending.clone(), tid.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || {
-                VcpuThread {
-                    vcpu,
-                    ctx,
-                    requests: rx,
-                    pending: p,
-                    paused: true,
-                }
-                .run(t)
-            })
+            .spawn(move || VcpuThread { vcpu, ctx, requests: rx, pending: p, paused: true }.run(t))
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle {
-            index,
-            requests,
-            pending,
-            tid,
-            thread: Some(thread),
-        })
+        Ok(VcpuHandle { index, requests, pending, tid, thread: Some(thread) })
     }
 
     pub fn index(&self) -> usize {
@@ -370,9 +303,7 @@ impl VcpuHandle {
     }
 
     fn send(&self, req: VcpuRequest) -> Result<(), VcpuError> {
-        self.requests
-            .send(req)
-            .map_err(|_| VcpuError::Gone(self.index))?;
+        self.requests.send(req).map_err(|_| VcpuError::Gone(self.index))?;
         self.pending.store(true, Ordering::Release);
         if let Some(t) = &self.thread {
             use std::os::unix::thread::JoinHandleExt;
@@ -450,20 +381,14 @@ impl VcpuThread {
             match self.vcpu.run() {
                 Ok(exit) => {
                     if let Err(reason) = handle_exit(&self.ctx, run, exit) {
-                        let _ = self.ctx.events.send(VmEvent::Crashed {
-                            vcpu: self.ctx.index,
-                            reason,
-                        });
+                        let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
                         self.paused = true;
                     }
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
                     let reason = format!("KVM_RUN failed: {e}");
-                    let _ = self.ctx.events.send(VmEvent::Crashed {
-                        vcpu: self.ctx.index,
-                        reason,
-                    });
+                    let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
                     self.paused = true;
                 }
             }
@@ -521,10 +446,7 @@ impl VcpuThread {
                 }
                 Ok(exit) => {
                     if let Err(reason) = handle_exit(&self.ctx, run, exit) {
-                        let _ = self.ctx.events.send(VmEvent::Crashed {
-                            vcpu: self.ctx.index,
-                            reason,
-                        });
+                        let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
                         break;
                     }
                 }
@@ -549,25 +471,21 @@ fn handle_exit(ctx: &VcpuContext, run: *mut kvm_run, exit: VcpuExit) -> Result<(
             ctx.bus.write(port, size, data);
         }
         VcpuExit::MmioRead(addr, data) => {
-            log::debug!(
-                "vCPU {}: read of {} bytes at {addr:#x}, where no device is",
-                ctx.index,
-                data.len()
-            );
+            log::debug!("vCPU {}: read of {} bytes at {addr:#x}, where no device is", ctx.index, data.len());
             data.fill(0xff);
         }
         VcpuExit::MmioWrite(addr, data) => {
-            log::debug!(
-                "vCPU {}: write of {data:02x?} at {addr:#x}, where no device is",
-                ctx.index
-            );
+            log::debug!("vCPU {}: write of {data:02x?} at {addr:#x}, where no device is", ctx.index);
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+        VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => match &ctx.dirty_rings {
+            // The harvested pages go to the tracker's set; the vCPU runs on with room in its ring.
+            Some(rings) => rings.harvest().map_err(|e| format!("dirty ring full, and harvesting failed: {e}"))?,
+            None => return Err("dirty ring full, but this VM has no dirty rings".into()),
+        },
         VcpuExit::Shutdown => return Err("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
         VcpuExit::FailEntry(reason, cpu) => {
-            return Err(format!(
-                "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
-            ))
+            return Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"))
         }
         VcpuExit::InternalError => return Err("KVM internal error".into()),
         other => return Err(format!("unexpected exit {other:?}")),

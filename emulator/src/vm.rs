@@ -9,20 +9,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use std::os::fd::AsRawFd;
+
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use migrate::ram::{GuestRam, RamLayout};
+use migrate::tracker::kvm::KvmSlots;
+use migrate::tracker::kvm_log::KvmDirtyLogTracker;
+use migrate::tracker::kvm_ring::{DirtyRings, KvmDirtyRingTracker};
+use migrate::tracker::{DirtyTracker, TrackerError, TrackerKind};
 use migrate::vm::{MachineState, MigratableVm, RestorableVm, VmError as MigrateVmError};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::exit::{ExitDevice, EXIT_PORT};
-use crate::devices::serial::{
-    self, IrqTrigger, SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, COM1_PORTS,
-};
+use crate::devices::serial::{self, IrqTrigger, SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, COM1_PORTS};
 use crate::devices::PioBus;
 use crate::state::{self, StateError, StateKind, Versioned};
 use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle, VcpuState};
@@ -42,10 +47,7 @@ pub enum VmError {
     #[error("KVM lacks {0}, which emu needs")]
     MissingCap(&'static str),
     #[error("cannot {op}: {source}")]
-    Kvm {
-        op: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { op: &'static str, source: kvm_ioctls::Error },
     #[error("{0}")]
     Ram(#[from] migrate::ram::RamError),
     #[error("cannot load the guest: {0}")]
@@ -61,10 +63,7 @@ pub enum VmError {
     #[error("vCPU {0} did not pause within {PAUSE_TIMEOUT:?}")]
     PauseTimeout(usize),
     #[error("cannot {action} while the VM is {state}")]
-    WrongState {
-        action: &'static str,
-        state: &'static str,
-    },
+    WrongState { action: &'static str, state: &'static str },
     #[error("the migrated state does not fit this VM: {0}")]
     StateMismatch(String),
 }
@@ -109,7 +108,13 @@ pub struct VmConfig {
     pub mem_bytes: u64,
     pub vcpus: usize,
     pub serial: SerialSink,
+    /// Set up KVM's per-vCPU dirty rings (needed by the kvm-dirty-ring tracker; it must happen
+    /// before the vCPUs exist, and rules out KVM's dirty bitmap).
+    pub dirty_ring: bool,
 }
+
+/// Bytes of each vCPU's dirty ring: 4096 entries. A full ring costs its vCPU one exit and a harvest.
+const DIRTY_RING_BYTES: usize = 64 << 10;
 
 /// Interrupt controllers, PIT and clock: the VM-wide state KVM keeps.
 #[derive(Serialize, Deserialize)]
@@ -134,8 +139,10 @@ struct Lifecycle {
 
 pub struct Vm {
     _kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
+    kvm_slots: Arc<KvmSlots>,
+    dirty_rings: Option<Arc<DirtyRings>>,
     vcpus: Vec<VcpuHandle>,
     bus: Arc<PioBus>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -146,14 +153,20 @@ fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
 
+/// Enables per-vCPU dirty rings (acquire/release flavour where KVM has it).
+fn enable_dirty_ring(kvm: &Kvm, fd: &VmFd) -> Result<(), VmError> {
+    let cap = [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+        .into_iter()
+        .find(|&c| kvm.check_extension_raw(c.into()) >= DIRTY_RING_BYTES as i32)
+        .ok_or(VmError::MissingCap("a dirty ring of 64 KiB (KVM_CAP_DIRTY_LOG_RING)"))?;
+    let enable = kvm_enable_cap { cap, args: [DIRTY_RING_BYTES as u64, 0, 0, 0], ..Default::default() };
+    fd.enable_cap(&enable).map_err(kvm_err("enable the dirty ring"))
+}
+
 impl Vm {
     /// Creates the VM. With `boot = Some((image, cmdline))` the kernel is loaded and the VM starts
     /// paused in `Paused`, ready for `start`; with `None` it waits in `InMigrate` for a restore.
-    pub fn create(
-        config: VmConfig,
-        events: Sender<VmEvent>,
-        boot: Option<(&[u8], &str)>,
-    ) -> Result<Arc<Vm>, VmError> {
+    pub fn create(config: VmConfig, events: Sender<VmEvent>, boot: Option<(&[u8], &str)>) -> Result<Arc<Vm>, VmError> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount(config.vcpus));
         }
@@ -170,16 +183,27 @@ impl Vm {
                 return Err(VmError::MissingCap(name));
             }
         }
-        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDR)
-            .map_err(kvm_err("set the TSS address"))?;
-        fd.create_irq_chip()
-            .map_err(kvm_err("create the irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
+        fd.set_tss_address(KVM_TSS_ADDR).map_err(kvm_err("set the TSS address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create the irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        // Reading KVM's dirty bitmap without re-protecting, then re-protecting in chunks, is what
+        // the kvm-dirty-log tracker wants; it changes nothing until logging is switched on. Not with
+        // dirty rings: INITIALLY_SET makes KVM skip write-protecting pages when logging starts, which
+        // the bitmap makes up for and a ring cannot (no page would ever be logged).
+        let manual_protect = !config.dirty_ring
+            && kvm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()) > 0
+            && fd
+                .enable_cap(&kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET), 0, 0, 0],
+                    ..Default::default()
+                })
+                .is_ok();
+        if config.dirty_ring {
+            enable_dirty_ring(&kvm, &fd)?;
+        }
 
         let ram = Arc::new(GuestRam::new(RamLayout::pc(config.mem_bytes)?)?);
         for (slot, (region, host, len)) in ram.host_regions().enumerate() {
@@ -196,8 +220,7 @@ impl Vm {
         }
 
         let trigger = IrqTrigger::new().map_err(VmError::Serial)?;
-        fd.register_irqfd(trigger.event_fd(), COM1_IRQ)
-            .map_err(kvm_err("route the serial IRQ"))?;
+        fd.register_irqfd(trigger.event_fd(), COM1_IRQ).map_err(kvm_err("route the serial IRQ"))?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(trigger, config.serial)));
         let exit = Arc::new(Mutex::new(ExitDevice::new(events.clone())));
         let mut bus = PioBus::default();
@@ -215,50 +238,69 @@ impl Vm {
         };
 
         vcpu::install_kick_handler().map_err(VmError::Serial)?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("get supported CPUID"))?;
-        let mut vcpus = Vec::with_capacity(config.vcpus);
-        let mut msr_indices = None;
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get supported CPUID"))?;
+        let mut vcpu_fds = Vec::with_capacity(config.vcpus);
         for index in 0..config.vcpus {
-            let vcpu = fd
-                .create_vcpu(index as u64)
-                .map_err(kvm_err("create a vCPU"))?;
-            let tsc_khz = vcpu
-                .get_tsc_khz()
-                .map_err(kvm_err("get the TSC frequency"))?;
+            let vcpu = fd.create_vcpu(index as u64).map_err(kvm_err("create a vCPU"))?;
+            let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("get the TSC frequency"))?;
             vcpu::set_cpuid(&vcpu, index, &vcpu::cpuid_for(&supported, index, tsc_khz))?;
-            if index == 0 {
-                if let Some(entry) = entry {
-                    vcpu::set_multiboot_entry(&vcpu, entry)?;
-                }
-                msr_indices = Some(Arc::new(vcpu::saveable_msrs(&kvm, &vcpu)?));
+            if let (0, Some(entry)) = (index, entry) {
+                vcpu::set_multiboot_entry(&vcpu, entry)?;
             }
+            vcpu_fds.push(vcpu);
+        }
+        let msr_indices = Arc::new(vcpu::saveable_msrs(&kvm, &vcpu_fds[0])?);
+        let kvm_slots = Arc::new(KvmSlots::new(fd.clone(), &ram, manual_protect));
+        let dirty_rings = if config.dirty_ring {
+            let raw: Vec<_> = vcpu_fds.iter().map(|v| v.as_raw_fd()).collect();
+            let rings = DirtyRings::new(kvm_slots.clone(), &raw, DIRTY_RING_BYTES, ram.page_count())
+                .map_err(|e| VmError::Kvm { op: "map the dirty rings", source: e.into() })?;
+            Some(Arc::new(rings))
+        } else {
+            None
+        };
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
             let ctx = VcpuContext {
                 index,
                 bus: bus.clone(),
                 events: events.clone(),
-                msr_indices: msr_indices.clone().unwrap_or_default(),
+                msr_indices: msr_indices.clone(),
+                dirty_rings: dirty_rings.clone(),
             };
             vcpus.push(VcpuHandle::spawn(vcpu, ctx)?);
         }
-        let state = if boot.is_some() {
-            RunState::Paused
-        } else {
-            RunState::InMigrate
-        };
+        let state = if boot.is_some() { RunState::Paused } else { RunState::InMigrate };
         Ok(Arc::new(Vm {
             _kvm: kvm,
             fd,
             ram,
+            kvm_slots,
+            dirty_rings,
             vcpus,
             bus,
             serial,
-            lifecycle: Mutex::new(Lifecycle {
-                state,
-                running_before_migration: false,
-            }),
+            lifecycle: Mutex::new(Lifecycle { state, running_before_migration: false }),
         }))
+    }
+
+    /// Builds a dirty tracker of `kind` for this VM.
+    pub fn tracker(&self, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError> {
+        if let Some(t) = migrate::tracker::ram_tracker(kind, &self.ram) {
+            return Ok(t);
+        }
+        match (kind, &self.dirty_rings) {
+            (TrackerKind::KvmDirtyLog, None) => Ok(Box::new(KvmDirtyLogTracker::new(self.kvm_slots.clone()))),
+            (TrackerKind::KvmDirtyLog, Some(_)) => Err(TrackerError::Unsupported(
+                "kvm-dirty-log is not available: this VM uses KVM's dirty rings (--dirty-tracker kvm-dirty-ring)".into(),
+            )),
+            (TrackerKind::KvmDirtyRing, Some(rings)) => Ok(Box::new(KvmDirtyRingTracker::new(rings.clone()))),
+            (TrackerKind::KvmDirtyRing, None) => Err(TrackerError::Unsupported(
+                "kvm-dirty-ring needs the rings set up before the vCPUs exist: start emu with --dirty-tracker kvm-dirty-ring"
+                    .into(),
+            )),
+            (other, _) => Err(TrackerError::Unsupported(format!("no {} tracker for this VM", other.name()))),
+        }
     }
 
     fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
@@ -278,21 +320,13 @@ impl Vm {
     }
 
     pub fn flush_serial(&self) {
-        self.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flush_output();
+        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush_output();
     }
 
     fn pause_vcpus(&self) -> Result<(), VmError> {
-        let acks = self
-            .vcpus
-            .iter()
-            .map(|v| v.request_pause())
-            .collect::<Result<Vec<_>, _>>()?;
+        let acks = self.vcpus.iter().map(|v| v.request_pause()).collect::<Result<Vec<_>, _>>()?;
         for (v, ack) in self.vcpus.iter().zip(acks) {
-            ack.recv_timeout(PAUSE_TIMEOUT)
-                .map_err(|_| VmError::PauseTimeout(v.index()))?;
+            ack.recv_timeout(PAUSE_TIMEOUT).map_err(|_| VmError::PauseTimeout(v.index()))?;
         }
         Ok(())
     }
@@ -322,10 +356,7 @@ impl Vm {
                 Ok(())
             }
             RunState::Paused | RunState::PostMigrate => Ok(()),
-            s => Err(VmError::WrongState {
-                action: "stop",
-                state: s.name(),
-            }),
+            s => Err(VmError::WrongState { action: "stop", state: s.name() }),
         }
     }
 
@@ -340,10 +371,7 @@ impl Vm {
                 Ok(())
             }
             RunState::Running => Ok(()),
-            s => Err(VmError::WrongState {
-                action: "continue",
-                state: s.name(),
-            }),
+            s => Err(VmError::WrongState { action: "continue", state: s.name() }),
         }
     }
 
@@ -355,22 +383,14 @@ impl Vm {
                 l.running_before_migration = l.state == RunState::Running;
                 Ok(())
             }
-            s => Err(VmError::WrongState {
-                action: "migrate",
-                state: s.name(),
-            }),
+            s => Err(VmError::WrongState { action: "migrate", state: s.name() }),
         }
     }
 
     fn save_vm_state(&self) -> Result<Vec<u8>, VmError> {
         let chip = |id| -> Result<kvm_irqchip, VmError> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.fd
-                .get_irqchip(&mut c)
-                .map_err(kvm_err("get the irqchip state"))?;
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map_err(kvm_err("get the irqchip state"))?;
             Ok(c)
         };
         let s = VmState {
@@ -394,11 +414,7 @@ impl Vm {
             let d = d.lock().unwrap_or_else(|e| e.into_inner());
             devices.push((d.name().to_string(), d.save_state()?));
         }
-        Ok(MachineState {
-            vcpus,
-            vm: self.save_vm_state()?,
-            devices,
-        })
+        Ok(MachineState { vcpus, vm: self.save_vm_state()?, devices })
     }
 
     /// Restores all non-RAM state into a VM that has not run. Every blob is decoded and checked
@@ -411,32 +427,17 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
-        let vcpu_states = st
-            .vcpus
-            .iter()
-            .map(|b| state::decode::<VcpuState>(b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let vcpu_states = st.vcpus.iter().map(|b| state::decode::<VcpuState>(b)).collect::<Result<Vec<_>, _>>()?;
         let vm_state: VmState = state::decode(&st.vm)?;
-        let names: Vec<&'static str> = self
-            .bus
-            .devices()
-            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).name())
-            .collect();
+        let names: Vec<&'static str> =
+            self.bus.devices().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).name()).collect();
         for name in &names {
             if !st.devices.iter().any(|(n, _)| n == name) {
-                return Err(VmError::StateMismatch(format!(
-                    "no state for device {name}"
-                )));
+                return Err(VmError::StateMismatch(format!("no state for device {name}")));
             }
         }
-        if let Some((n, _)) = st
-            .devices
-            .iter()
-            .find(|(n, _)| !names.contains(&n.as_str()))
-        {
-            return Err(VmError::StateMismatch(format!(
-                "state for unknown device {n}"
-            )));
+        if let Some((n, _)) = st.devices.iter().find(|(n, _)| !names.contains(&n.as_str())) {
+            return Err(VmError::StateMismatch(format!("state for unknown device {n}")));
         }
 
         for (id, chip) in [
@@ -445,30 +446,17 @@ impl Vm {
             (KVM_IRQCHIP_IOAPIC, &vm_state.ioapic),
         ] {
             if chip.chip_id != id {
-                return Err(VmError::StateMismatch(format!(
-                    "irqchip {} where {id} was expected",
-                    chip.chip_id
-                )));
+                return Err(VmError::StateMismatch(format!("irqchip {} where {id} was expected", chip.chip_id)));
             }
-            self.fd
-                .set_irqchip(chip)
-                .map_err(kvm_err("set the irqchip state"))?;
+            self.fd.set_irqchip(chip).map_err(kvm_err("set the irqchip state"))?;
         }
-        self.fd
-            .set_pit2(&vm_state.pit)
-            .map_err(kvm_err("set the PIT state"))?;
+        self.fd.set_pit2(&vm_state.pit).map_err(kvm_err("set the PIT state"))?;
         let mut clock = vm_state.clock;
         clock.flags = 0;
-        self.fd
-            .set_clock(&clock)
-            .map_err(kvm_err("set the KVM clock"))?;
+        self.fd.set_clock(&clock).map_err(kvm_err("set the KVM clock"))?;
         for d in self.bus.devices() {
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-            let blob = st
-                .devices
-                .iter()
-                .find(|(n, _)| n == d.name())
-                .map(|(_, b)| b);
+            let blob = st.devices.iter().find(|(n, _)| n == d.name()).map(|(_, b)| b);
             if let Some(blob) = blob {
                 d.restore_state(blob)?;
             }
@@ -502,16 +490,14 @@ impl MigratableVm for Vm {
     fn pause_for_switchover(&self) -> Result<(), MigrateVmError> {
         let mut l = self.lifecycle();
         if l.state == RunState::Running {
-            self.pause_vcpus()
-                .map_err(|e| MigrateVmError(e.to_string()))?;
+            self.pause_vcpus().map_err(|e| MigrateVmError(e.to_string()))?;
         }
         l.state = RunState::FinishMigrate;
         Ok(())
     }
 
     fn save_state(&self) -> Result<MachineState, MigrateVmError> {
-        self.save_machine_state()
-            .map_err(|e| MigrateVmError(e.to_string()))
+        self.save_machine_state().map_err(|e| MigrateVmError(e.to_string()))
     }
 
     fn migration_completed(&self) {
@@ -547,8 +533,7 @@ impl RestorableVm for Vm {
     }
 
     fn restore_state(&self, state: &MachineState) -> Result<(), MigrateVmError> {
-        self.restore_machine_state(state)
-            .map_err(|e| MigrateVmError(e.to_string()))
+        self.restore_machine_state(state).map_err(|e| MigrateVmError(e.to_string()))
     }
 }
 

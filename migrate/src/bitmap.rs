@@ -65,10 +65,7 @@ impl AtomicBitmap {
     }
 
     pub fn count(&self) -> usize {
-        self.words
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
-            .sum()
+        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
     }
 }
 
@@ -81,18 +78,12 @@ pub struct PageBitmap {
 
 impl PageBitmap {
     pub fn new(bits: usize) -> Self {
-        PageBitmap {
-            words: vec![0; words_for(bits)],
-            bits,
-        }
+        PageBitmap { words: vec![0; words_for(bits)], bits }
     }
 
     /// A bitmap with every bit set.
     pub fn full(bits: usize) -> Self {
-        let mut b = PageBitmap {
-            words: vec![u64::MAX; words_for(bits)],
-            bits,
-        };
+        let mut b = PageBitmap { words: vec![u64::MAX; words_for(bits)], bits };
         b.trim();
         b
     }
@@ -245,10 +236,7 @@ mod tests {
         for i in [1, 2, 3, 63, 64, 65, 100, 199] {
             p.set(i);
         }
-        assert_eq!(
-            p.runs().collect::<Vec<_>>(),
-            vec![(1, 3), (63, 3), (100, 1), (199, 1)]
-        );
+        assert_eq!(p.runs().collect::<Vec<_>>(), vec![(1, 3), (63, 3), (100, 1), (199, 1)]);
     }
 
     #[test]

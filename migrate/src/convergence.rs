@@ -73,11 +73,7 @@ mod tests {
     const GBPS: f64 = 1e9;
 
     fn outcome(remaining_bytes: u64, throughput: f64, passes_done: u32) -> PassOutcome {
-        PassOutcome {
-            remaining_bytes,
-            throughput,
-            passes_done,
-        }
+        PassOutcome { remaining_bytes, throughput, passes_done }
     }
 
     #[test]
@@ -88,19 +84,10 @@ mod tests {
     #[test]
     fn stops_when_remaining_fits_the_limit() {
         // 40 MB at 1 GB/s = 40 ms <= 50 ms
-        assert_eq!(
-            decide(outcome(40_000_000, GBPS, 1), LIMIT, 30),
-            Decision::Converged
-        );
+        assert_eq!(decide(outcome(40_000_000, GBPS, 1), LIMIT, 30), Decision::Converged);
         // 60 MB = 60 ms > 50 ms
-        assert_eq!(
-            decide(outcome(60_000_000, GBPS, 1), LIMIT, 30),
-            Decision::Continue
-        );
-        assert_eq!(
-            expected_downtime(60_000_000, GBPS),
-            Some(Duration::from_millis(60))
-        );
+        assert_eq!(decide(outcome(60_000_000, GBPS, 1), LIMIT, 30), Decision::Continue);
+        assert_eq!(expected_downtime(60_000_000, GBPS), Some(Duration::from_millis(60)));
     }
 
     #[test]
@@ -111,14 +98,8 @@ mod tests {
 
     #[test]
     fn max_passes_forces_the_switchover() {
-        assert_eq!(
-            decide(outcome(1 << 40, GBPS, 30), LIMIT, 30),
-            Decision::MaxPasses
-        );
-        assert_eq!(
-            decide(outcome(1 << 40, GBPS, 29), LIMIT, 30),
-            Decision::Continue
-        );
+        assert_eq!(decide(outcome(1 << 40, GBPS, 30), LIMIT, 30), Decision::MaxPasses);
+        assert_eq!(decide(outcome(1 << 40, GBPS, 29), LIMIT, 30), Decision::Continue);
         assert!(Decision::MaxPasses.stops() && !Decision::Continue.stops());
     }
 }

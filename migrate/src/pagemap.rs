@@ -36,10 +36,7 @@ impl ZeroHints {
     /// Learned once per process from two scratch pages.
     pub fn get() -> ZeroHints {
         static HINTS: OnceLock<ZeroHints> = OnceLock::new();
-        *HINTS.get_or_init(|| ZeroHints {
-            uffd_wp_marker: probe_marker(),
-            zero_pfn: probe_zero_pfn(),
-        })
+        *HINTS.get_or_init(|| ZeroHints { uffd_wp_marker: probe_marker(), zero_pfn: probe_zero_pfn() })
     }
 
     pub fn is_zero(&self, entry: u64) -> bool {
@@ -75,8 +72,7 @@ impl Scratch {
     fn entry(&self) -> Option<u64> {
         let f = std::fs::File::open("/proc/self/pagemap").ok()?;
         let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, (self.0 as u64 >> PAGE_SHIFT) * 8)
-            .ok()?;
+        f.read_exact_at(&mut b, (self.0 as u64 >> PAGE_SHIFT) * 8).ok()?;
         Some(u64::from_le_bytes(b))
     }
 }
@@ -92,8 +88,7 @@ fn probe_marker() -> Option<u64> {
     let page = Scratch::new()?;
     let u = Uffd::open(uffd::FEATURE_PAGEFAULT_FLAG_WP | uffd::FEATURE_WP_UNPOPULATED).ok()?;
     u.register_wp(page.0 as u64, PAGE_SIZE as u64).ok()?;
-    u.write_protect(page.0 as u64, PAGE_SIZE as u64, true)
-        .ok()?;
+    u.write_protect(page.0 as u64, PAGE_SIZE as u64, true).ok()?;
     let e = page.entry()?;
     // Trusted only if it carries marker details (a swap entry with a type/offset), which an
     // unprivileged pagemap hides.
@@ -107,6 +102,89 @@ fn probe_zero_pfn() -> Option<u64> {
     let e = page.entry()?;
     let pfn = e & FRAME_MASK;
     (e & PRESENT != 0 && pfn != 0).then_some(pfn)
+}
+
+/// `struct page_region` of the PAGEMAP_SCAN ioctl.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `struct pm_scan_arg` of the PAGEMAP_SCAN ioctl (Linux 6.7).
+#[repr(C)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
+
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
+
+/// Finds the pages written since they were last write-protected by an asynchronous (WP_ASYNC)
+/// userfaultfd, and write-protects them again in the same page-table walk, with PAGEMAP_SCAN: a
+/// write after the walk passed a page is recorded for the next scan, never lost.
+pub struct WrittenScanner {
+    pagemap: std::fs::File,
+    regions: Vec<PageRegion>,
+}
+
+impl WrittenScanner {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(WrittenScanner {
+            pagemap: std::fs::File::open("/proc/self/pagemap")?,
+            regions: vec![PageRegion::default(); 4096],
+        })
+    }
+
+    /// Calls `found(address, bytes)` for every written run in `[start, start + len)`.
+    pub fn scan_and_protect(&mut self, start: u64, len: u64, mut found: impl FnMut(u64, u64)) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let end = start + len;
+        let mut from = start;
+        while from < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start: from,
+                end,
+                walk_end: 0,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                max_pages: 0,
+                category_inverted: 0,
+                category_mask: PAGE_IS_WRITTEN,
+                category_anyof_mask: 0,
+                return_mask: PAGE_IS_WRITTEN,
+            };
+            // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points to `regions.len()` writable
+            // page_region structs that outlive the call; the range is our own memory.
+            let n = unsafe { pagemap_scan(self.pagemap.as_raw_fd(), &mut arg) }.map_err(std::io::Error::from)?;
+            for r in &self.regions[..n as usize] {
+                found(r.start, r.end - r.start);
+            }
+            if arg.walk_end <= from {
+                return Err(std::io::Error::other("PAGEMAP_SCAN made no progress"));
+            }
+            from = arg.walk_end;
+        }
+        Ok(())
+    }
 }
 
 /// Pages of `ram` that are zero without being read, per `hints`.
@@ -150,20 +228,14 @@ mod tests {
         let zero = zero_pages(&ram, hints).unwrap();
         assert!(!zero.get(0), "a written page is never zero by hint");
         assert!(zero.get(2) && zero.get(63), "untouched pages are zero");
-        assert_eq!(
-            zero.get(1),
-            hints.zero_pfn.is_some(),
-            "a read-only page is zero where the zero page is visible"
-        );
+        assert_eq!(zero.get(1), hints.zero_pfn.is_some(), "a read-only page is zero where the zero page is visible");
     }
 
     #[test]
     fn write_protected_untouched_pages_stay_zero() {
         let hints = ZeroHints::get();
         let Some(_) = hints.uffd_wp_marker else {
-            eprintln!(
-                "no userfaultfd marker details here (needs CAP_SYS_ADMIN and WP_UNPOPULATED)"
-            );
+            eprintln!("no userfaultfd marker details here (needs CAP_SYS_ADMIN and WP_UNPOPULATED)");
             return;
         };
         let ram = GuestRam::new(RamLayout::pc(16 << 12).unwrap()).unwrap();
@@ -174,10 +246,7 @@ mod tests {
         u.write_protect(host as u64, len as u64, true).unwrap();
         let zero = zero_pages(&ram, hints).unwrap();
         assert!(!zero.get(0));
-        assert!(
-            (1..16).all(|p| zero.get(p)),
-            "markers of never-populated pages are zero"
-        );
+        assert!((1..16).all(|p| zero.get(p)), "markers of never-populated pages are zero");
         u.write_protect(host as u64, len as u64, false).unwrap();
     }
 }

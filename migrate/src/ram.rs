@@ -69,10 +69,7 @@ impl RamLayout {
         let low = bytes.min(LOW_RAM_END);
         let mut regions = vec![RamRegion { gpa: 0, size: low }];
         if bytes > low {
-            regions.push(RamRegion {
-                gpa: HIGH_RAM_START,
-                size: bytes - low,
-            });
+            regions.push(RamRegion { gpa: HIGH_RAM_START, size: bytes - low });
         }
         Self::new(regions)
     }
@@ -92,11 +89,7 @@ impl RamLayout {
                 || (index > 0 && r.gpa < prev_end)
                 || r.gpa.checked_add(r.size).is_none();
             if bad {
-                return Err(RamError::BadRegion {
-                    index,
-                    gpa: r.gpa,
-                    size: r.size,
-                });
+                return Err(RamError::BadRegion { index, gpa: r.gpa, size: r.size });
             }
             total = total.saturating_add(r.size);
             if total > MAX_RAM_BYTES {
@@ -106,11 +99,7 @@ impl RamLayout {
             pages += (r.size / page) as usize;
             prev_end = r.end();
         }
-        Ok(RamLayout {
-            regions,
-            first_page,
-            pages,
-        })
+        Ok(RamLayout { regions, first_page, pages })
     }
 
     pub fn regions(&self) -> &[RamRegion] {
@@ -192,24 +181,12 @@ impl GuestRam {
                 .len(len)
                 .no_reserve_swap()
                 .map_anon()
-                .map_err(|source| RamError::Map {
-                    size: r.size,
-                    source,
-                })?;
+                .map_err(|source| RamError::Map { size: r.size, source })?;
             let host = mmap.as_mut_ptr();
-            maps.push(Mapping {
-                _mmap: mmap,
-                host,
-                len,
-            });
+            maps.push(Mapping { _mmap: mmap, host, len });
         }
         let vmm_dirty = AtomicBitmap::new(layout.page_count());
-        Ok(GuestRam {
-            layout,
-            maps,
-            vmm_dirty,
-            vmm_logging: AtomicBool::new(false),
-        })
+        Ok(GuestRam { layout, maps, vmm_dirty, vmm_logging: AtomicBool::new(false) })
     }
 
     pub fn layout(&self) -> &RamLayout {
@@ -222,11 +199,12 @@ impl GuestRam {
 
     /// Each region with its host address and length, for KVM memory slots and the trackers.
     pub fn host_regions(&self) -> impl Iterator<Item = (RamRegion, *mut u8, usize)> + '_ {
-        self.layout
-            .regions()
-            .iter()
-            .zip(&self.maps)
-            .map(|(r, m)| (*r, m.host, m.len))
+        self.layout.regions().iter().zip(&self.maps).map(|(r, m)| (*r, m.host, m.len))
+    }
+
+    /// Each region's host range as (address, bytes), for the trackers' system calls.
+    pub fn host_ranges(&self) -> Vec<(u64, u64)> {
+        self.maps.iter().map(|m| (m.host as u64, m.len as u64)).collect()
     }
 
     /// Host address of page `page`.
@@ -254,8 +232,7 @@ impl GuestRam {
             let (mut p, end) = (first, first + count);
             while p < end {
                 let i = self.layout.first_page.partition_point(|&f| f <= p) - 1;
-                let region_end = self.layout.first_page[i]
-                    + (self.layout.regions[i].size >> PAGE_SHIFT) as usize;
+                let region_end = self.layout.first_page[i] + (self.layout.regions[i].size >> PAGE_SHIFT) as usize;
                 let n = end.min(region_end) - p;
                 out.push((self.page_host_addr(p) as u64, (n << PAGE_SHIFT) as u64));
                 p += n;
@@ -272,10 +249,7 @@ impl GuestRam {
     /// before resume) and no other thread writes them.
     #[allow(clippy::mut_from_ref)] // the point of this unsafe fn; exclusivity is the caller's contract
     pub unsafe fn pages_mut(&self, first: usize, count: usize) -> &mut [u8] {
-        assert!(
-            self.layout.is_contiguous(first, count),
-            "pages {first}+{count} span regions"
-        );
+        assert!(self.layout.is_contiguous(first, count), "pages {first}+{count} span regions");
         let p = self.page_host_addr(first);
         // SAFETY: the pages are one mapped, contiguous range of a region (asserted above); the
         // caller guarantees exclusive access for the slice's lifetime.
@@ -344,10 +318,7 @@ impl GuestRam {
         if len == 0 || !self.vmm_logging.load(Ordering::Acquire) {
             return;
         }
-        if let (Some(first), Some(last)) = (
-            self.layout.page_of(gpa),
-            self.layout.page_of(gpa + len as u64 - 1),
-        ) {
+        if let (Some(first), Some(last)) = (self.layout.page_of(gpa), self.layout.page_of(gpa + len as u64 - 1)) {
             self.vmm_dirty.set_range(first, last - first + 1);
         }
     }
@@ -415,11 +386,9 @@ pub fn combined_digest(page_digests: &[u32]) -> u32 {
 
 /// Whether a page-sized buffer is all zeroes (checked 64 bytes at a time so it vectorises).
 pub fn is_zero_page(buf: &[u8]) -> bool {
-    buf.chunks_exact(64).all(|c| {
-        c.chunks_exact(8).fold(0u64, |acc, w| {
-            acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))
-        }) == 0
-    }) && buf.chunks_exact(64).remainder().iter().all(|&b| b == 0)
+    buf.chunks_exact(64)
+        .all(|c| c.chunks_exact(8).fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or([1; 8]))) == 0)
+        && buf.chunks_exact(64).remainder().iter().all(|&b| b == 0)
 }
 
 #[cfg(test)]
@@ -429,19 +398,7 @@ mod tests {
     #[test]
     fn pc_layout_splits_at_3g() {
         let l = RamLayout::pc(5 << 30).unwrap();
-        assert_eq!(
-            l.regions(),
-            &[
-                RamRegion {
-                    gpa: 0,
-                    size: 3 << 30
-                },
-                RamRegion {
-                    gpa: 4 << 30,
-                    size: 2 << 30
-                }
-            ]
-        );
+        assert_eq!(l.regions(), &[RamRegion { gpa: 0, size: 3 << 30 }, RamRegion { gpa: 4 << 30, size: 2 << 30 }]);
         let low_pages = (3usize << 30) / PAGE_SIZE;
         assert_eq!(l.page_of(4 << 30), Some(low_pages));
         assert_eq!(l.gpa_of(low_pages), 4 << 30);
@@ -454,14 +411,7 @@ mod tests {
     fn bad_layouts_are_refused() {
         assert!(RamLayout::pc(0).is_err());
         assert!(RamLayout::pc(4097).is_err());
-        assert!(RamLayout::new(vec![
-            RamRegion { gpa: 0, size: 8192 },
-            RamRegion {
-                gpa: 4096,
-                size: 4096
-            }
-        ])
-        .is_err());
+        assert!(RamLayout::new(vec![RamRegion { gpa: 0, size: 8192 }, RamRegion { gpa: 4096, size: 4096 }]).is_err());
         assert!(RamLayout::new(vec![RamRegion { gpa: 1, size: 4096 }]).is_err());
         assert!(RamLayout::pc(MAX_RAM_BYTES + 4096).is_err());
     }

@@ -19,9 +19,7 @@ use std::sync::Arc;
 
 use crate::bitmap::PageBitmap;
 use crate::ram::{RamLayout, PAGE_SIZE};
-use crate::stream::{
-    Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS,
-};
+use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
 use crate::vm::{MachineState, RestorableVm};
 
@@ -82,37 +80,19 @@ pub fn receive<V: RestorableVm>(
     conn: Connection,
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
-    let reader = conn.try_clone().map_err(|e| ReceiveError {
-        phase: "starting".into(),
-        problem: e.to_string(),
-    })?;
-    let mut rx = Receiver {
-        dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)),
-        create: Some(create),
-    };
+    let reader = conn.try_clone().map_err(|e| ReceiveError { phase: "starting".into(), problem: e.to_string() })?;
+    let mut rx = Receiver { dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)), create: Some(create) };
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase);
-    let mut enc = Encoder::new(conn.try_clone().map_err(|e| ReceiveError {
-        phase: "replying".into(),
-        problem: e.to_string(),
-    })?);
+    let mut enc =
+        Encoder::new(conn.try_clone().map_err(|e| ReceiveError { phase: "replying".into(), problem: e.to_string() })?);
     match result {
         Ok((vm, passes)) => {
-            enc.ack().map_err(|e| ReceiveError {
-                phase: "acknowledging".into(),
-                problem: e.to_string(),
-            })?;
-            Ok(Received {
-                vm,
-                passes,
-                bytes: rx.dec.bytes_read(),
-            })
+            enc.ack().map_err(|e| ReceiveError { phase: "acknowledging".into(), problem: e.to_string() })?;
+            Ok(Received { vm, passes, bytes: rx.dec.bytes_read() })
         }
         Err(problem) => {
-            let err = ReceiveError {
-                phase: phase.describe(),
-                problem,
-            };
+            let err = ReceiveError { phase: phase.describe(), problem };
             // Best effort: tell the source why, and keep reading until it hangs up, so that it reads
             // our reason rather than a connection reset.
             let _ = enc.error(&err.to_string());
@@ -137,9 +117,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         self.dec.preamble().map_err(|e| e.to_string())?;
         loop {
             let frame = self.dec.next_frame().map_err(|e| match e {
-                StreamError::Closed => {
-                    "the source closed the connection before the end of the stream".to_string()
-                }
+                StreamError::Closed => "the source closed the connection before the end of the stream".to_string(),
                 e => e.to_string(),
             })?;
             let current = std::mem::replace(phase, Phase::AwaitHeader);
@@ -154,11 +132,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         }
     }
 
-    fn step<V: RestorableVm>(
-        &mut self,
-        phase: Phase<V>,
-        frame: Frame,
-    ) -> Result<Step<V>, (Phase<V>, String)>
+    fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, String)>
     where
         F: FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     {
@@ -174,10 +148,9 @@ impl<R: std::io::Read, F> Receiver<R, F> {
                     .map(|t| Step::Next(Phase::Ram(Box::new(t))))
                     .map_err(|e| (Phase::AwaitHeader, e))
             }
-            (Phase::AwaitHeader, kind) => Err((
-                Phase::AwaitHeader,
-                format!("{} record before the header", kind.name()),
-            )),
+            (Phase::AwaitHeader, kind) => {
+                Err((Phase::AwaitHeader, format!("{} record before the header", kind.name())))
+            }
             (Phase::Ram(mut t), RecordType::Pages) => match self.read_pages(&mut t, &frame) {
                 Ok(()) => Ok(Step::Next(Phase::Ram(t))),
                 Err(e) => Err((Phase::Ram(t), e)),
@@ -201,13 +174,8 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             (Phase::State(t), RecordType::End) => self.finish(t, &frame),
             (p @ (Phase::Ram(_) | Phase::State(_)), kind) => {
                 let why = match (&p, kind) {
-                    (Phase::Ram(_), RecordType::End) => {
-                        "END before any vCPU or device state".to_string()
-                    }
-                    (
-                        Phase::State(_),
-                        RecordType::Pages | RecordType::ZeroPages | RecordType::PassEnd,
-                    ) => {
+                    (Phase::Ram(_), RecordType::End) => "END before any vCPU or device state".to_string(),
+                    (Phase::State(_), RecordType::Pages | RecordType::ZeroPages | RecordType::PassEnd) => {
                         format!("{} record after the device state began", kind.name())
                     }
                     _ => format!("unexpected {} record", kind.name()),
@@ -217,25 +185,15 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         }
     }
 
-    fn accept_header<V: RestorableVm>(
-        &mut self,
-        h: StreamHeader,
-        create: F,
-    ) -> Result<Target<V>, String>
+    fn accept_header<V: RestorableVm>(&mut self, h: StreamHeader, create: F) -> Result<Target<V>, String>
     where
         F: FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     {
         if h.page_size != PAGE_SIZE as u32 {
-            return Err(format!(
-                "page size {} (this emu uses {PAGE_SIZE})",
-                h.page_size
-            ));
+            return Err(format!("page size {} (this emu uses {PAGE_SIZE})", h.page_size));
         }
         if h.vcpu_count == 0 || h.vcpu_count > MAX_VCPUS {
-            return Err(format!(
-                "{} vCPUs (1 to {MAX_VCPUS} supported)",
-                h.vcpu_count
-            ));
+            return Err(format!("{} vCPUs (1 to {MAX_VCPUS} supported)", h.vcpu_count));
         }
         let layout = RamLayout::new(h.regions.clone()).map_err(|e| format!("RAM layout: {e}"))?;
         let vm = create(&h)?;
@@ -247,11 +205,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             ));
         }
         if vm.vcpu_count() != h.vcpu_count as usize {
-            return Err(format!(
-                "{} vCPUs in the stream, {} here",
-                h.vcpu_count,
-                vm.vcpu_count()
-            ));
+            return Err(format!("{} vCPUs in the stream, {} here", h.vcpu_count, vm.vcpu_count()));
         }
         vm.ram().advise_huge_pages();
         let pages = layout.page_count();
@@ -269,22 +223,14 @@ impl<R: std::io::Read, F> Receiver<R, F> {
 
     /// The page range of a record, checked to be RAM and inside one region.
     fn page_range(layout: &RamLayout, gpa: u64, count: u64) -> Result<usize, String> {
-        let first = layout
-            .page_of(gpa)
-            .ok_or_else(|| format!("address {gpa:#x} is not guest RAM"))?;
+        let first = layout.page_of(gpa).ok_or_else(|| format!("address {gpa:#x} is not guest RAM"))?;
         if count == 0 || !usize::try_from(count).is_ok_and(|c| layout.is_contiguous(first, c)) {
-            return Err(format!(
-                "{count} pages at {gpa:#x} run past the end of its RAM region"
-            ));
+            return Err(format!("{count} pages at {gpa:#x} run past the end of its RAM region"));
         }
         Ok(first)
     }
 
-    fn read_pages<V: RestorableVm>(
-        &mut self,
-        t: &mut Target<V>,
-        frame: &Frame,
-    ) -> Result<(), String> {
+    fn read_pages<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
         let ram = t.vm.ram().clone();
         let layout = &t.layout;
         let r = self.dec.read_pages(frame, |gpa, count| {
@@ -302,11 +248,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         Ok(())
     }
 
-    fn read_ram_record<V: RestorableVm>(
-        &mut self,
-        t: &mut Target<V>,
-        frame: &Frame,
-    ) -> Result<(), String> {
+    fn read_ram_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
         match self.dec.read_record(frame).map_err(|e| e.to_string())? {
             Record::ZeroPages { gpa, count } => {
                 if gpa % PAGE_SIZE as u64 != 0 {
@@ -326,9 +268,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             Record::PassEnd { pass, .. } => {
                 let expected = t.last_pass.map_or(0, |p| p + 1);
                 if pass != expected {
-                    return Err(format!(
-                        "PASS_END for pass {pass} where pass {expected} was due"
-                    ));
+                    return Err(format!("PASS_END for pass {pass} where pass {expected} was due"));
                 }
                 t.last_pass = Some(pass);
                 Ok(())
@@ -337,19 +277,13 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         }
     }
 
-    fn read_state_record<V: RestorableVm>(
-        &mut self,
-        t: &mut Target<V>,
-        frame: &Frame,
-    ) -> Result<(), String> {
+    fn read_state_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
         match self.dec.read_record(frame).map_err(|e| e.to_string())? {
             Record::VcpuState { index, blob } => {
-                let slot = t.vcpus.get_mut(index as usize).ok_or_else(|| {
-                    format!(
-                        "state for vCPU {index}, but the VM has {}",
-                        t.vm.vcpu_count()
-                    )
-                })?;
+                let slot = t
+                    .vcpus
+                    .get_mut(index as usize)
+                    .ok_or_else(|| format!("state for vCPU {index}, but the VM has {}", t.vm.vcpu_count()))?;
                 if slot.is_some() {
                     return Err(format!("second state for vCPU {index}"));
                 }
@@ -376,16 +310,9 @@ impl<R: std::io::Read, F> Receiver<R, F> {
     }
 
     /// END: everything must be here; then the state goes into the VM.
-    fn finish<V: RestorableVm>(
-        &mut self,
-        mut t: Box<Target<V>>,
-        frame: &Frame,
-    ) -> Result<Step<V>, (Phase<V>, String)> {
+    fn finish<V: RestorableVm>(&mut self, mut t: Box<Target<V>>, frame: &Frame) -> Result<Step<V>, (Phase<V>, String)> {
         let (vcpu_states, device_states) = match self.dec.read_record(frame) {
-            Ok(Record::End {
-                vcpu_states,
-                device_states,
-            }) => (vcpu_states, device_states),
+            Ok(Record::End { vcpu_states, device_states }) => (vcpu_states, device_states),
             Ok(_) => unreachable!("an END frame decodes to END"),
             Err(e) => return Err((Phase::State(t), e.to_string())),
         };
@@ -396,8 +323,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             Some(format!("END, but no state for vCPU {i}"))
         } else if t.vm_state.is_none() {
             Some("END, but no VM state".to_string())
-        } else if vcpu_states as usize != t.vcpus.len() || device_states as usize != t.devices.len()
-        {
+        } else if vcpu_states as usize != t.vcpus.len() || device_states as usize != t.devices.len() {
             Some(format!(
                 "END counts {vcpu_states} vCPU and {device_states} device states, {} and {} arrived",
                 t.vcpus.len(),
@@ -410,11 +336,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             return Err((Phase::State(t), p));
         }
         let state = MachineState {
-            vcpus: t
-                .vcpus
-                .iter_mut()
-                .map(|v| v.take().unwrap_or_default())
-                .collect(),
+            vcpus: t.vcpus.iter_mut().map(|v| v.take().unwrap_or_default()).collect(),
             vm: t.vm_state.take().unwrap_or_default(),
             devices: std::mem::take(&mut t.devices),
         };
@@ -443,11 +365,7 @@ fn drain(mut conn: Connection) {
         match conn.read(&mut buf) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             Err(_) => break,
         }
     }

@@ -31,6 +31,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Stream buffer for small records (PAGES records of 1 MiB go out directly).
 const WRITE_BUFFER: usize = 256 << 10;
 
+/// The tracker a migration uses unless told otherwise (README.md: "Dirty trackers" says why).
+pub const DEFAULT_TRACKER: TrackerKind = TrackerKind::UffdWp;
+
 /// Tunables of an outgoing migration (`migrate-set-parameters`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MigrationParams {
@@ -59,7 +62,7 @@ impl Default for MigrationParams {
             downtime_limit: Duration::from_millis(50),
             max_bandwidth: 0,
             max_passes: 30,
-            tracker: TrackerKind::UffdWp,
+            tracker: DEFAULT_TRACKER,
             drop_final_pages: 0,
         }
     }
@@ -143,41 +146,28 @@ pub fn start(
     trackers: Arc<TrackerFactory>,
 ) -> std::io::Result<Outgoing> {
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
-    let progress = Arc::new(ProgressCell::new(Progress::new(
-        kind,
-        vm.ram().layout().total_bytes(),
-    )));
+    let progress = Arc::new(ProgressCell::new(Progress::new(kind, vm.ram().layout().total_bytes())));
     let cancel = Arc::new(Cancel::default());
     let (p, c) = (progress.clone(), cancel.clone());
-    let thread = std::thread::Builder::new()
-        .name("migration".into())
-        .spawn(move || {
-            let result = migrate(&*vm, &uri, &params, &*trackers, &p, &c);
-            match result {
-                Ok(()) => {}
-                Err(e) => {
-                    // The tracker is stopped already (dropped inside `migrate`): RAM is writable again
-                    // before the guest resumes.
-                    vm.migration_failed();
-                    let status = if c.is_cancelled() {
-                        Status::Cancelled
-                    } else {
-                        Status::Failed
-                    };
-                    log::warn!("migration to {uri}: {e}");
-                    p.update(|p| {
-                        p.status = status;
-                        p.error = Some(e.to_string());
-                        p.total_time = Some(p.started.elapsed());
-                    });
-                }
+    let thread = std::thread::Builder::new().name("migration".into()).spawn(move || {
+        let result = migrate(&*vm, &uri, &params, &*trackers, &p, &c);
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                // The tracker is stopped already (dropped inside `migrate`): RAM is writable again
+                // before the guest resumes.
+                vm.migration_failed();
+                let status = if c.is_cancelled() { Status::Cancelled } else { Status::Failed };
+                log::warn!("migration to {uri}: {e}");
+                p.update(|p| {
+                    p.status = status;
+                    p.error = Some(e.to_string());
+                    p.total_time = Some(p.started.elapsed());
+                });
             }
-        })?;
-    Ok(Outgoing {
-        progress,
-        cancel,
-        thread: Some(thread),
-    })
+        }
+    })?;
+    Ok(Outgoing { progress, cancel, thread: Some(thread) })
 }
 
 fn migrate(
@@ -188,10 +178,7 @@ fn migrate(
     progress: &ProgressCell,
     cancel: &Cancel,
 ) -> Result<(), MigrationError> {
-    let conn = transport::connect(uri).map_err(|source| MigrationError::Connect {
-        uri: uri.to_string(),
-        source,
-    })?;
+    let conn = transport::connect(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
     cancel.attach(&conn);
     cancel.check()?;
     let ram = vm.ram().clone();
@@ -254,10 +241,7 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn params(&self) -> MigrationParams {
-        self.params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.params.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn run(&mut self) -> Result<(), MigrationError> {
@@ -294,19 +278,14 @@ impl Sender<'_> {
             };
             let decision = convergence::decide(outcome, params.downtime_limit, params.max_passes);
             self.progress.update(|p| {
-                p.expected_downtime =
-                    convergence::expected_downtime(outcome.remaining_bytes, outcome.throughput);
+                p.expected_downtime = convergence::expected_downtime(outcome.remaining_bytes, outcome.throughput);
                 if let Some(last) = p.passes.last_mut() {
                     last.dirty_after = dirty.count() as u64;
                 }
             });
             if decision.stops() {
-                self.progress
-                    .update(|p| p.stop_reason = Some(decision.name()));
-                log::info!(
-                    "precopy stops after pass {pass}: {decision:?}, {} pages left",
-                    dirty.count()
-                );
+                self.progress.update(|p| p.stop_reason = Some(decision.name()));
+                log::info!("precopy stops after pass {pass}: {decision:?}, {} pages left", dirty.count());
                 break;
             }
             pass += 1;
@@ -330,10 +309,7 @@ impl Sender<'_> {
         self.throttle = false;
         self.collect(dirty, last_collect)?;
         let mut last = dirty.take();
-        let drop: Vec<usize> = last
-            .iter_ones()
-            .take(self.params().drop_final_pages as usize)
-            .collect();
+        let drop: Vec<usize> = last.iter_ones().take(self.params().drop_final_pages as usize).collect();
         for page in drop {
             log::warn!("fault injection: page {page} left out of the final pass");
             last.clear_bit(page);
@@ -348,8 +324,7 @@ impl Sender<'_> {
         for (name, blob) in &state.devices {
             self.enc.device_state(name, blob)?;
         }
-        self.enc
-            .end(state.vcpus.len() as u32, state.devices.len() as u32)?;
+        self.enc.end(state.vcpus.len() as u32, state.devices.len() as u32)?;
         self.enc.flush()?;
         self.wait_for_ack()?;
 
@@ -373,19 +348,13 @@ impl Sender<'_> {
         match read_reply(&self.conn) {
             Ok(Reply::Ack) => Ok(()),
             Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
-            Ok(Reply::Unexpected(what)) => {
-                Err(MigrationError::NoAck(format!("{what} instead of ACK")))
-            }
+            Ok(Reply::Unexpected(what)) => Err(MigrationError::NoAck(format!("{what} instead of ACK"))),
             Err(e) => Err(MigrationError::NoAck(e.to_string())),
         }
     }
 
     /// Takes the dirty set (re-protected by the tracker) and measures the dirty rate.
-    fn collect(
-        &mut self,
-        dirty: &mut PageBitmap,
-        last: &mut Instant,
-    ) -> Result<(), MigrationError> {
+    fn collect(&mut self, dirty: &mut PageBitmap, last: &mut Instant) -> Result<(), MigrationError> {
         let before = dirty.count();
         self.log.collect(dirty)?;
         let found = dirty.count() - before;
@@ -445,13 +414,7 @@ impl Sender<'_> {
         self.progress.update(|p| {
             p.bytes = total;
             p.throughput = rate;
-            p.passes.push(PassRecord {
-                pass,
-                pages: sent,
-                bytes,
-                duration,
-                dirty_after: 0,
-            });
+            p.passes.push(PassRecord { pass, pages: sent, bytes, duration, dirty_after: 0 });
         });
         Ok(())
     }
@@ -502,11 +465,7 @@ impl Sender<'_> {
     /// than at the next failed write.
     fn check_peer(&mut self) -> Result<(), MigrationError> {
         use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd {
-            fd: self.conn.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.conn.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, zero timeout.
         if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
             return Ok(());
@@ -514,12 +473,8 @@ impl Sender<'_> {
         Err(match read_reply(&self.conn) {
             Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
             Ok(Reply::Ack) => MigrationError::Refused("an early ACK from the destination".into()),
-            Ok(Reply::Unexpected(what)) => {
-                MigrationError::Refused(format!("unexpected {what} from the destination"))
-            }
-            Err(StreamError::Closed) => {
-                MigrationError::Refused("the destination closed the connection".into())
-            }
+            Ok(Reply::Unexpected(what)) => MigrationError::Refused(format!("unexpected {what} from the destination")),
+            Err(StreamError::Closed) => MigrationError::Refused("the destination closed the connection".into()),
             Err(e) => MigrationError::Refused(e.to_string()),
         })
     }

@@ -131,11 +131,7 @@ pub enum StreamError {
     #[error("unknown record type {0:#04x}")]
     UnknownType(u8),
     #[error("{kind} record of {len} bytes is longer than the {max} allowed")]
-    TooLong {
-        kind: &'static str,
-        len: u32,
-        max: usize,
-    },
+    TooLong { kind: &'static str, len: u32, max: usize },
     #[error("{0} record fails its checksum")]
     Checksum(&'static str),
     #[error("malformed {kind} record: {why}")]
@@ -143,10 +139,7 @@ pub enum StreamError {
 }
 
 fn malformed(kind: RecordType, why: impl Into<String>) -> StreamError {
-    StreamError::Malformed {
-        kind: kind.name(),
-        why: why.into(),
-    }
+    StreamError::Malformed { kind: kind.name(), why: why.into() }
 }
 
 /// The first record: what the source's guest looks like.
@@ -162,27 +155,12 @@ pub struct StreamHeader {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record<'a> {
     Header(StreamHeader),
-    ZeroPages {
-        gpa: u64,
-        count: u64,
-    },
-    PassEnd {
-        pass: u32,
-        pages: u64,
-    },
-    VcpuState {
-        index: u32,
-        blob: &'a [u8],
-    },
+    ZeroPages { gpa: u64, count: u64 },
+    PassEnd { pass: u32, pages: u64 },
+    VcpuState { index: u32, blob: &'a [u8] },
     VmState(&'a [u8]),
-    DeviceState {
-        name: &'a str,
-        blob: &'a [u8],
-    },
-    End {
-        vcpu_states: u32,
-        device_states: u32,
-    },
+    DeviceState { name: &'a str, blob: &'a [u8] },
+    End { vcpu_states: u32, device_states: u32 },
     Ack,
     Error(&'a str),
 }
@@ -221,11 +199,7 @@ pub struct PageBatch {
 
 impl Default for PageBatch {
     fn default() -> Self {
-        PageBatch {
-            buf: vec![0u8; FRAME_LEN + MAX_PAYLOAD],
-            gpa: 0,
-            count: 0,
-        }
+        PageBatch { buf: vec![0u8; FRAME_LEN + MAX_PAYLOAD], gpa: 0, count: 0 }
     }
 }
 
@@ -240,9 +214,7 @@ impl PageBatch {
 
     /// Whether the page at `gpa` can join this batch (contiguous, and room left).
     pub fn accepts(&self, gpa: u64) -> bool {
-        self.count == 0
-            || (self.count < MAX_PAGES_PER_RECORD
-                && gpa == self.gpa + (self.count * PAGE_SIZE) as u64)
+        self.count == 0 || (self.count < MAX_PAGES_PER_RECORD && gpa == self.gpa + (self.count * PAGE_SIZE) as u64)
     }
 
     /// The buffer for the next page, at `gpa` (which `accepts` must allow). Fill it, then `commit`
@@ -426,12 +398,7 @@ pub struct Decoder<R: Read> {
     bytes: u64,
 }
 
-fn read_full<R: Read>(
-    r: &mut R,
-    buf: &mut [u8],
-    what: &'static str,
-    at_start: bool,
-) -> Result<(), StreamError> {
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str, at_start: bool) -> Result<(), StreamError> {
     let mut done = 0;
     while done < buf.len() {
         match r.read(&mut buf[done..]) {
@@ -447,11 +414,7 @@ fn read_full<R: Read>(
 
 impl<R: Read> Decoder<R> {
     pub fn new(r: R) -> Self {
-        Decoder {
-            r,
-            buf: Vec::new(),
-            bytes: 0,
-        }
+        Decoder { r, buf: Vec::new(), bytes: 0 }
     }
 
     pub fn bytes_read(&self) -> u64 {
@@ -485,11 +448,7 @@ impl<R: Read> Decoder<R> {
         }
         let len = u32_le(&raw, 4);
         if len as usize > MAX_PAYLOAD {
-            return Err(StreamError::TooLong {
-                kind: kind.name(),
-                len,
-                max: MAX_PAYLOAD,
-            });
+            return Err(StreamError::TooLong { kind: kind.name(), len, max: MAX_PAYLOAD });
         }
         Ok(Frame { kind, len, raw })
     }
@@ -520,32 +479,20 @@ impl<R: Read> Decoder<R> {
     ) -> Result<Result<(u64, usize), E>, StreamError> {
         let kind = RecordType::Pages;
         if f.len() < PAGES_PREFIX {
-            return Err(malformed(
-                kind,
-                format!("{} bytes, shorter than its 16-byte prefix", f.len()),
-            ));
+            return Err(malformed(kind, format!("{} bytes, shorter than its 16-byte prefix", f.len())));
         }
         let mut prefix = [0u8; PAGES_PREFIX];
         read_full(&mut self.r, &mut prefix, "a PAGES record", false)?;
         let gpa = u64_le(&prefix, 0);
         let count = u32_le(&prefix, 8) as usize;
         if count == 0 || count > MAX_PAGES_PER_RECORD {
-            return Err(malformed(
-                kind,
-                format!("{count} pages (1 to {MAX_PAGES_PER_RECORD} allowed)"),
-            ));
+            return Err(malformed(kind, format!("{count} pages (1 to {MAX_PAGES_PER_RECORD} allowed)")));
         }
         if f.len() != PAGES_PREFIX + count * PAGE_SIZE {
-            return Err(malformed(
-                kind,
-                format!("{} bytes for {count} pages", f.len()),
-            ));
+            return Err(malformed(kind, format!("{} bytes for {count} pages", f.len())));
         }
         if !gpa.is_multiple_of(PAGE_SIZE as u64) || u32_le(&prefix, 12) != 0 {
-            return Err(malformed(
-                kind,
-                format!("unaligned address {gpa:#x} or non-zero reserved field"),
-            ));
+            return Err(malformed(kind, format!("unaligned address {gpa:#x} or non-zero reserved field")));
         }
         let out = match dest(gpa, count) {
             Ok(out) => out,
@@ -575,31 +522,19 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
         if p.len() == n {
             Ok(())
         } else {
-            Err(malformed(
-                kind,
-                format!("{} bytes where {n} are expected", p.len()),
-            ))
+            Err(malformed(kind, format!("{} bytes where {n} are expected", p.len())))
         }
     };
     let at_least = |n: usize| {
         if p.len() >= n {
             Ok(())
         } else {
-            Err(malformed(
-                kind,
-                format!("{} bytes, shorter than {n}", p.len()),
-            ))
+            Err(malformed(kind, format!("{} bytes, shorter than {n}", p.len())))
         }
     };
     let blob_ok = |blob: &[u8]| {
         if blob.is_empty() || blob.len() > MAX_STATE_BLOB {
-            Err(malformed(
-                kind,
-                format!(
-                    "state of {} bytes (1 to {MAX_STATE_BLOB} allowed)",
-                    blob.len()
-                ),
-            ))
+            Err(malformed(kind, format!("state of {} bytes (1 to {MAX_STATE_BLOB} allowed)", blob.len())))
         } else {
             Ok(())
         }
@@ -609,45 +544,25 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             at_least(16)?;
             let count = u32_le(p, 8) as usize;
             if count == 0 || count > MAX_REGIONS {
-                return Err(malformed(
-                    kind,
-                    format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)"),
-                ));
+                return Err(malformed(kind, format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)")));
             }
             need(16 + 16 * count)?;
-            let regions = (0..count)
-                .map(|i| RamRegion {
-                    gpa: u64_le(p, 16 + 16 * i),
-                    size: u64_le(p, 24 + 16 * i),
-                })
-                .collect();
-            Record::Header(StreamHeader {
-                page_size: u32_le(p, 0),
-                vcpu_count: u32_le(p, 4),
-                regions,
-            })
+            let regions =
+                (0..count).map(|i| RamRegion { gpa: u64_le(p, 16 + 16 * i), size: u64_le(p, 24 + 16 * i) }).collect();
+            Record::Header(StreamHeader { page_size: u32_le(p, 0), vcpu_count: u32_le(p, 4), regions })
         }
         RecordType::ZeroPages => {
             need(16)?;
-            Record::ZeroPages {
-                gpa: u64_le(p, 0),
-                count: u64_le(p, 8),
-            }
+            Record::ZeroPages { gpa: u64_le(p, 0), count: u64_le(p, 8) }
         }
         RecordType::PassEnd => {
             need(16)?;
-            Record::PassEnd {
-                pass: u32_le(p, 0),
-                pages: u64_le(p, 8),
-            }
+            Record::PassEnd { pass: u32_le(p, 0), pages: u64_le(p, 8) }
         }
         RecordType::VcpuState => {
             at_least(4)?;
             blob_ok(&p[4..])?;
-            Record::VcpuState {
-                index: u32_le(p, 0),
-                blob: &p[4..],
-            }
+            Record::VcpuState { index: u32_le(p, 0), blob: &p[4..] }
         }
         RecordType::VmState => {
             blob_ok(p)?;
@@ -659,20 +574,13 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             if n == 0 || n > MAX_DEVICE_NAME || p.len() < 2 + n {
                 return Err(malformed(kind, format!("device name of {n} bytes")));
             }
-            let name = std::str::from_utf8(&p[2..2 + n])
-                .map_err(|_| malformed(kind, "device name is not UTF-8"))?;
+            let name = std::str::from_utf8(&p[2..2 + n]).map_err(|_| malformed(kind, "device name is not UTF-8"))?;
             blob_ok(&p[2 + n..])?;
-            Record::DeviceState {
-                name,
-                blob: &p[2 + n..],
-            }
+            Record::DeviceState { name, blob: &p[2 + n..] }
         }
         RecordType::End => {
             need(8)?;
-            Record::End {
-                vcpu_states: u32_le(p, 0),
-                device_states: u32_le(p, 4),
-            }
+            Record::End { vcpu_states: u32_le(p, 0), device_states: u32_le(p, 4) }
         }
         RecordType::Ack => {
             need(0)?;
@@ -682,9 +590,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             if p.len() > MAX_ERROR_TEXT {
                 return Err(malformed(kind, "reason too long"));
             }
-            Record::Error(
-                std::str::from_utf8(p).map_err(|_| malformed(kind, "reason is not UTF-8"))?,
-            )
+            Record::Error(std::str::from_utf8(p).map_err(|_| malformed(kind, "reason is not UTF-8"))?)
         }
         RecordType::Pages => unreachable!("PAGES is read by read_pages"),
     })
@@ -704,14 +610,7 @@ mod tests {
     }
 
     fn header() -> StreamHeader {
-        StreamHeader {
-            page_size: 4096,
-            vcpu_count: 2,
-            regions: vec![RamRegion {
-                gpa: 0,
-                size: 1 << 20,
-            }],
-        }
+        StreamHeader { page_size: 4096, vcpu_count: 2, regions: vec![RamRegion { gpa: 0, size: 1 << 20 }] }
     }
 
     #[test]
@@ -750,24 +649,12 @@ mod tests {
         assert_eq!(got.unwrap(), Ok((0x2000, 3)));
         assert!(ram[..4096].iter().all(|&b| b == 1) && ram[8192..].iter().all(|&b| b == 3));
         let expect = [
-            Record::ZeroPages {
-                gpa: 0x10000,
-                count: 5,
-            },
+            Record::ZeroPages { gpa: 0x10000, count: 5 },
             Record::PassEnd { pass: 0, pages: 8 },
-            Record::VcpuState {
-                index: 1,
-                blob: b"cpu",
-            },
+            Record::VcpuState { index: 1, blob: b"cpu" },
             Record::VmState(b"vm"),
-            Record::DeviceState {
-                name: "serial0",
-                blob: b"uart",
-            },
-            Record::End {
-                vcpu_states: 2,
-                device_states: 1,
-            },
+            Record::DeviceState { name: "serial0", blob: b"uart" },
+            Record::End { vcpu_states: 2, device_states: 1 },
             Record::Ack,
             Record::Error("no"),
         ];
@@ -784,18 +671,9 @@ mod tests {
         assert!(matches!(d.preamble(), Err(StreamError::BadMagic)));
         let mut v2 = MAGIC.to_vec();
         v2.extend_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(
-            Decoder::new(Cursor::new(v2)).preamble(),
-            Err(StreamError::Version(2))
-        ));
-        assert!(matches!(
-            Decoder::new(Cursor::new(MAGIC[..5].to_vec())).preamble(),
-            Err(StreamError::Truncated(_))
-        ));
-        assert!(matches!(
-            Decoder::new(Cursor::new(Vec::new())).preamble(),
-            Err(StreamError::Closed)
-        ));
+        assert!(matches!(Decoder::new(Cursor::new(v2)).preamble(), Err(StreamError::Version(2))));
+        assert!(matches!(Decoder::new(Cursor::new(MAGIC[..5].to_vec())).preamble(), Err(StreamError::Truncated(_))));
+        assert!(matches!(Decoder::new(Cursor::new(Vec::new())).preamble(), Err(StreamError::Closed)));
     }
 
     #[test]
@@ -808,19 +686,13 @@ mod tests {
         let mut d = Decoder::new(Cursor::new(flipped));
         d.preamble().unwrap();
         let f = d.next_frame().unwrap();
-        assert!(matches!(
-            d.read_record(&f),
-            Err(StreamError::Checksum("VM_STATE"))
-        ));
+        assert!(matches!(d.read_record(&f), Err(StreamError::Checksum("VM_STATE"))));
 
         let mut unknown = good.clone();
         unknown[frame_at] = 0x42;
         let mut d = Decoder::new(Cursor::new(unknown));
         d.preamble().unwrap();
-        assert!(matches!(
-            d.next_frame(),
-            Err(StreamError::UnknownType(0x42))
-        ));
+        assert!(matches!(d.next_frame(), Err(StreamError::UnknownType(0x42))));
 
         let mut huge = good.clone();
         huge[frame_at + 4..frame_at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -832,10 +704,7 @@ mod tests {
         let mut d = Decoder::new(Cursor::new(cut));
         d.preamble().unwrap();
         let f = d.next_frame().unwrap();
-        assert!(matches!(
-            d.read_record(&f),
-            Err(StreamError::Truncated("VM_STATE"))
-        ));
+        assert!(matches!(d.read_record(&f), Err(StreamError::Truncated("VM_STATE"))));
     }
 
     #[test]
@@ -847,10 +716,7 @@ mod tests {
         let mut d = Decoder::new(Cursor::new(bytes));
         d.preamble().unwrap();
         let f = d.next_frame().unwrap();
-        assert!(matches!(
-            d.read_record(&f),
-            Err(StreamError::Malformed { kind: "HEADER", .. })
-        ));
+        assert!(matches!(d.read_record(&f), Err(StreamError::Malformed { kind: "HEADER", .. })));
 
         // PAGES whose length disagrees with its count.
         let mut pages = vec![0u8; PAGES_PREFIX + PAGE_SIZE];
@@ -860,19 +726,13 @@ mod tests {
         d.preamble().unwrap();
         let f = d.next_frame().unwrap();
         let r = d.read_pages(&f, |_, _| -> Result<&mut [u8], ()> { unreachable!() });
-        assert!(matches!(
-            r,
-            Err(StreamError::Malformed { kind: "PAGES", .. })
-        ));
+        assert!(matches!(r, Err(StreamError::Malformed { kind: "PAGES", .. })));
 
         // A device name longer than its record.
         let bytes = encoded(|e| e.record(RecordType::DeviceState, &[200, 0, b'a']).unwrap());
         let mut d = Decoder::new(Cursor::new(bytes));
         d.preamble().unwrap();
         let f = d.next_frame().unwrap();
-        assert!(matches!(
-            d.read_record(&f),
-            Err(StreamError::Malformed { .. })
-        ));
+        assert!(matches!(d.read_record(&f), Err(StreamError::Malformed { .. })));
     }
 }

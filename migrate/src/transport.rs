@@ -30,10 +30,7 @@ impl FromStr for Uri {
     type Err = BadUri;
 
     fn from_str(s: &str) -> Result<Self, BadUri> {
-        let bad = |why| BadUri {
-            uri: s.to_string(),
-            why,
-        };
+        let bad = |why| BadUri { uri: s.to_string(), why };
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(bad("empty path"));
@@ -44,16 +41,9 @@ impl FromStr for Uri {
             return Err(bad("unknown scheme"));
         };
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         let port = port.parse().map_err(|_| bad("bad port"))?;
-        let host = if host.is_empty() || host == "0" {
-            "0.0.0.0".to_string()
-        } else {
-            host.to_string()
-        };
+        let host = if host.is_empty() || host == "0" { "0.0.0.0".to_string() } else { host.to_string() };
         Ok(Uri::Tcp { host, port })
     }
 }
@@ -144,8 +134,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn connect(uri: &Uri) -> io::Result<Connection> {
     match uri {
         Uri::Tcp { host, port } => {
-            let mut last =
-                io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+            let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
             for addr in (host.as_str(), *port).to_socket_addrs()? {
                 match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
                     Ok(s) => {
@@ -171,9 +160,7 @@ pub enum Listener {
 impl Listener {
     pub fn bind(uri: &Uri) -> io::Result<Listener> {
         match uri {
-            Uri::Tcp { host, port } => {
-                Ok(Listener::Tcp(TcpListener::bind((host.as_str(), *port))?))
-            }
+            Uri::Tcp { host, port } => Ok(Listener::Tcp(TcpListener::bind((host.as_str(), *port))?)),
             Uri::Unix(path) => {
                 if path.exists() && UnixStream::connect(path).is_err() {
                     std::fs::remove_file(path)?; // stale socket of a process that is gone
@@ -188,10 +175,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let a = l.local_addr()?;
-                Ok(Uri::Tcp {
-                    host: a.ip().to_string(),
-                    port: a.port(),
-                })
+                Ok(Uri::Tcp { host: a.ip().to_string(), port: a.port() })
             }
             Listener::Unix(_, p) => Ok(Uri::Unix(p.clone())),
         }
@@ -223,44 +207,13 @@ mod tests {
 
     #[test]
     fn parses_uris() {
-        assert_eq!(
-            "tcp:0:4444".parse::<Uri>().unwrap(),
-            Uri::Tcp {
-                host: "0.0.0.0".into(),
-                port: 4444
-            }
-        );
-        assert_eq!(
-            "tcp:127.0.0.1:1".parse::<Uri>().unwrap(),
-            Uri::Tcp {
-                host: "127.0.0.1".into(),
-                port: 1
-            }
-        );
-        assert_eq!(
-            "tcp:[::1]:5".parse::<Uri>().unwrap(),
-            Uri::Tcp {
-                host: "::1".into(),
-                port: 5
-            }
-        );
-        assert_eq!(
-            "unix:/tmp/s".parse::<Uri>().unwrap(),
-            Uri::Unix("/tmp/s".into())
-        );
-        for bad in [
-            "tcp:host",
-            "tcp:h:99999",
-            "udp:1:2",
-            "unix:",
-            "",
-            "exec:cat",
-        ] {
+        assert_eq!("tcp:0:4444".parse::<Uri>().unwrap(), Uri::Tcp { host: "0.0.0.0".into(), port: 4444 });
+        assert_eq!("tcp:127.0.0.1:1".parse::<Uri>().unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 1 });
+        assert_eq!("tcp:[::1]:5".parse::<Uri>().unwrap(), Uri::Tcp { host: "::1".into(), port: 5 });
+        assert_eq!("unix:/tmp/s".parse::<Uri>().unwrap(), Uri::Unix("/tmp/s".into()));
+        for bad in ["tcp:host", "tcp:h:99999", "udp:1:2", "unix:", "", "exec:cat"] {
             assert!(bad.parse::<Uri>().is_err(), "{bad}");
         }
-        assert_eq!(
-            "tcp:[::1]:5".parse::<Uri>().unwrap().to_string(),
-            "tcp:[::1]:5"
-        );
+        assert_eq!("tcp:[::1]:5".parse::<Uri>().unwrap().to_string(), "tcp:[::1]:5");
     }
 }

@@ -69,12 +69,7 @@ pub enum UffdError {
     #[error("userfaultfd lacks features {0:#x}: {1}")]
     Features(u64, nix::Error),
     #[error("cannot {op} {len:#x} bytes at {start:#x}: {source}")]
-    Range {
-        op: &'static str,
-        start: u64,
-        len: u64,
-        source: nix::Error,
-    },
+    Range { op: &'static str, start: u64, len: u64, source: nix::Error },
     #[error("cannot read userfaultfd events: {0}")]
     Read(std::io::Error),
 }
@@ -89,18 +84,10 @@ impl Uffd {
     /// Opens a userfaultfd (O_CLOEXEC | O_NONBLOCK) and negotiates exactly `features`.
     pub fn open(features: u64) -> Result<Uffd, UffdError> {
         let fd = open_fd()?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
+        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
         // SAFETY: `api` is a valid UffdioApi for the ioctl to read and fill; the fd is a userfaultfd.
-        unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }
-            .map_err(|e| UffdError::Features(features, e))?;
-        Ok(Uffd {
-            fd,
-            features: api.features,
-        })
+        unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }.map_err(|e| UffdError::Features(features, e))?;
+        Ok(Uffd { fd, features: api.features })
     }
 
     pub fn features(&self) -> u64 {
@@ -109,33 +96,25 @@ impl Uffd {
 
     /// Registers `[start, start + len)` for write-protect tracking.
     pub fn register_wp(&self, start: u64, len: u64) -> Result<(), UffdError> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: REGISTER_MODE_WP,
-            ioctls: 0,
-        };
+        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: REGISTER_MODE_WP, ioctls: 0 };
         // SAFETY: `reg` is a valid UffdioRegister; the range is the caller's own mapping.
-        unsafe { uffdio_register(self.fd.as_raw_fd(), &mut reg) }
-            .map(drop)
-            .map_err(|source| UffdError::Range {
-                op: "register",
-                start,
-                len,
-                source,
-            })
+        unsafe { uffdio_register(self.fd.as_raw_fd(), &mut reg) }.map(drop).map_err(|source| UffdError::Range {
+            op: "register",
+            start,
+            len,
+            source,
+        })
     }
 
     pub fn unregister(&self, start: u64, len: u64) -> Result<(), UffdError> {
         let mut range = UffdioRange { start, len };
         // SAFETY: `range` is a valid UffdioRange for the ioctl to read.
-        unsafe { uffdio_unregister(self.fd.as_raw_fd(), &mut range) }
-            .map(drop)
-            .map_err(|source| UffdError::Range {
-                op: "unregister",
-                start,
-                len,
-                source,
-            })
+        unsafe { uffdio_unregister(self.fd.as_raw_fd(), &mut range) }.map(drop).map_err(|source| UffdError::Range {
+            op: "unregister",
+            start,
+            len,
+            source,
+        })
     }
 
     /// Write-protects (`protect = true`) or unprotects the range. Unprotecting also wakes threads
@@ -152,20 +131,34 @@ impl Uffd {
                 // The kernel asks to retry when it races with a concurrent page-table change.
                 Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => continue,
                 Err(source) => {
-                    let op = if protect {
-                        "write-protect"
-                    } else {
-                        "unprotect"
-                    };
-                    return Err(UffdError::Range {
-                        op,
-                        start,
-                        len,
-                        source,
-                    });
+                    let op = if protect { "write-protect" } else { "unprotect" };
+                    return Err(UffdError::Range { op, start, len, source });
                 }
             }
         }
+    }
+
+    /// Registers every range for write-protect tracking.
+    pub fn register_wp_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), UffdError> {
+        ranges.iter().try_for_each(|&(start, len)| self.register_wp(start, len))
+    }
+
+    /// Write-protects or unprotects every range.
+    pub fn write_protect_ranges(&self, ranges: &[(u64, u64)], protect: bool) -> Result<(), UffdError> {
+        ranges.iter().try_for_each(|&(start, len)| self.write_protect(start, len, protect))
+    }
+
+    /// Unprotects and unregisters every range, going on past failures (teardown must finish);
+    /// returns the first failure. Unprotecting also wakes any thread blocked on a fault in them.
+    pub fn release_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), UffdError> {
+        let mut first = Ok(());
+        for &(start, len) in ranges {
+            let r = self.write_protect(start, len, false).and(self.unregister(start, len));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
     }
 
     /// Reads pending events into `msgs`; returns how many (0 when none are pending).

@@ -16,9 +16,7 @@ use serde_json::{json, Value};
 pub fn emu_bin() -> PathBuf {
     match option_env!("CARGO_BIN_EXE_emu") {
         Some(p) => PathBuf::from(p),
-        None => std::env::current_exe()
-            .expect("current exe")
-            .with_file_name("emu"),
+        None => std::env::current_exe().expect("current exe").with_file_name("emu"),
     }
 }
 
@@ -30,11 +28,7 @@ pub fn guest_image(name: &str) -> PathBuf {
 /// Whether tests that need KVM can run. Under `CI=true` a missing /dev/kvm fails the test; elsewhere
 /// the test says why it did not run and passes.
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
             panic!("{test}: /dev/kvm is not usable ({e}); CI must run on a host with KVM")
@@ -61,11 +55,8 @@ pub struct ScratchDir(pub PathBuf);
 impl ScratchDir {
     pub fn new() -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "emu-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let p =
+            std::env::temp_dir().join(format!("emu-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
         std::fs::create_dir_all(&p).expect("create scratch dir");
         ScratchDir(p)
     }
@@ -117,36 +108,20 @@ impl Emu {
         let mut cmd = Command::new(emu_bin());
         cmd.args(args);
         if monitor_socket {
-            cmd.arg("--monitor")
-                .arg(format!("unix:{}", monitor.display()));
+            cmd.arg("--monitor").arg(format!("unix:{}", monitor.display()));
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start emu");
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start emu");
         let (out, err) = (Lines::default(), Lines::default());
         collect_lines(child.stdout.take().unwrap(), out.clone());
         collect_lines(child.stderr.take().unwrap(), err.clone());
-        Emu {
-            child,
-            dir,
-            out,
-            err,
-            monitor,
-            exit: None,
-        }
+        Emu { child, dir, out, err, monitor, exit: None }
     }
 
     /// Boots a guest and waits for its monitor.
     pub fn boot(args: &[&str]) -> Emu {
         let emu = Emu::spawn(args);
-        assert!(
-            emu.wait_monitor(BOOT_TIMEOUT),
-            "emu {args:?} did not come up; stderr: {}",
-            emu.stderr()
-        );
+        assert!(emu.wait_monitor(BOOT_TIMEOUT), "emu {args:?} did not come up; stderr: {}", emu.stderr());
         emu
     }
 
@@ -156,16 +131,8 @@ impl Emu {
         args.extend_from_slice(extra);
         let emu = Emu::spawn(&args);
         let line = emu
-            .wait_stderr(
-                |l| l.contains("waiting for an incoming migration on "),
-                BOOT_TIMEOUT,
-            )
-            .unwrap_or_else(|| {
-                panic!(
-                    "destination did not start listening; stderr: {}",
-                    emu.stderr()
-                )
-            });
+            .wait_stderr(|l| l.contains("waiting for an incoming migration on "), BOOT_TIMEOUT)
+            .unwrap_or_else(|| panic!("destination did not start listening; stderr: {}", emu.stderr()));
         let uri = line.rsplit(' ').next().unwrap().to_string();
         (emu, uri)
     }
@@ -190,12 +157,7 @@ impl Emu {
         self.err.lock().unwrap().join("\n")
     }
 
-    fn wait_in(
-        lines: &Lines,
-        from: usize,
-        pred: impl Fn(&str) -> bool,
-        timeout: Duration,
-    ) -> Option<String> {
+    fn wait_in(lines: &Lines, from: usize, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = lines.lock().unwrap().iter().skip(from).find(|l| pred(l)) {
@@ -209,12 +171,7 @@ impl Emu {
     }
 
     /// The first serial line at index `from` or later that matches.
-    pub fn wait_line_from(
-        &self,
-        from: usize,
-        pred: impl Fn(&str) -> bool,
-        timeout: Duration,
-    ) -> Option<String> {
+    pub fn wait_line_from(&self, from: usize, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
         Self::wait_in(&self.out, from, pred, timeout)
     }
 
@@ -225,13 +182,7 @@ impl Emu {
     /// Waits for a serial line containing `text`, failing the test with the output so far if none comes.
     pub fn expect_line(&self, text: &str, timeout: Duration) -> String {
         self.wait_line(|l| l.contains(text), timeout)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no line with {text:?}; serial:\n{}\nstderr:\n{}",
-                    self.output(),
-                    self.stderr()
-                )
-            })
+            .unwrap_or_else(|| panic!("no line with {text:?}; serial:\n{}\nstderr:\n{}", self.output(), self.stderr()))
     }
 
     pub fn wait_stderr(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> Option<String> {
@@ -252,18 +203,15 @@ impl Emu {
     /// One monitor command; `Err` carries the error's description.
     pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
         let conn = UnixStream::connect(&self.monitor).map_err(|e| format!("connect: {e}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut w = conn.try_clone().unwrap();
         let mut r = BufReader::new(conn);
         let mut line = String::new();
         r.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
-        writeln!(w, "{}", json!({"execute": command, "arguments": arguments}))
-            .map_err(|e| e.to_string())?;
+        writeln!(w, "{}", json!({"execute": command, "arguments": arguments})).map_err(|e| e.to_string())?;
         line.clear();
         r.read_line(&mut line).map_err(|e| e.to_string())?;
-        let reply: Value =
-            serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
+        let reply: Value = serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
         match (reply.get("return"), reply.get("error")) {
             (Some(v), _) => Ok(v.clone()),
             (_, Some(e)) => Err(e["desc"].as_str().unwrap_or("?").to_string()),
@@ -272,15 +220,11 @@ impl Emu {
     }
 
     pub fn qmp_ok(&self, command: &str, arguments: Value) -> Value {
-        self.qmp(command, arguments)
-            .unwrap_or_else(|e| panic!("{command}: {e}"))
+        self.qmp(command, arguments).unwrap_or_else(|e| panic!("{command}: {e}"))
     }
 
     pub fn status(&self) -> String {
-        self.qmp_ok("query-status", json!({}))["status"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.qmp_ok("query-status", json!({}))["status"].as_str().unwrap().to_string()
     }
 
     /// Waits for the process to end; its exit code (None if killed by a signal or still running).
@@ -360,10 +304,7 @@ pub fn wait_migration(src: &Emu, timeout: Duration) -> Value {
         if matches!(status, "completed" | "failed" | "cancelled") {
             return info;
         }
-        assert!(
-            Instant::now() < deadline,
-            "migration did not end in {timeout:?}: {info}"
-        );
+        assert!(Instant::now() < deadline, "migration did not end in {timeout:?}: {info}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

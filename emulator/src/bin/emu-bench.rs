@@ -54,9 +54,7 @@ fn boot() {
         runs.push(t0.elapsed().as_secs_f64() * 1e3);
         emu.kill();
     }
-    emit(
-        json!({"bench": "boot", "metric": "start-to-first-line-ms", "median": median(runs.clone()), "runs": runs}),
-    );
+    emit(json!({"bench": "boot", "metric": "start-to-first-line-ms", "median": median(runs.clone()), "runs": runs}));
 
     let guest = guest_ns_per_page();
     let native = native_ns_per_page(256 << 20);
@@ -69,10 +67,7 @@ fn boot() {
 
 /// The dirty workload's own figure, median over its reports after the first.
 fn guest_ns_per_page() -> f64 {
-    let mut emu = Emu::spawn_with(
-        &["--mem", "1G", "--append", "wl=dirty:256:0 runtime=6"],
-        false,
-    );
+    let mut emu = Emu::spawn_with(&["--mem", "1G", "--append", "wl=dirty:256:0 runtime=6"], false);
     emu.wait_exit(T);
     let v: Vec<f64> = emu
         .lines()
@@ -146,36 +141,11 @@ struct Scenario {
 }
 
 const SCENARIOS: &[Scenario] = &[
-    Scenario {
-        name: "idle-1G",
-        mem: "1G",
-        workload: "wl=idle",
-        ready: "tick 2 ",
-    },
-    Scenario {
-        name: "idle-4G",
-        mem: "4G",
-        workload: "wl=idle",
-        ready: "tick 2 ",
-    },
-    Scenario {
-        name: "dirty-256M-25k",
-        mem: "1G",
-        workload: "wl=dirty:256:25000",
-        ready: "dirty: rate=",
-    },
-    Scenario {
-        name: "dirty-256M-250k",
-        mem: "1G",
-        workload: "wl=dirty:256:250000",
-        ready: "dirty: rate=",
-    },
-    Scenario {
-        name: "dirty-256M-max",
-        mem: "1G",
-        workload: "wl=dirty:256:0",
-        ready: "dirty: rate=",
-    },
+    Scenario { name: "idle-1G", mem: "1G", workload: "wl=idle", ready: "tick 2 " },
+    Scenario { name: "idle-4G", mem: "4G", workload: "wl=idle", ready: "tick 2 " },
+    Scenario { name: "dirty-256M-25k", mem: "1G", workload: "wl=dirty:256:25000", ready: "dirty: rate=" },
+    Scenario { name: "dirty-256M-250k", mem: "1G", workload: "wl=dirty:256:250000", ready: "dirty: rate=" },
+    Scenario { name: "dirty-256M-max", mem: "1G", workload: "wl=dirty:256:0", ready: "dirty: rate=" },
 ];
 
 fn ms(v: &Value) -> Option<f64> {
@@ -195,17 +165,10 @@ fn run_scenario(s: &Scenario, loopback: f64, extra_params: &Value) -> Value {
     let first = passes.first().cloned().unwrap_or(json!({}));
     let first_bytes = first["bytes"].as_f64().unwrap_or(0.0);
     let first_s = first["time-us"].as_f64().unwrap_or(0.0) / 1e6;
-    let first_tp = if first_s > 0.0 {
-        first_bytes / first_s
-    } else {
-        0.0
-    };
+    let first_tp = if first_s > 0.0 { first_bytes / first_s } else { 0.0 };
     let total_ms = ms(&info["total-time"]).unwrap_or(0.0);
     let bytes = info["ram"]["transferred"].as_f64().unwrap_or(0.0);
-    let guest_rate_after = dst.wait_line(
-        |l| l.contains("rate=") || l.contains("tick "),
-        Duration::from_secs(5),
-    );
+    let guest_rate_after = dst.wait_line(|l| l.contains("rate=") || l.contains("tick "), Duration::from_secs(5));
     let out = json!({
         "bench": "migrate",
         "scenario": s.name,
@@ -239,19 +202,12 @@ fn src_ram_bytes(mem: &str) -> f64 {
 
 fn migrate(args: &[String]) {
     let loopback = loopback_throughput(8 << 30, 128 << 10);
-    emit(
-        json!({"bench": "migrate", "reference": "tcp-loopback", "chunk": 128 << 10, "MBps": loopback / 1e6}),
-    );
+    emit(json!({"bench": "migrate", "reference": "tcp-loopback", "chunk": 128 << 10, "MBps": loopback / 1e6}));
     let extra = json!({});
-    for s in SCENARIOS
-        .iter()
-        .filter(|s| args.is_empty() || args.iter().any(|a| a == s.name))
-    {
+    for s in SCENARIOS.iter().filter(|s| args.is_empty() || args.iter().any(|a| a == s.name)) {
         emit(run_scenario(s, loopback, &extra));
     }
     let again = loopback_throughput(8 << 30, 128 << 10);
-    emit(
-        json!({"bench": "migrate", "reference": "tcp-loopback-after", "chunk": 128 << 10, "MBps": again / 1e6}),
-    );
+    emit(json!({"bench": "migrate", "reference": "tcp-loopback-after", "chunk": 128 << 10, "MBps": again / 1e6}));
     let _ = number_after; // shared harness helper, used by the tests
 }

@@ -56,10 +56,7 @@ impl PioDevice for ExitDevice {
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), StateError> {
         let s: ExitDeviceState = state::decode(blob)?;
         if s.port != EXIT_PORT {
-            return Err(StateError::Invalid(format!(
-                "exit device at port {:#x}, expected {EXIT_PORT:#x}",
-                s.port
-            )));
+            return Err(StateError::Invalid(format!("exit device at port {:#x}, expected {EXIT_PORT:#x}", s.port)));
         }
         Ok(())
     }

@@ -40,10 +40,7 @@ impl PioBus {
     }
 
     fn find(&self, port: u16) -> Option<(&Mapping, u16)> {
-        self.devices
-            .iter()
-            .find(|m| port >= m.base && port - m.base < m.len)
-            .map(|m| (m, port - m.base))
+        self.devices.iter().find(|m| port >= m.base && port - m.base < m.len).map(|m| (m, port - m.base))
     }
 
     /// Handles an `in` exit. `data` is `count * size` bytes for string I/O; each `size`-byte item is
@@ -57,10 +54,7 @@ impl PioBus {
                 }
             }
             None => {
-                log::debug!(
-                    "read of {} bytes from port {port:#x}, which has no device",
-                    data.len()
-                );
+                log::debug!("read of {} bytes from port {port:#x}, which has no device", data.len());
                 data.fill(0xff);
             }
         }

@@ -102,15 +102,11 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(trigger: IrqTrigger, sink: SerialSink) -> Self {
-        SerialDevice {
-            uart: Some(Serial::new(trigger, sink)),
-        }
+        SerialDevice { uart: Some(Serial::new(trigger, sink)) }
     }
 
     fn uart(&mut self) -> &mut Serial<IrqTrigger, NoEvents, SerialSink> {
-        self.uart
-            .as_mut()
-            .expect("serial model present outside restore")
+        self.uart.as_mut().expect("serial model present outside restore")
     }
 
     /// Queues input bytes for the guest; returns how many fit in the FIFO.
@@ -149,11 +145,7 @@ impl PioDevice for SerialDevice {
     }
 
     fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        let s = self
-            .uart
-            .as_ref()
-            .expect("serial model present outside restore")
-            .state();
+        let s = self.uart.as_ref().expect("serial model present outside restore").state();
         state::encode(&SerialDeviceState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -182,10 +174,7 @@ impl PioDevice for SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
         };
-        let old = self
-            .uart
-            .take()
-            .expect("serial model present outside restore");
+        let old = self.uart.take().expect("serial model present outside restore");
         let trigger = old
             .interrupt_evt()
             .try_clone()
@@ -200,9 +189,7 @@ impl PioDevice for SerialDevice {
         let sink = old.into_writer();
         match Serial::from_state(
             &state,
-            trigger
-                .try_clone()
-                .map_err(|e| StateError::Invalid(e.to_string()))?,
+            trigger.try_clone().map_err(|e| StateError::Invalid(e.to_string()))?,
             NoEvents,
             sink,
         ) {
@@ -222,28 +209,23 @@ impl PioDevice for SerialDevice {
 
 /// Feeds stdin to the UART's receiver until stdin ends. Bytes wait while the guest's FIFO is full.
 pub fn spawn_stdin_reader(serial: Arc<Mutex<SerialDevice>>) {
-    let spawned = std::thread::Builder::new()
-        .name("serial-stdin".into())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut sent = 0;
-                while sent < n {
-                    sent += serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(&buf[sent..n]);
-                    if sent < n {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+    let spawned = std::thread::Builder::new().name("serial-stdin".into()).spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut sent = 0;
+            while sent < n {
+                sent += serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(&buf[sent..n]);
+                if sent < n {
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
-        });
+        }
+    });
     if let Err(e) = spawned {
         log::warn!("no serial input: cannot start the stdin thread: {e}");
     }

@@ -4,6 +4,10 @@
 //! the emulator itself wrote (they bypass some trackers: KVM's log never sees them), and never knows
 //! which tracker it has.
 
+pub mod kvm;
+pub mod kvm_log;
+pub mod kvm_ring;
+pub mod uffd_async;
 pub mod uffd_wp;
 
 use std::str::FromStr;
@@ -23,6 +27,10 @@ pub enum TrackerError {
     FaultThread(String),
     #[error("cannot populate guest RAM: {0}")]
     Populate(std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
 }
 
 /// Which tracker a migration uses.
@@ -30,14 +38,25 @@ pub enum TrackerError {
 pub enum TrackerKind {
     /// userfaultfd write-protect, synchronous: a fault thread resolves every first write to a page.
     UffdWp,
+    /// userfaultfd write-protect, asynchronous (WP_ASYNC): the kernel resolves faults itself and
+    /// PAGEMAP_SCAN collects and re-protects written pages; no fault thread.
+    UffdWpAsync,
+    /// KVM's dirty bitmap, with manual protect and chunked clears.
+    KvmDirtyLog,
+    /// KVM's per-vCPU dirty rings (set up when emu starts).
+    KvmDirtyRing,
 }
 
 impl TrackerKind {
-    pub const ALL: &'static [TrackerKind] = &[TrackerKind::UffdWp];
+    pub const ALL: &'static [TrackerKind] =
+        &[TrackerKind::UffdWp, TrackerKind::UffdWpAsync, TrackerKind::KvmDirtyLog, TrackerKind::KvmDirtyRing];
 
     pub fn name(self) -> &'static str {
         match self {
             TrackerKind::UffdWp => "uffd-wp",
+            TrackerKind::UffdWpAsync => "uffd-wp-async",
+            TrackerKind::KvmDirtyLog => "kvm-dirty-log",
+            TrackerKind::KvmDirtyRing => "kvm-dirty-ring",
         }
     }
 }
@@ -45,14 +64,10 @@ impl TrackerKind {
 impl FromStr for TrackerKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        TrackerKind::ALL
-            .iter()
-            .copied()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = TrackerKind::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown dirty tracker '{s}' (one of: {})", names.join(", "))
-            })
+        TrackerKind::ALL.iter().copied().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = TrackerKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown dirty tracker '{s}' (one of: {})", names.join(", "))
+        })
     }
 }
 
@@ -73,17 +88,15 @@ pub trait DirtyTracker: Send {
 }
 
 /// Builds a tracker of the given kind for `ram` (the emulator supplies one that also knows KVM).
-pub type TrackerFactory = dyn Fn(TrackerKind, &Arc<GuestRam>) -> Result<Box<dyn DirtyTracker>, TrackerError>
-    + Send
-    + Sync;
+pub type TrackerFactory =
+    dyn Fn(TrackerKind, &Arc<GuestRam>) -> Result<Box<dyn DirtyTracker>, TrackerError> + Send + Sync;
 
-/// The trackers this crate can build from guest RAM alone.
-pub fn ram_tracker(
-    kind: TrackerKind,
-    ram: &Arc<GuestRam>,
-) -> Result<Box<dyn DirtyTracker>, TrackerError> {
+/// The trackers this crate can build from guest RAM alone (KVM's need the VM: see the emulator).
+pub fn ram_tracker(kind: TrackerKind, ram: &Arc<GuestRam>) -> Option<Box<dyn DirtyTracker>> {
     match kind {
-        TrackerKind::UffdWp => Ok(Box::new(uffd_wp::UffdWpTracker::new(ram.clone()))),
+        TrackerKind::UffdWp => Some(Box::new(uffd_wp::UffdWpTracker::new(ram.clone()))),
+        TrackerKind::UffdWpAsync => Some(Box::new(uffd_async::UffdWpAsyncTracker::new(ram.clone()))),
+        TrackerKind::KvmDirtyLog | TrackerKind::KvmDirtyRing => None,
     }
 }
 
@@ -95,21 +108,14 @@ pub struct DirtyLog {
 }
 
 impl DirtyLog {
-    pub fn start(
-        mut tracker: Box<dyn DirtyTracker>,
-        ram: Arc<GuestRam>,
-    ) -> Result<Self, TrackerError> {
+    pub fn start(mut tracker: Box<dyn DirtyTracker>, ram: Arc<GuestRam>) -> Result<Self, TrackerError> {
         ram.start_vmm_dirty_log();
         if let Err(e) = tracker.start() {
             ram.stop_vmm_dirty_log();
             let _ = tracker.stop();
             return Err(e);
         }
-        Ok(DirtyLog {
-            tracker,
-            ram,
-            running: true,
-        })
+        Ok(DirtyLog { tracker, ram, running: true })
     }
 
     pub fn kind(&self) -> TrackerKind {

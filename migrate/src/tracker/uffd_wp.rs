@@ -37,11 +37,7 @@ pub struct UffdWpTracker {
 
 impl UffdWpTracker {
     pub fn new(ram: Arc<GuestRam>) -> Self {
-        UffdWpTracker {
-            ram,
-            running: None,
-            faults: Arc::new(AtomicU64::new(0)),
-        }
+        UffdWpTracker { ram, running: None, faults: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Write faults resolved so far.
@@ -62,17 +58,8 @@ impl UffdWpTracker {
         }
     }
 
-    fn protect_all(uffd: &Uffd, ram: &GuestRam, protect: bool) -> Result<(), UffdError> {
-        for (_, host, len) in ram.host_regions() {
-            uffd.write_protect(host as u64, len as u64, protect)?;
-        }
-        Ok(())
-    }
-
     fn start_inner(&mut self, uffd: Arc<Uffd>) -> Result<Running, TrackerError> {
-        for (_, host, len) in self.ram.host_regions() {
-            uffd.register_wp(host as u64, len as u64)?;
-        }
+        uffd.register_wp_ranges(&self.ram.host_ranges())?;
         // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -82,26 +69,14 @@ impl UffdWpTracker {
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
         let dirty = Arc::new(AtomicBitmap::new(self.ram.page_count()));
         let thread = {
-            let (uffd, dirty, ram, faults) = (
-                uffd.clone(),
-                dirty.clone(),
-                self.ram.clone(),
-                self.faults.clone(),
-            );
+            let (uffd, dirty, ram, faults) = (uffd.clone(), dirty.clone(), self.ram.clone(), self.faults.clone());
             let stop_fd = stop.try_clone().map_err(TrackerError::Thread)?;
             std::thread::Builder::new()
                 .name("uffd-wp".into())
                 .spawn(move || fault_loop(&uffd, &ram, &dirty, &stop_fd, &faults))
                 .map_err(TrackerError::Thread)?
         };
-        let running = Running {
-            uffd: uffd.clone(),
-            dirty,
-            stop,
-            thread: Some(thread),
-        };
-        Self::protect_all(&uffd, &self.ram, true)?;
-        Ok(running)
+        Ok(Running { uffd, dirty, stop, thread: Some(thread) })
     }
 }
 
@@ -115,16 +90,8 @@ fn fault_loop(
 ) -> Result<(), UffdError> {
     let mut msgs = [UffdMsg::default(); 64];
     let mut fds = [
-        libc::pollfd {
-            fd: uffd.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        libc::pollfd { fd: uffd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
     loop {
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
@@ -168,19 +135,19 @@ impl DirtyTracker for UffdWpTracker {
         self.stop()?;
         let uffd = Arc::new(self.open()?);
         match self.start_inner(uffd.clone()) {
-            Ok(r) => {
-                self.running = Some(r);
-                Ok(())
-            }
+            Ok(r) => self.running = Some(r),
             Err(e) => {
                 // Undo whatever part was done; closing the userfaultfd releases the rest.
-                let _ = Self::protect_all(&uffd, &self.ram, false);
-                for (_, host, len) in self.ram.host_regions() {
-                    let _ = uffd.unregister(host as u64, len as u64);
-                }
-                Err(e)
+                let _ = uffd.release_ranges(&self.ram.host_ranges());
+                return Err(e);
             }
         }
+        // With the fault thread running, protect everything; on failure `stop` undoes it all.
+        if let Err(e) = uffd.write_protect_ranges(&self.ram.host_ranges(), true) {
+            let _ = self.stop();
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     fn collect(&mut self, into: &mut PageBitmap) -> Result<(), TrackerError> {
@@ -210,10 +177,7 @@ impl DirtyTracker for UffdWpTracker {
         };
         // Unprotect everything first: it also wakes any vCPU blocked on a fault, so nothing waits
         // on the thread we are about to stop.
-        let unprotected = Self::protect_all(&r.uffd, &self.ram, false);
-        for (_, host, len) in self.ram.host_regions() {
-            let _ = r.uffd.unregister(host as u64, len as u64);
-        }
+        let unprotected = r.uffd.release_ranges(&self.ram.host_ranges());
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
         unsafe { libc::write(r.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
