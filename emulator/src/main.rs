@@ -9,6 +9,7 @@ mod qmp;
 mod state;
 mod vcpu;
 mod vm;
+mod write_fault;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -24,7 +24,11 @@ use crate::devices::PioBus;
 use crate::loader::{Entry, MULTIBOOT_BOOT_MAGIC};
 use crate::state::{StateKind, Versioned};
 use crate::vm::VmEvent;
+use migrate::ram::GuestRam;
 use migrate::tracker::kvm_ring::DirtyRings;
+use migrate::tracker::mprotect::WriteFaultSlot;
+
+use crate::write_fault::{self, FaultHistory};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -65,6 +69,9 @@ pub enum VcpuRequest {
     Resume,
     Save(Sender<Result<VcpuState, VcpuError>>),
     Restore(Box<VcpuState>, Sender<Result<(), VcpuError>>),
+    /// The guest pages of the vCPU's event stacks (see `write_fault::event_stack_pages`); answered
+    /// between two runs, without pausing.
+    EventStackPages(Sender<Result<Vec<usize>, String>>),
     Exit,
 }
 
@@ -264,7 +271,14 @@ pub struct VcpuContext {
     pub msr_indices: Arc<Vec<u32>>,
     /// KVM's dirty rings, when the VM has them: a full ring is harvested by its vCPU.
     pub dirty_rings: Option<Arc<DirtyRings>>,
+    pub ram: Arc<GuestRam>,
+    /// The mprotect tracker, while one runs: it explains EFAULTs from KVM_RUN.
+    pub write_faults: Arc<WriteFaultSlot>,
 }
+
+/// EFAULTs in a row that no tracker explains before the vCPU gives up: one can be stale (the
+/// tracker stopped between the fault and our look), a real one repeats.
+const MAX_UNEXPLAINED_EFAULTS: u32 = 3;
 
 /// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls reports as an unsupported exit.
 const EXIT_DIRTY_RING_FULL: u32 = 31;
@@ -288,7 +302,18 @@ impl VcpuHandle {
         let (p, t) = (pending.clone(), tid.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || VcpuThread { vcpu, ctx, requests: rx, pending: p, paused: true }.run(t))
+            .spawn(move || {
+                let thread = VcpuThread {
+                    vcpu,
+                    ctx,
+                    requests: rx,
+                    pending: p,
+                    paused: true,
+                    fault_history: FaultHistory::default(),
+                    unexplained_efaults: 0,
+                };
+                thread.run(t)
+            })
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle { index, requests, pending, tid, thread: Some(thread) })
     }
@@ -332,6 +357,13 @@ impl VcpuHandle {
         rx.recv().map_err(|_| VcpuError::Gone(self.index))?
     }
 
+    /// The guest pages of this vCPU's event stacks.
+    pub fn event_stack_pages(&self) -> Result<Vec<usize>, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(VcpuRequest::EventStackPages(tx)).map_err(|e| e.to_string())?;
+        rx.recv().map_err(|_| VcpuError::Gone(self.index).to_string())?
+    }
+
     /// Restores the vCPU's state; the vCPU must be paused.
     pub fn restore(&self, state: VcpuState) -> Result<(), VcpuError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -360,6 +392,8 @@ struct VcpuThread {
     requests: Receiver<VcpuRequest>,
     pending: Arc<AtomicBool>,
     paused: bool,
+    fault_history: FaultHistory,
+    unexplained_efaults: u32,
 }
 
 impl VcpuThread {
@@ -380,12 +414,19 @@ impl VcpuThread {
             }
             match self.vcpu.run() {
                 Ok(exit) => {
+                    self.unexplained_efaults = 0;
                     if let Err(reason) = handle_exit(&self.ctx, run, exit) {
                         let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
                         self.paused = true;
                     }
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EFAULT => {
+                    if let Err(reason) = self.write_fault() {
+                        let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
+                        self.paused = true;
+                    }
+                }
                 Err(e) => {
                     let reason = format!("KVM_RUN failed: {e}");
                     let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
@@ -426,7 +467,24 @@ impl VcpuThread {
                 VcpuRequest::Restore(state, reply) => {
                     let _ = reply.send(restore_state(&self.vcpu, index, &state));
                 }
+                VcpuRequest::EventStackPages(reply) => {
+                    let _ = reply.send(write_fault::event_stack_pages(&self.vcpu, &self.ctx.ram));
+                }
                 VcpuRequest::Exit => return Flow::Exit,
+            }
+        }
+    }
+
+    /// KVM_RUN failed with EFAULT: a guest write to a page the mprotect tracker protects.
+    fn write_fault(&mut self) -> Result<(), String> {
+        match self.ctx.write_faults.get() {
+            Some(faults) => write_fault::resolve(&self.vcpu, &self.ctx.ram, &faults, &mut self.fault_history),
+            None => {
+                self.unexplained_efaults += 1;
+                if self.unexplained_efaults > MAX_UNEXPLAINED_EFAULTS {
+                    return Err("KVM_RUN failed: bad address (EFAULT)".into());
+                }
+                Ok(())
             }
         }
     }
@@ -469,6 +527,14 @@ fn handle_exit(ctx: &VcpuContext, run: *mut kvm_run, exit: VcpuExit) -> Result<(
         VcpuExit::IoOut(port, data) => {
             let size = io_size();
             ctx.bus.write(port, size, data);
+        }
+        // A ring-0 store to a page the mprotect tracker keeps read-only reaches us as MMIO: perform
+        // it (the RAM's write gate makes the page writable and records it).
+        VcpuExit::MmioWrite(addr, data) if ctx.ram.layout().page_of(addr).is_some() => {
+            ctx.ram.write(addr, data).map_err(|e| format!("store to RAM at {addr:#x}: {e}"))?;
+        }
+        VcpuExit::MmioRead(addr, data) if ctx.ram.layout().page_of(addr).is_some() => {
+            ctx.ram.read(addr, data).map_err(|e| format!("load from RAM at {addr:#x}: {e}"))?;
         }
         VcpuExit::MmioRead(addr, data) => {
             log::debug!("vCPU {}: read of {} bytes at {addr:#x}, where no device is", ctx.index, data.len());

@@ -22,6 +22,7 @@ use migrate::ram::{GuestRam, RamLayout};
 use migrate::tracker::kvm::KvmSlots;
 use migrate::tracker::kvm_log::KvmDirtyLogTracker;
 use migrate::tracker::kvm_ring::{DirtyRings, KvmDirtyRingTracker};
+use migrate::tracker::mprotect::{EventStacks, MprotectTracker, WriteFaultSlot};
 use migrate::tracker::{DirtyTracker, TrackerError, TrackerKind};
 use migrate::vm::{MachineState, MigratableVm, RestorableVm, VmError as MigrateVmError};
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,7 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     kvm_slots: Arc<KvmSlots>,
     dirty_rings: Option<Arc<DirtyRings>>,
+    write_faults: Arc<WriteFaultSlot>,
     vcpus: Vec<VcpuHandle>,
     bus: Arc<PioBus>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -259,6 +261,7 @@ impl Vm {
         } else {
             None
         };
+        let write_faults = Arc::new(WriteFaultSlot::default());
         let mut vcpus = Vec::with_capacity(config.vcpus);
         for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
             let ctx = VcpuContext {
@@ -267,6 +270,8 @@ impl Vm {
                 events: events.clone(),
                 msr_indices: msr_indices.clone(),
                 dirty_rings: dirty_rings.clone(),
+                ram: ram.clone(),
+                write_faults: write_faults.clone(),
             };
             vcpus.push(VcpuHandle::spawn(vcpu, ctx)?);
         }
@@ -277,6 +282,7 @@ impl Vm {
             ram,
             kvm_slots,
             dirty_rings,
+            write_faults,
             vcpus,
             bus,
             serial,
@@ -285,7 +291,7 @@ impl Vm {
     }
 
     /// Builds a dirty tracker of `kind` for this VM.
-    pub fn tracker(&self, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError> {
+    pub fn tracker(self: &Arc<Self>, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError> {
         if let Some(t) = migrate::tracker::ram_tracker(kind, &self.ram) {
             return Ok(t);
         }
@@ -299,6 +305,19 @@ impl Vm {
                 "kvm-dirty-ring needs the rings set up before the vCPUs exist: start emu with --dirty-tracker kvm-dirty-ring"
                     .into(),
             )),
+            (TrackerKind::Mprotect, _) => {
+                // Weak: the tracker must not keep the VM alive.
+                let vm = Arc::downgrade(self);
+                let event_stacks: Arc<EventStacks> = Arc::new(move || {
+                    let vm = vm.upgrade().ok_or("the VM is gone")?;
+                    let mut pages = Vec::new();
+                    for v in vm.vcpus() {
+                        pages.extend(v.event_stack_pages()?);
+                    }
+                    Ok(pages)
+                });
+                Ok(Box::new(MprotectTracker::new(self.ram.clone(), self.write_faults.clone(), event_stacks)))
+            }
             (other, _) => Err(TrackerError::Unsupported(format!("no {} tracker for this VM", other.name()))),
         }
     }

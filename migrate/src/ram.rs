@@ -9,6 +9,7 @@
 //! guest writes it concurrently, and a `&[u8]` over it would promise the compiler otherwise.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -149,6 +150,12 @@ impl RamLayout {
     }
 }
 
+/// Stands between the emulator's writes and guest RAM while a tracker keeps pages read-only in the
+/// emulator's own mapping (mprotect): it makes the pages writable for the write, and records them.
+pub trait WriteGate: Send + Sync {
+    fn write(&self, first_page: usize, pages: usize, write: &mut dyn FnMut());
+}
+
 struct Mapping {
     /// Keeps the mapping alive; never dereferenced as a slice (see the module comment).
     _mmap: MmapMut,
@@ -162,6 +169,7 @@ pub struct GuestRam {
     maps: Vec<Mapping>,
     vmm_dirty: AtomicBitmap,
     vmm_logging: AtomicBool,
+    gate: RwLock<Option<Arc<dyn WriteGate>>>,
 }
 
 // SAFETY: the raw pointers in `maps` point into mappings owned by the same struct, valid for its
@@ -186,7 +194,7 @@ impl GuestRam {
             maps.push(Mapping { _mmap: mmap, host, len });
         }
         let vmm_dirty = AtomicBitmap::new(layout.page_count());
-        Ok(GuestRam { layout, maps, vmm_dirty, vmm_logging: AtomicBool::new(false) })
+        Ok(GuestRam { layout, maps, vmm_dirty, vmm_logging: AtomicBool::new(false), gate: RwLock::new(None) })
     }
 
     pub fn layout(&self) -> &RamLayout {
@@ -307,7 +315,12 @@ impl GuestRam {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
         let dst = self.host_range(gpa, data.len())?;
         // SAFETY: dst..dst+len is mapped guest RAM (checked above), disjoint from `data`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        let mut copy = || unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        let gate = self.gate.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match (gate, self.layout.page_of(gpa), self.layout.page_of(gpa + data.len().max(1) as u64 - 1)) {
+            (Some(gate), Some(first), Some(last)) => gate.write(first, last - first + 1, &mut copy),
+            _ => copy(),
+        }
         // Marked after the copy: a sender that takes the mark reads the page after it, so it cannot
         // send the old contents and drop the mark.
         self.mark_vmm_dirty(gpa, data.len());
@@ -345,6 +358,11 @@ impl GuestRam {
         let dst = self.page_host_addr(page);
         // SAFETY: a page of mapped guest RAM.
         unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) };
+    }
+
+    /// Routes the emulator's writes through `gate` (None: straight to RAM again).
+    pub fn set_write_gate(&self, gate: Option<Arc<dyn WriteGate>>) {
+        *self.gate.write().unwrap_or_else(|e| e.into_inner()) = gate;
     }
 
     /// Starts recording the emulator's own writes; they are merged into every tracker's dirty set.

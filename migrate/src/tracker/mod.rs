@@ -7,6 +7,7 @@
 pub mod kvm;
 pub mod kvm_log;
 pub mod kvm_ring;
+pub mod mprotect;
 pub mod uffd_async;
 pub mod uffd_wp;
 
@@ -45,11 +46,18 @@ pub enum TrackerKind {
     KvmDirtyLog,
     /// KVM's per-vCPU dirty rings (set up when emu starts).
     KvmDirtyRing,
+    /// mprotect(PROT_READ) of copied pages; faulting writes are tied to pages by decoding them.
+    Mprotect,
 }
 
 impl TrackerKind {
-    pub const ALL: &'static [TrackerKind] =
-        &[TrackerKind::UffdWp, TrackerKind::UffdWpAsync, TrackerKind::KvmDirtyLog, TrackerKind::KvmDirtyRing];
+    pub const ALL: &'static [TrackerKind] = &[
+        TrackerKind::UffdWp,
+        TrackerKind::UffdWpAsync,
+        TrackerKind::KvmDirtyLog,
+        TrackerKind::KvmDirtyRing,
+        TrackerKind::Mprotect,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -57,6 +65,7 @@ impl TrackerKind {
             TrackerKind::UffdWpAsync => "uffd-wp-async",
             TrackerKind::KvmDirtyLog => "kvm-dirty-log",
             TrackerKind::KvmDirtyRing => "kvm-dirty-ring",
+            TrackerKind::Mprotect => "mprotect",
         }
     }
 }
@@ -96,7 +105,7 @@ pub fn ram_tracker(kind: TrackerKind, ram: &Arc<GuestRam>) -> Option<Box<dyn Dir
     match kind {
         TrackerKind::UffdWp => Some(Box::new(uffd_wp::UffdWpTracker::new(ram.clone()))),
         TrackerKind::UffdWpAsync => Some(Box::new(uffd_async::UffdWpAsyncTracker::new(ram.clone()))),
-        TrackerKind::KvmDirtyLog | TrackerKind::KvmDirtyRing => None,
+        TrackerKind::KvmDirtyLog | TrackerKind::KvmDirtyRing | TrackerKind::Mprotect => None,
     }
 }
 
