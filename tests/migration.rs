@@ -26,7 +26,9 @@ fn assert_ram_equal(a: &Emu, b: &Emu) {
 /// Migrates `src` to a new destination started paused, checks RAM page for page and the run
 /// states, then lets the destination run. Returns it with the final `query-migrate`.
 fn migrate_checked(src: &Emu) -> (Emu, Value) {
-    let (dst, uri) = Emu::incoming(&["-S"]);
+    // The destination may migrate on: it gets the source's tracker (kvm-dirty-ring needs it at start).
+    let tracker = src.qmp_ok("query-migrate-parameters", json!({}))["dirty-tracker"].as_str().unwrap().to_string();
+    let (dst, uri) = Emu::incoming(&["-S", "--dirty-tracker", &tracker]);
     let info = common::migrate(src, &uri, T);
     assert_eq!(
         info["status"],
@@ -60,30 +62,34 @@ fn check_ticks_continue(src: &Emu, dst: &Emu, prefix: &str) {
     assert!(!dst.output().contains(&format!("{prefix}tick {last} ")), "tick {last} repeated");
 }
 
-#[test]
-fn idle_guest_migrates_and_ticks_on() {
-    require_kvm!();
-    let src = Emu::boot(&["--mem", "256M", "--append", "wl=idle"]);
+/// Boots a source that migrates with `tracker`.
+fn source(tracker: &str, args: &[&str]) -> Emu {
+    let mut all = vec!["--dirty-tracker", tracker];
+    all.extend_from_slice(args);
+    Emu::boot(&all)
+}
+
+fn idle_guest_migrates_and_ticks_on(tracker: &str) {
+    let src = source(tracker, &["--mem", "256M", "--append", "wl=idle"]);
     src.expect_line("tick 2 ", T);
     let (dst, info) = migrate_checked(&src);
     check_ticks_continue(&src, &dst, "");
     assert!(info["downtime"].as_u64().is_some() && info["total-time"].as_u64().is_some(), "{info}");
     assert!(info["setup-time"].as_u64().is_some(), "{info}");
     assert_eq!(info["ram"]["total"], 256 << 20);
+    assert_eq!(info["dirty-tracker"], tracker);
 }
 
-#[test]
-fn idle_smp2_guest_migrates() {
-    require_kvm!();
-    let src = Emu::boot(&["--smp", "2", "--mem", "256M", "--append", "wl=idle"]);
+fn idle_smp2_guest_migrates(tracker: &str) {
+    let src = source(tracker, &["--smp", "2", "--mem", "256M", "--append", "wl=idle"]);
     src.expect_line("cpu1: tick 2 ", T);
     let (dst, _) = migrate_checked(&src);
     check_ticks_continue(&src, &dst, "cpu0: ");
     check_ticks_continue(&src, &dst, "cpu1: ");
 }
 
-fn dirty_guest_migrates(smp: &str, workload: &str) {
-    let src = Emu::boot(&["--smp", smp, "--mem", "256M", "--append", workload]);
+fn dirty_guest_migrates(tracker: &str, smp: &str, workload: &str) {
+    let src = source(tracker, &["--smp", smp, "--mem", "256M", "--append", workload]);
     src.expect_line("dirty: rate=", T);
     let (dst, info) = migrate_checked(&src);
     let before = number_after(&last_line(&src, "dirty: rate="), "total=").unwrap();
@@ -93,26 +99,8 @@ fn dirty_guest_migrates(smp: &str, workload: &str) {
     assert!(info["ram"]["normal"].as_u64().unwrap() > 0, "{info}");
 }
 
-#[test]
-fn dirty_guest_at_moderate_rate_migrates() {
-    require_kvm!();
-    dirty_guest_migrates("1", "wl=dirty:64:25000");
-}
-
-#[test]
-fn dirty_guest_at_maximum_rate_migrates() {
-    require_kvm!();
-    dirty_guest_migrates("1", "wl=dirty:64:0");
-}
-
-#[test]
-fn dirty_smp2_guest_migrates() {
-    require_kvm!();
-    dirty_guest_migrates("2", "wl=dirty:32:25000");
-}
-
-fn verify_guest_migrates(smp: &str) {
-    let src = Emu::boot(&["--smp", smp, "--mem", "256M", "--append", "wl=verify:32"]);
+fn verify_guest_migrates(tracker: &str, smp: &str) {
+    let src = source(tracker, &["--smp", smp, "--mem", "256M", "--append", "wl=verify:32"]);
     src.expect_line("verify: written=", T);
     let (dst, _) = migrate_checked(&src);
     let from = dst.line_count();
@@ -126,22 +114,8 @@ fn verify_guest_migrates(smp: &str) {
     assert!(out.lines().filter(|l| l.contains("written=")).all(|l| l.contains("failures=0")), "{out}");
 }
 
-#[test]
-fn verify_guest_migrates_without_a_lost_write() {
-    require_kvm!();
-    verify_guest_migrates("1");
-}
-
-#[test]
-fn verify_smp2_guest_migrates_without_a_lost_write() {
-    require_kvm!();
-    verify_guest_migrates("2");
-}
-
-#[test]
-fn there_and_back_again() {
-    require_kvm!();
-    let a = Emu::boot(&["--mem", "128M", "--append", "wl=verify:16:50000"]);
+fn there_and_back_again(tracker: &str) {
+    let a = source(tracker, &["--mem", "128M", "--append", "wl=verify:16:50000"]);
     a.expect_line("verify: written=", T);
     let (b, _) = migrate_checked(&a);
     b.expect_line("verify: written=", T);
@@ -171,6 +145,8 @@ fn assert_source_recovered(src: &Emu, rate_before: u64) {
     assert_eq!(src.status(), "running");
     let names = src.thread_names();
     assert!(!names.iter().any(|n| n == "uffd-wp" || n == "migration"), "threads left: {names:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", src.pid())).unwrap();
+    assert!(status.contains("State:"), "{status}");
     let n = src.line_count();
     src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("guest runs");
     let line = src.wait_line_from(n + 1, |l| l.contains("verify: written="), T).expect("guest runs");
@@ -193,10 +169,8 @@ fn verify_rate(src: &Emu) -> u64 {
     number_after(&lines[n - 1], "written=").unwrap() - number_after(&lines[n - 2], "written=").unwrap()
 }
 
-#[test]
-fn cancel_mid_pass_leaves_the_source_running() {
-    require_kvm!();
-    let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
+fn cancel_mid_pass_leaves_the_source_running(tracker: &str) {
+    let src = source(tracker, &["--mem", "256M", "--append", "wl=verify:64"]);
     src.wait_line(|l| l.contains("written=") && number_after(l, "written=").unwrap_or(0) > 0, T);
     src.expect_line("verify: written=", T);
     let n = src.line_count();
@@ -218,10 +192,8 @@ fn cancel_mid_pass_leaves_the_source_running() {
     dst2.expect_line("verify: written=", T);
 }
 
-#[test]
-fn killed_destination_leaves_the_source_running() {
-    require_kvm!();
-    let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
+fn killed_destination_leaves_the_source_running(tracker: &str) {
+    let src = source(tracker, &["--mem", "256M", "--append", "wl=verify:64"]);
     src.expect_line("verify: written=", T);
     let n = src.line_count();
     src.wait_line_from(n, |l| l.contains("written="), T).unwrap();
@@ -259,12 +231,10 @@ fn mismatched_destination_refuses_and_the_source_goes_on() {
     assert!(matches!(dst.wait_exit(T), Some(c) if c != 0));
 }
 
-#[test]
-fn a_lost_write_is_detected() {
-    // The checks above are only worth something if they catch a broken migration: leave pages out
-    // of the final pass on purpose and expect the page comparison to see it.
-    require_kvm!();
-    let src = Emu::boot(&["--mem", "128M", "--append", "wl=verify:16"]);
+/// The checks above are only worth something if they catch a broken migration: leave pages out of
+/// the final pass on purpose and expect the page comparison to see it.
+fn a_lost_write_is_detected(tracker: &str) {
+    let src = source(tracker, &["--mem", "128M", "--append", "wl=verify:16"]);
     src.expect_line("verify: written=", T);
     src.qmp_ok("migrate-set-parameters", json!({"x-drop-final-pages": 8}));
     let (dst, uri) = Emu::incoming(&["-S"]);
@@ -303,3 +273,106 @@ fn migration_parameters_are_checked() {
     assert!(info["error-desc"].as_str().unwrap().contains("cannot connect"), "{info}");
     assert_eq!(src.status(), "running");
 }
+
+/// Trackers that need something set up when emu starts refuse clearly, and the guest goes on.
+#[test]
+fn unavailable_trackers_are_refused() {
+    require_kvm!();
+    let plain = Emu::boot(&["--dirty-tracker", "uffd-wp", "--append", "wl=idle"]);
+    plain.qmp_ok("migrate-set-parameters", json!({"dirty-tracker": "kvm-dirty-ring"}));
+    let (_dst, uri) = Emu::incoming(&[]);
+    let info = common::migrate(&plain, &uri, T);
+    assert_eq!(info["status"], "failed");
+    assert!(info["error-desc"].as_str().unwrap().contains("--dirty-tracker kvm-dirty-ring"), "{info}");
+    assert_eq!(plain.status(), "running");
+    let ring = Emu::boot(&["--dirty-tracker", "kvm-dirty-ring", "--append", "wl=idle"]);
+    ring.qmp_ok("migrate-set-parameters", json!({"dirty-tracker": "kvm-dirty-log"}));
+    let (_dst, uri) = Emu::incoming(&[]);
+    let info = common::migrate(&ring, &uri, T);
+    assert!(info["error-desc"].as_str().unwrap().contains("dirty rings"), "{info}");
+    assert_eq!(ring.status(), "running");
+}
+
+/// The migration suite, once per tracker.
+macro_rules! per_tracker {
+    ($($module:ident => $tracker:literal),* $(,)?) => {$(
+        mod $module {
+            const TRACKER: &str = $tracker;
+            use super::common;
+
+            #[test]
+            fn idle_guest_migrates_and_ticks_on() {
+                crate::require_kvm!();
+                super::idle_guest_migrates_and_ticks_on(TRACKER);
+            }
+
+            #[test]
+            fn idle_smp2_guest_migrates() {
+                crate::require_kvm!();
+                super::idle_smp2_guest_migrates(TRACKER);
+            }
+
+            #[test]
+            fn dirty_guest_at_moderate_rate_migrates() {
+                crate::require_kvm!();
+                super::dirty_guest_migrates(TRACKER, "1", "wl=dirty:64:25000");
+            }
+
+            #[test]
+            fn dirty_guest_at_maximum_rate_migrates() {
+                crate::require_kvm!();
+                super::dirty_guest_migrates(TRACKER, "1", "wl=dirty:64:0");
+            }
+
+            #[test]
+            fn dirty_smp2_guest_migrates() {
+                crate::require_kvm!();
+                super::dirty_guest_migrates(TRACKER, "2", "wl=dirty:32:25000");
+            }
+
+            #[test]
+            fn verify_guest_migrates_without_a_lost_write() {
+                crate::require_kvm!();
+                super::verify_guest_migrates(TRACKER, "1");
+            }
+
+            #[test]
+            fn verify_smp2_guest_migrates_without_a_lost_write() {
+                crate::require_kvm!();
+                super::verify_guest_migrates(TRACKER, "2");
+            }
+
+            #[test]
+            fn there_and_back_again() {
+                crate::require_kvm!();
+                super::there_and_back_again(TRACKER);
+            }
+
+            #[test]
+            fn cancel_mid_pass_leaves_the_source_running() {
+                crate::require_kvm!();
+                super::cancel_mid_pass_leaves_the_source_running(TRACKER);
+            }
+
+            #[test]
+            fn killed_destination_leaves_the_source_running() {
+                crate::require_kvm!();
+                super::killed_destination_leaves_the_source_running(TRACKER);
+            }
+
+            #[test]
+            fn a_lost_write_is_detected() {
+                crate::require_kvm!();
+                super::a_lost_write_is_detected(TRACKER);
+            }
+        }
+    )*};
+}
+
+per_tracker!(
+    uffd_wp => "uffd-wp",
+    uffd_wp_async => "uffd-wp-async",
+    kvm_dirty_log => "kvm-dirty-log",
+    kvm_dirty_ring => "kvm-dirty-ring",
+    mprotect => "mprotect",
+);
