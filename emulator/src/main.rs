@@ -121,7 +121,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(cmd) => cli::run_subcommand(cmd),

@@ -9,7 +9,7 @@ use migrate::progress::Progress;
 use migrate::receiver::{self, ReceiveError, Received};
 use migrate::sender::{self, MigrationParams, Outgoing};
 use migrate::stream::StreamHeader;
-use migrate::tracker::TrackerKind;
+use migrate::tracker::{self, TrackerKind};
 use migrate::transport::{Listener, Uri};
 use migrate::vm::MigratableVm;
 use serde_json::{json, Map, Value};
@@ -55,6 +55,7 @@ impl MigrationController {
             }
             "migrate-set-parameters" => self.set_parameters(args),
             "query-migrate-parameters" => Ok(params_json(&self.params.lock().unwrap_or_else(|e| e.into_inner()))),
+            "x-dirty-tracking" => self.dirty_tracking(args),
             _ => Err(QmpError { class: "CommandNotFound", desc: format!("the command {name} has not been found") }),
         }
     }
@@ -76,6 +77,44 @@ impl MigrationController {
         let outgoing = sender::start(vm, uri, self.params.clone(), trackers)?;
         *current = Some(outgoing);
         Ok(json!({}))
+    }
+
+    /// `x-dirty-tracking {"tracker"?, "duration-ms"?, "interval-ms"?}`: runs a tracker on the live
+    /// guest without migrating, collecting at an interval, and reports what each step cost. For the
+    /// tracker benchmark; it answers when done.
+    fn dirty_tracking(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let current = self.current();
+        if current.as_ref().is_some_and(|o| !o.progress.snapshot().status.is_finished()) {
+            return Err(QmpError::generic("a migration is running"));
+        }
+        let ms_arg = |key: &str, default: u64, max: u64| match args.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| (1..=max).contains(&n))
+                .ok_or_else(|| QmpError::generic(format!("{key} must be 1 to {max}"))),
+        };
+        let duration = Duration::from_millis(ms_arg("duration-ms", 3000, 60_000)?);
+        let interval = Duration::from_millis(ms_arg("interval-ms", 100, 10_000)?);
+        let kind = match args.get("tracker").map(|v| v.as_str().map(str::parse::<TrackerKind>)) {
+            None => self.params.lock().unwrap_or_else(|e| e.into_inner()).tracker,
+            Some(Some(Ok(k))) => k,
+            Some(Some(Err(e))) => return Err(QmpError::generic(e)),
+            Some(None) => return Err(QmpError::generic("tracker must be a string")),
+        };
+        let ram = MigratableVm::ram(&*self.vm).clone();
+        let sample = tracker::exercise(self.vm.tracker(kind)?, ram, duration, interval)?;
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let n = sample.collects.len().max(1) as f64;
+        Ok(json!({
+            "tracker": kind.name(),
+            "start-us": us(sample.start),
+            "stop-us": us(sample.stop),
+            "collects": sample.collects.len(),
+            "collect-us-mean": sample.collects.iter().map(|c| us(c.time)).sum::<f64>() / n,
+            "collect-us-max": sample.collects.iter().map(|c| us(c.time)).fold(0.0, f64::max),
+            "pages-total": sample.collects.iter().map(|c| c.pages).sum::<usize>(),
+        }))
     }
 
     fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -159,6 +198,13 @@ pub fn progress_json(p: &Progress) -> Value {
     }
     if let Some(e) = &p.error {
         v["error-desc"] = json!(e);
+    }
+    if let Some(t) = &p.switchover {
+        let us = |d: Duration| d.as_micros() as u64;
+        v["downtime-breakdown-us"] = json!({
+            "pause": us(t.pause), "last-pass": us(t.last_pass),
+            "save-state": us(t.save_state), "send-and-ack": us(t.send_and_ack),
+        });
     }
     if let Some(r) = p.stop_reason {
         v["stop-reason"] = json!(r);

@@ -162,6 +162,41 @@ impl PageBitmap {
         }
     }
 
+    /// Sets bits `start..start + count` (clipped to the length), a word at a time.
+    pub fn set_range(&mut self, start: usize, count: usize) {
+        let end = (start + count).min(self.bits);
+        let mut i = start;
+        while i < end {
+            let (w, b) = (i / BITS, i % BITS);
+            let n = (BITS - b).min(end - i);
+            let mask = if n == BITS { u64::MAX } else { ((1u64 << n) - 1) << b };
+            self.words[w] |= mask;
+            i += n;
+        }
+    }
+
+    /// The set bits in `start..start + count`, in increasing order.
+    pub fn ones_in_range(&self, start: usize, count: usize) -> impl Iterator<Item = usize> + '_ {
+        let end = (start + count).min(self.bits);
+        let (first_word, last_word) = (start / BITS, end.div_ceil(BITS));
+        self.words[first_word.min(self.words.len())..last_word.min(self.words.len())]
+            .iter()
+            .enumerate()
+            .flat_map(move |(k, &w)| {
+                let base = (first_word + k) * BITS;
+                let mut w = w;
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let bit = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    Some(base + bit)
+                })
+            })
+            .filter(move |&i| i >= start && i < end)
+    }
+
     /// Adds every bit of `other` (same length).
     pub fn union_with(&mut self, other: &PageBitmap) {
         debug_assert_eq!(self.bits, other.bits);
@@ -237,6 +272,23 @@ mod tests {
             p.set(i);
         }
         assert_eq!(p.runs().collect::<Vec<_>>(), vec![(1, 3), (63, 3), (100, 1), (199, 1)]);
+    }
+
+    #[test]
+    fn ranges() {
+        let mut p = PageBitmap::new(300);
+        p.set_range(60, 70);
+        assert_eq!(p.count(), 70);
+        assert!(!p.get(59) && p.get(60) && p.get(129) && !p.get(130));
+        p.set_range(290, 100);
+        assert_eq!(p.count(), 80);
+        let mut q = PageBitmap::new(300);
+        for i in [3, 64, 65, 200, 299] {
+            q.set(i);
+        }
+        assert_eq!(q.ones_in_range(4, 196).collect::<Vec<_>>(), vec![64, 65]);
+        assert_eq!(q.ones_in_range(0, 300).count(), 5);
+        assert_eq!(q.ones_in_range(299, 10).collect::<Vec<_>>(), vec![299]);
     }
 
     #[test]

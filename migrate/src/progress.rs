@@ -36,6 +36,19 @@ impl Status {
     }
 }
 
+/// Where the downtime went, step by step.
+#[derive(Clone, Debug, Default)]
+pub struct SwitchoverTimes {
+    /// Stopping every vCPU.
+    pub pause: Duration,
+    /// Taking the last dirty set and sending those pages.
+    pub last_pass: Duration,
+    /// Saving vCPU, VM and device state.
+    pub save_state: Duration,
+    /// Sending the state, and the destination restoring it until its acknowledgement arrives.
+    pub send_and_ack: Duration,
+}
+
 /// One pass of precopy.
 #[derive(Clone, Debug)]
 pub struct PassRecord {
@@ -73,6 +86,7 @@ pub struct Progress {
     pub passes: Vec<PassRecord>,
     /// Why precopy stopped iterating (once it has): "nothing-left", "converged" or "max-passes".
     pub stop_reason: Option<&'static str>,
+    pub switchover: Option<SwitchoverTimes>,
 }
 
 impl Progress {
@@ -96,6 +110,7 @@ impl Progress {
             error: None,
             passes: Vec::new(),
             stop_reason: None,
+            switchover: None,
         }
     }
 }

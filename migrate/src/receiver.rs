@@ -80,16 +80,20 @@ pub fn receive<V: RestorableVm>(
     conn: Connection,
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
-    let reader = conn.try_clone().map_err(|e| ReceiveError { phase: "starting".into(), problem: e.to_string() })?;
-    let mut rx = Receiver { dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, reader)), create: Some(create) };
+    let clone = || conn.try_clone().map_err(|e| ReceiveError { phase: "starting".into(), problem: e.to_string() });
+    let mut rx = Receiver {
+        dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, clone()?)),
+        replies: Encoder::new(clone()?),
+        create: Some(create),
+    };
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase);
-    let mut enc =
-        Encoder::new(conn.try_clone().map_err(|e| ReceiveError { phase: "replying".into(), problem: e.to_string() })?);
+    let enc = &mut rx.replies;
     match result {
         Ok((vm, passes)) => {
             enc.ack().map_err(|e| ReceiveError { phase: "acknowledging".into(), problem: e.to_string() })?;
-            Ok(Received { vm, passes, bytes: rx.dec.bytes_read() })
+            let bytes = rx.dec.bytes_read();
+            Ok(Received { vm, passes, bytes })
         }
         Err(problem) => {
             let err = ReceiveError { phase: phase.describe(), problem };
@@ -105,6 +109,7 @@ pub fn receive<V: RestorableVm>(
 
 struct Receiver<R: std::io::Read, F> {
     dec: Decoder<BufReader<R>>,
+    replies: Encoder<Connection>,
     create: Option<F>,
 }
 
@@ -155,6 +160,19 @@ impl<R: std::io::Read, F> Receiver<R, F> {
                 Ok(()) => Ok(Step::Next(Phase::Ram(t))),
                 Err(e) => Err((Phase::Ram(t), e)),
             },
+            (Phase::Ram(t), RecordType::Sync) => {
+                // Everything before this record is applied: say so (the source then pauses its guest
+                // knowing we will not keep it waiting).
+                let answered = self
+                    .dec
+                    .read_record(&frame)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| self.replies.synced().map_err(|e| format!("cannot answer SYNC: {e}")));
+                match answered {
+                    Ok(()) => Ok(Step::Next(Phase::Ram(t))),
+                    Err(e) => Err((Phase::Ram(t), e)),
+                }
+            }
             (Phase::Ram(mut t), RecordType::ZeroPages | RecordType::PassEnd) => {
                 match self.read_ram_record(&mut t, &frame) {
                     Ok(()) => Ok(Step::Next(Phase::Ram(t))),
@@ -241,10 +259,8 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         });
         let (gpa, count) = r.map_err(|e| e.to_string())??;
         let first = t.layout.page_of(gpa).expect("checked in page_range");
-        for p in first..first + count {
-            t.received.set(p);
-            t.nonzero.set(p);
-        }
+        t.received.set_range(first, count);
+        t.nonzero.set_range(first, count);
         Ok(())
     }
 
@@ -255,14 +271,15 @@ impl<R: std::io::Read, F> Receiver<R, F> {
                     return Err(format!("ZERO_PAGES at unaligned address {gpa:#x}"));
                 }
                 let first = Self::page_range(&t.layout, gpa, count)?;
+                let count = count as usize;
+                // Only pages that hold data need clearing; fresh RAM is zero already.
                 let ram = t.vm.ram();
-                for p in first..first + count as usize {
-                    if t.nonzero.get(p) {
-                        ram.zero_page(p);
-                        t.nonzero.clear_bit(p);
-                    }
-                    t.received.set(p);
+                let had_data: Vec<usize> = t.nonzero.ones_in_range(first, count).collect();
+                for p in had_data {
+                    ram.zero_page(p);
+                    t.nonzero.clear_bit(p);
                 }
+                t.received.set_range(first, count);
                 Ok(())
             }
             Record::PassEnd { pass, .. } => {

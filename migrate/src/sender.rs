@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::bitmap::PageBitmap;
 use crate::convergence::{self, PassOutcome};
 use crate::pagemap::{self, ZeroHints};
-use crate::progress::{PassRecord, Progress, ProgressCell, Status};
+use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, PageBatch, Record, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
@@ -264,9 +264,12 @@ impl Sender<'_> {
         let all = PageBitmap::full(self.ram.page_count());
         self.send_pass(0, &all, known_zero.as_ref())?;
 
-        // Passes 1..n while the guest runs.
+        // Passes 1..n while the guest runs. Before stopping the guest, wait until the destination has
+        // applied what it was sent (SYNC), so that its backlog is not part of the downtime; then look
+        // at the dirty set once more, since the guest ran meanwhile.
         let mut dirty = PageBitmap::new(self.ram.page_count());
         let mut pass = 0;
+        let mut synced = false;
         let mut last_collect = Instant::now();
         loop {
             self.collect(&mut dirty, &mut last_collect)?;
@@ -283,15 +286,22 @@ impl Sender<'_> {
                     last.dirty_after = dirty.count() as u64;
                 }
             });
+            if decision.stops() && !synced {
+                self.sync_with_destination()?;
+                synced = true;
+                continue;
+            }
             if decision.stops() {
                 self.progress.update(|p| p.stop_reason = Some(decision.name()));
                 log::info!("precopy stops after pass {pass}: {decision:?}, {} pages left", dirty.count());
                 break;
             }
             pass += 1;
+            synced = false;
             let to_send = dirty.take();
             self.send_pass(pass, &to_send, None)?;
         }
+
         self.switchover(pass + 1, &mut dirty, &mut last_collect)
     }
 
@@ -306,7 +316,9 @@ impl Sender<'_> {
         self.progress.update(|p| p.status = Status::Device);
         let paused_at = Instant::now();
         self.vm.pause_for_switchover()?;
+        let mut times = SwitchoverTimes { pause: paused_at.elapsed(), ..Default::default() };
         self.throttle = false;
+        let step = Instant::now();
         self.collect(dirty, last_collect)?;
         let mut last = dirty.take();
         let drop: Vec<usize> = last.iter_ones().take(self.params().drop_final_pages as usize).collect();
@@ -315,8 +327,12 @@ impl Sender<'_> {
             last.clear_bit(page);
         }
         self.send_pass(pass, &last, None)?;
+        times.last_pass = step.elapsed();
 
+        let step = Instant::now();
         let state = self.vm.save_state()?;
+        times.save_state = step.elapsed();
+        let step = Instant::now();
         for (i, blob) in state.vcpus.iter().enumerate() {
             self.enc.vcpu_state(i as u32, blob)?;
         }
@@ -327,6 +343,7 @@ impl Sender<'_> {
         self.enc.end(state.vcpus.len() as u32, state.devices.len() as u32)?;
         self.enc.flush()?;
         self.wait_for_ack()?;
+        times.send_and_ack = step.elapsed();
 
         let downtime = paused_at.elapsed();
         // The destination runs the guest now; stop tracking before reporting success.
@@ -336,6 +353,7 @@ impl Sender<'_> {
         self.progress.update(|p| {
             p.status = Status::Completed;
             p.downtime = Some(downtime);
+            p.switchover = Some(times);
             p.total_time = Some(p.started.elapsed());
             p.bytes = bytes;
             p.dirty_pages = 0;
@@ -349,7 +367,22 @@ impl Sender<'_> {
             Ok(Reply::Ack) => Ok(()),
             Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
             Ok(Reply::Unexpected(what)) => Err(MigrationError::NoAck(format!("{what} instead of ACK"))),
+            Ok(Reply::Synced) => Err(MigrationError::NoAck("SYNCED instead of ACK".into())),
             Err(e) => Err(MigrationError::NoAck(e.to_string())),
+        }
+    }
+
+    /// Sends SYNC and waits for SYNCED: the destination has applied everything sent so far.
+    fn sync_with_destination(&mut self) -> Result<(), MigrationError> {
+        self.enc.sync()?;
+        self.enc.flush()?;
+        self.conn.set_read_timeout(Some(ACK_TIMEOUT))?;
+        match read_reply(&self.conn) {
+            Ok(Reply::Synced) => Ok(()),
+            Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
+            Ok(Reply::Ack) => Err(MigrationError::Refused("an early ACK from the destination".into())),
+            Ok(Reply::Unexpected(what)) => Err(MigrationError::Refused(format!("{what} instead of SYNCED"))),
+            Err(e) => Err(MigrationError::NoAck(format!("waiting for SYNCED: {e}"))),
         }
     }
 
@@ -406,6 +439,8 @@ impl Sender<'_> {
         self.flush_batch()?;
         self.flush_zero_run()?;
         self.enc.pass_end(pass, sent)?;
+        // Let the destination work on this pass while the next is prepared, not at the switchover.
+        self.enc.flush()?;
         let bytes = self.enc.bytes_written() - self.pass_bytes_start;
         let duration = self.pass_started.elapsed();
         self.throughput.bytes += bytes;
@@ -472,7 +507,9 @@ impl Sender<'_> {
         }
         Err(match read_reply(&self.conn) {
             Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
-            Ok(Reply::Ack) => MigrationError::Refused("an early ACK from the destination".into()),
+            Ok(Reply::Ack | Reply::Synced) => {
+                MigrationError::Refused("an unexpected reply from the destination".into())
+            }
             Ok(Reply::Unexpected(what)) => MigrationError::Refused(format!("unexpected {what} from the destination")),
             Err(StreamError::Closed) => MigrationError::Refused("the destination closed the connection".into()),
             Err(e) => MigrationError::Refused(e.to_string()),
@@ -512,6 +549,7 @@ impl Sender<'_> {
 /// What the destination said on the return path.
 enum Reply {
     Ack,
+    Synced,
     Refused(String),
     Unexpected(String),
 }
@@ -521,6 +559,7 @@ fn read_reply(conn: &Connection) -> Result<Reply, StreamError> {
     let frame = dec.next_frame()?;
     Ok(match dec.read_record(&frame)? {
         Record::Ack => Reply::Ack,
+        Record::Synced => Reply::Synced,
         Record::Error(reason) => Reply::Refused(reason.to_string()),
         other => Reply::Unexpected(format!("{other:?}")),
     })

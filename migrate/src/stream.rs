@@ -23,8 +23,10 @@
 //! | 0x06 | VM_STATE     | the VM's state blob (irqchip, PIT, clock) |
 //! | 0x07 | DEVICE_STATE | name_length: u16, name (UTF-8), then the device's state blob |
 //! | 0x08 | END          | vcpu_states: u32, device_states: u32 |
+//! | 0x09 | SYNC         | (empty): answer SYNCED once everything before this record is applied |
 //! | 0x81 | ACK          | (empty): destination to source, state restored, guest resuming there |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
+//! | 0x83 | SYNCED       | (empty): destination to source, answer to SYNC |
 //!
 //! State blobs are opaque here: the emulator versions and checks them (`emulator/src/state.rs`).
 //!
@@ -37,6 +39,8 @@
 //!   | PASS_END(0)  ------------------------------>  |
 //!   | pass n: PAGES / ZERO_PAGES (dirty pages) -->  |   (repeated while precopy converges)
 //!   | PASS_END(n)  ------------------------------>  |
+//!   | SYNC  ------------------------------------->  |   (caught up with everything sent?)
+//!   |  <------------------------------------- SYNCED |   then one more collect, and if it still fits:
 //!   |   pause vCPUs                                 |
 //!   | final PAGES / ZERO_PAGES, PASS_END  ------->  |
 //!   | VCPU_STATE x n, VM_STATE, DEVICE_STATE x m ->  |
@@ -77,8 +81,10 @@ pub enum RecordType {
     VmState = 0x06,
     DeviceState = 0x07,
     End = 0x08,
+    Sync = 0x09,
     Ack = 0x81,
     Error = 0x82,
+    Synced = 0x83,
 }
 
 impl RecordType {
@@ -93,8 +99,10 @@ impl RecordType {
             0x06 => VmState,
             0x07 => DeviceState,
             0x08 => End,
+            0x09 => Sync,
             0x81 => Ack,
             0x82 => Error,
+            0x83 => Synced,
             _ => return None,
         })
     }
@@ -110,8 +118,10 @@ impl RecordType {
             VmState => "VM_STATE",
             DeviceState => "DEVICE_STATE",
             End => "END",
+            Sync => "SYNC",
             Ack => "ACK",
             Error => "ERROR",
+            Synced => "SYNCED",
         }
     }
 }
@@ -161,8 +171,10 @@ pub enum Record<'a> {
     VmState(&'a [u8]),
     DeviceState { name: &'a str, blob: &'a [u8] },
     End { vcpu_states: u32, device_states: u32 },
+    Sync,
     Ack,
     Error(&'a str),
+    Synced,
 }
 
 fn u32_le(b: &[u8], at: usize) -> u32 {
@@ -344,6 +356,14 @@ impl<W: Write> Encoder<W> {
 
     pub fn ack(&mut self) -> io::Result<()> {
         self.record(RecordType::Ack, &[])
+    }
+
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.record(RecordType::Sync, &[])
+    }
+
+    pub fn synced(&mut self) -> io::Result<()> {
+        self.record(RecordType::Synced, &[])
     }
 
     pub fn error(&mut self, reason: &str) -> io::Result<()> {
@@ -586,6 +606,14 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             need(0)?;
             Record::Ack
         }
+        RecordType::Sync => {
+            need(0)?;
+            Record::Sync
+        }
+        RecordType::Synced => {
+            need(0)?;
+            Record::Synced
+        }
         RecordType::Error => {
             if p.len() > MAX_ERROR_TEXT {
                 return Err(malformed(kind, "reason too long"));
@@ -632,8 +660,10 @@ mod tests {
             e.vm_state(b"vm").unwrap();
             e.device_state("serial0", b"uart").unwrap();
             e.end(2, 1).unwrap();
+            e.sync().unwrap();
             e.ack().unwrap();
             e.error("no").unwrap();
+            e.synced().unwrap();
         });
         let mut d = Decoder::new(Cursor::new(bytes));
         d.preamble().unwrap();
@@ -655,8 +685,10 @@ mod tests {
             Record::VmState(b"vm"),
             Record::DeviceState { name: "serial0", blob: b"uart" },
             Record::End { vcpu_states: 2, device_states: 1 },
+            Record::Sync,
             Record::Ack,
             Record::Error("no"),
+            Record::Synced,
         ];
         for want in expect {
             let f = d.next_frame().unwrap();

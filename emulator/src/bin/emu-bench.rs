@@ -5,6 +5,9 @@
 //!   emu-bench boot      time from start to the guest's first line; guest ns per page store
 //!                       (dirty workload) against the same loop run natively on the host
 //!   emu-bench migrate   the precopy scenarios, and single-stream TCP loopback throughput
+//!   emu-bench trackers  per dirty tracker: cost per tracked write, time to start tracking and to
+//!                       collect a pass per GiB, and the precopy scenarios; writes docs/trackers.md
+//!                       and docs/trackers-dirty-per-pass.svg
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
@@ -36,8 +39,9 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("boot") => boot(),
         Some("migrate") => migrate(&args[1..]),
+        Some("trackers") => trackers(&args[1..]),
         _ => {
-            eprintln!("usage: emu-bench boot | migrate [SCENARIO...]");
+            eprintln!("usage: emu-bench boot | migrate [SCENARIO...] | trackers [TRACKER...]");
             std::process::exit(2);
         }
     }
@@ -152,14 +156,16 @@ fn ms(v: &Value) -> Option<f64> {
     v.as_f64()
 }
 
-fn run_scenario(s: &Scenario, loopback: f64, extra_params: &Value) -> Value {
-    let src = Emu::boot(&["--mem", s.mem, "--append", s.workload]);
+/// One migration scenario with the source's default tracker, or `tracker`.
+fn run_scenario(s: &Scenario, loopback: f64, tracker: Option<&str>) -> Value {
+    let mut args = vec!["--mem", s.mem, "--append", s.workload];
+    if let Some(t) = tracker {
+        args.extend_from_slice(&["--dirty-tracker", t]);
+    }
+    let src = Emu::boot(&args);
     src.expect_line(s.ready, T);
     std::thread::sleep(Duration::from_secs(1));
     let (dst, uri) = Emu::incoming(&[]);
-    if extra_params.as_object().is_some_and(|o| !o.is_empty()) {
-        src.qmp_ok("migrate-set-parameters", extra_params.clone());
-    }
     let info = common::migrate(&src, &uri, T);
     let passes = info["passes"].as_array().cloned().unwrap_or_default();
     let first = passes.first().cloned().unwrap_or(json!({}));
@@ -188,6 +194,7 @@ fn run_scenario(s: &Scenario, loopback: f64, extra_params: &Value) -> Value {
             "of-loopback": first_tp / loopback,
         },
         "pass-dirty-pages": passes.iter().map(|p| p["dirty-after"].clone()).collect::<Vec<_>>(),
+        "pass-pages-sent": passes.iter().map(|p| p["pages"].clone()).collect::<Vec<_>>(),
         "guest-after": guest_rate_after,
     });
     let _ = dst.qmp("quit", json!({}));
@@ -203,11 +210,210 @@ fn src_ram_bytes(mem: &str) -> f64 {
 fn migrate(args: &[String]) {
     let loopback = loopback_throughput(8 << 30, 128 << 10);
     emit(json!({"bench": "migrate", "reference": "tcp-loopback", "chunk": 128 << 10, "MBps": loopback / 1e6}));
-    let extra = json!({});
     for s in SCENARIOS.iter().filter(|s| args.is_empty() || args.iter().any(|a| a == s.name)) {
-        emit(run_scenario(s, loopback, &extra));
+        emit(run_scenario(s, loopback, None));
     }
     let again = loopback_throughput(8 << 30, 128 << 10);
     emit(json!({"bench": "migrate", "reference": "tcp-loopback-after", "chunk": 128 << 10, "MBps": again / 1e6}));
     let _ = number_after; // shared harness helper, used by the tests
+}
+
+// ---- trackers ---------------------------------------------------------------------------------
+
+const TRACKERS: &[&str] = &["uffd-wp", "uffd-wp-async", "kvm-dirty-log", "kvm-dirty-ring", "mprotect"];
+/// How long each tracker runs on the writing guest, collecting every `INTERVAL_MS`.
+const TRACKING_MS: u64 = 6000;
+const INTERVAL_MS: u64 = 50;
+
+/// `rate=` of the dirty workload's lines from index `from` on (skipping the first and the last,
+/// which straddle the start and end of a measurement).
+fn rates(lines: &[String], from: usize, to: usize) -> Vec<f64> {
+    let v: Vec<f64> = lines[from..to]
+        .iter()
+        .filter(|l| l.contains("dirty: rate="))
+        .filter_map(|l| number_after(l, "rate=").map(|r| r as f64))
+        .collect();
+    if v.len() > 2 {
+        v[1..v.len() - 1].to_vec()
+    } else {
+        v
+    }
+}
+
+/// Cost per tracked write on a 1 GiB guest writing 256 MiB as fast as it can: its own write rate
+/// untracked, then while the tracker runs and re-protects every 50 ms (so nearly every write is the
+/// first to its page since the last collect, i.e. tracked). The extra time per second, divided by
+/// the tracked writes per second (the pages collected), is the cost of one tracked write.
+fn tracker_cost(tracker: &str) -> Value {
+    let emu = Emu::boot(&["--mem", "1G", "--dirty-tracker", tracker, "--append", "wl=dirty:256:0"]);
+    emu.expect_line("dirty: filled", T);
+    let n0 = emu.line_count();
+    for _ in 0..4 {
+        let n = emu.line_count();
+        emu.wait_line_from(n, |l| l.contains("dirty: rate="), T);
+    }
+    let n1 = emu.line_count();
+    let untracked = median(rates(&emu.lines(), n0, n1));
+    let r = emu.qmp_ok(
+        "x-dirty-tracking",
+        json!({"tracker": tracker, "duration-ms": TRACKING_MS, "interval-ms": INTERVAL_MS}),
+    );
+    let n2 = emu.line_count();
+    let tracked = median(rates(&emu.lines(), n1, n2));
+    let tracked_per_s = r["pages-total"].as_f64().unwrap_or(0.0) / (TRACKING_MS as f64 / 1e3);
+    let busy = 1.0 - tracked / untracked; // share of each second the tracking cost the guest
+    let gib = 1.0;
+    let out = json!({
+        "bench": "tracker-cost",
+        "tracker": tracker,
+        "guest-pages-per-s-untracked": untracked,
+        "guest-pages-per-s-tracked": tracked,
+        "tracked-writes-per-s": tracked_per_s,
+        "cost-us-per-tracked-write": if tracked_per_s > 0.0 { busy / tracked_per_s * 1e6 } else { f64::NAN },
+        "start-ms-per-GiB": r["start-us"].as_f64().unwrap_or(0.0) / 1e3 / gib,
+        "stop-ms-per-GiB": r["stop-us"].as_f64().unwrap_or(0.0) / 1e3 / gib,
+        "collect-ms-per-GiB": r["collect-us-mean"].as_f64().unwrap_or(0.0) / 1e3 / gib,
+        "collect-ms-per-GiB-max": r["collect-us-max"].as_f64().unwrap_or(0.0) / 1e3 / gib,
+    });
+    let _ = emu.qmp("quit", json!({}));
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let pvm = if std::path::Path::new("/sys/module/kvm_pvm").exists() { ", KVM by PVM (shadow paging)" } else { "" };
+    format!("{cpu}, {cores} cores, Linux {}{pvm}", kernel.trim())
+}
+
+fn trackers(args: &[String]) {
+    let which: Vec<&str> =
+        TRACKERS.iter().copied().filter(|t| args.is_empty() || args.iter().any(|a| a == t)).collect();
+    let loopback = loopback_throughput(8 << 30, 128 << 10);
+    emit(json!({"bench": "trackers", "machine": machine(), "reference": "tcp-loopback", "MBps": loopback / 1e6}));
+    let mut costs = Vec::new();
+    let mut runs: Vec<(String, Value)> = Vec::new();
+    for t in &which {
+        let c = tracker_cost(t);
+        emit(c.clone());
+        costs.push(c);
+        for s in SCENARIOS {
+            let r = run_scenario(s, loopback, Some(t));
+            emit(r.clone());
+            runs.push((t.to_string(), r));
+        }
+    }
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let _ = std::fs::create_dir_all(&docs);
+    let table = tracker_table(&costs, &runs, loopback);
+    if let Err(e) = std::fs::write(docs.join("trackers.md"), table) {
+        eprintln!("cannot write docs/trackers.md: {e}");
+    }
+    if let Err(e) = plot_dirty_per_pass(&runs, &docs.join("trackers-dirty-per-pass.svg")) {
+        eprintln!("cannot write the plot: {e}");
+    }
+}
+
+fn f(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+        None => "-".into(),
+    }
+}
+
+fn tracker_table(costs: &[Value], runs: &[(String, Value)], loopback: f64) -> String {
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut md = format!(
+        "# Dirty trackers, measured\n\nMade by `scripts/bench-trackers.sh` on {date}: {}. TCP loopback reference: {:.0} MB/s.\n\n",
+        machine(),
+        loopback / 1e6
+    );
+    md += "## Cost of tracking\n\nA 1 GiB guest stores one word per page over 256 MiB as fast as it can (`wl=dirty:256:0`), first untracked, then while the tracker runs and collects (re-protects) every 50 ms. *Cost per tracked write* is the guest time lost per second divided by the writes tracked per second. *Start*, *collect* and *stop* are per GiB of guest RAM (256 MiB of it populated).\n\n";
+    md += "| tracker | guest pages/s untracked | guest pages/s tracked | cost per tracked write (us) | start (ms/GiB) | collect a pass (ms/GiB, mean / max) | stop (ms/GiB) |\n|---|---|---|---|---|---|---|\n";
+    for c in costs {
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} / {} | {} |\n",
+            c["tracker"].as_str().unwrap_or("?"),
+            f(&c["guest-pages-per-s-untracked"]),
+            f(&c["guest-pages-per-s-tracked"]),
+            f(&c["cost-us-per-tracked-write"]),
+            f(&c["start-ms-per-GiB"]),
+            f(&c["collect-ms-per-GiB"]),
+            f(&c["collect-ms-per-GiB-max"]),
+            f(&c["stop-ms-per-GiB"]),
+        );
+    }
+    md += "\n## Migrations\n\nThe precopy scenarios of `scripts/bench-migrate.sh`, once per tracker (downtime and total in ms; dirty pages left after each pass).\n\n";
+    md += "| tracker | scenario | status | passes | total | downtime | first pass MB/s | dirty pages left per pass |\n|---|---|---|---|---|---|---|---|\n";
+    for (t, r) in runs {
+        md += &format!(
+            "| {t} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["scenario"].as_str().unwrap_or("?"),
+            r["status"].as_str().unwrap_or("?"),
+            r["passes"],
+            f(&r["total-ms"]),
+            f(&r["downtime-ms"]),
+            f(&r["first-pass"]["throughput-MBps"]),
+            r["pass-dirty-pages"],
+        );
+    }
+    md += "\n![dirty pages left per pass](trackers-dirty-per-pass.svg)\n";
+    md
+}
+
+/// Dirty pages left after each pass, per tracker, for the writing scenarios.
+fn plot_dirty_per_pass(runs: &[(String, Value)], path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let scenarios = ["dirty-256M-25k", "dirty-256M-250k", "dirty-256M-max"];
+    let root = SVGBackend::new(path, (1200, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, scenarios.len()));
+    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK];
+    for (panel, scenario) in panels.iter().zip(scenarios) {
+        let series: Vec<(&str, Vec<(u32, u64)>)> = runs
+            .iter()
+            .filter(|(_, r)| r["scenario"] == scenario)
+            .map(|(t, r)| {
+                let pts = r["pass-dirty-pages"]
+                    .as_array()
+                    .map(|a| a.iter().enumerate().map(|(i, v)| (i as u32, v.as_u64().unwrap_or(0).max(1))).collect());
+                (t.as_str(), pts.unwrap_or_default())
+            })
+            .collect();
+        let max_pass = series.iter().map(|(_, p)| p.len() as u32).max().unwrap_or(1).max(2);
+        let max_y = series.iter().flat_map(|(_, p)| p.iter().map(|&(_, y)| y)).max().unwrap_or(10).max(10) * 2;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(scenario, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0u32..max_pass, (1u64..max_y).log_scale())?;
+        chart.configure_mesh().x_desc("pass").y_desc("dirty pages left").draw()?;
+        for (i, (tracker, pts)) in series.into_iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(tracker)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present()?;
+    Ok(())
 }

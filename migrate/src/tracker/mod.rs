@@ -13,6 +13,7 @@ pub mod uffd_wp;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::ram::GuestRam;
@@ -154,4 +155,45 @@ impl Drop for DirtyLog {
             log::error!("stopping the dirty tracker: {e}");
         }
     }
+}
+
+/// One `collect` of [`exercise`]: how long it took and how many pages it found.
+#[derive(Clone, Copy, Debug)]
+pub struct CollectSample {
+    pub time: Duration,
+    pub pages: usize,
+}
+
+/// What running a tracker cost on a live guest.
+#[derive(Clone, Debug)]
+pub struct TrackingSample {
+    pub start: Duration,
+    pub collects: Vec<CollectSample>,
+    pub stop: Duration,
+}
+
+/// Runs `tracker` on `ram` for `duration`, collecting every `interval` (as back-to-back precopy
+/// passes would), and times each step. For the tracker benchmark (`x-dirty-tracking`).
+pub fn exercise(
+    tracker: Box<dyn DirtyTracker>,
+    ram: Arc<GuestRam>,
+    duration: Duration,
+    interval: Duration,
+) -> Result<TrackingSample, TrackerError> {
+    let t = Instant::now();
+    let mut log = DirtyLog::start(tracker, ram.clone())?;
+    let start = t.elapsed();
+    let mut dirty = PageBitmap::new(ram.page_count());
+    let mut collects = Vec::new();
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        std::thread::sleep(interval);
+        let t = Instant::now();
+        log.collect(&mut dirty)?;
+        collects.push(CollectSample { time: t.elapsed(), pages: dirty.count() });
+        dirty.clear();
+    }
+    let t = Instant::now();
+    log.stop()?;
+    Ok(TrackingSample { start, collects, stop: t.elapsed() })
 }
