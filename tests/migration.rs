@@ -252,7 +252,7 @@ fn migration_parameters_are_checked() {
     let defaults = src.qmp_ok("query-migrate-parameters", json!({}));
     assert_eq!(
         defaults,
-        json!({"downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "uffd-wp"})
+        json!({"downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "kvm-dirty-log"})
     );
     for bad in [
         json!({"downtime-limit": -1}),

@@ -264,15 +264,6 @@ impl GuestRam {
         unsafe { std::slice::from_raw_parts_mut(p, count << PAGE_SHIFT) }
     }
 
-    /// Asks for transparent huge pages behind guest RAM (MADV_HUGEPAGE): a migration destination
-    /// fills all of RAM at once, and one fault per 2 MiB instead of per 4 KiB halves its cost.
-    pub fn advise_huge_pages(&self) {
-        for m in &self.maps {
-            // SAFETY: the range is exactly one of our own anonymous mappings; advice only.
-            unsafe { libc::madvise(m.host.cast(), m.len, libc::MADV_HUGEPAGE) };
-        }
-    }
-
     /// Faults in every page for writing (MADV_POPULATE_WRITE), for trackers that cannot see writes to
     /// pages that were never populated.
     pub fn populate(&self) -> std::io::Result<()> {

@@ -225,7 +225,6 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         if vm.vcpu_count() != h.vcpu_count as usize {
             return Err(format!("{} vCPUs in the stream, {} here", h.vcpu_count, vm.vcpu_count()));
         }
-        vm.ram().advise_huge_pages();
         let pages = layout.page_count();
         Ok(Target {
             vm,

@@ -32,7 +32,7 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITE_BUFFER: usize = 256 << 10;
 
 /// The tracker a migration uses unless told otherwise (README.md: "Dirty trackers" says why).
-pub const DEFAULT_TRACKER: TrackerKind = TrackerKind::UffdWp;
+pub const DEFAULT_TRACKER: TrackerKind = TrackerKind::KvmDirtyLog;
 
 /// Tunables of an outgoing migration (`migrate-set-parameters`).
 #[derive(Clone, Debug, PartialEq, Eq)]
