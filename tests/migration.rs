@@ -293,77 +293,37 @@ fn unavailable_trackers_are_refused() {
     assert_eq!(ring.status(), "running");
 }
 
-/// The migration suite, once per tracker.
+/// The migration suite, once per tracker: `suite!` lists the tests once; `per_tracker!` makes a
+/// module of them for each tracker.
+macro_rules! suite {
+    ($($name:ident => |$t:ident| $body:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            crate::require_kvm!();
+            let $t = TRACKER;
+            $body;
+        }
+    )*};
+}
+
 macro_rules! per_tracker {
     ($($module:ident => $tracker:literal),* $(,)?) => {$(
         mod $module {
             const TRACKER: &str = $tracker;
             use super::common;
 
-            #[test]
-            fn idle_guest_migrates_and_ticks_on() {
-                crate::require_kvm!();
-                super::idle_guest_migrates_and_ticks_on(TRACKER);
-            }
-
-            #[test]
-            fn idle_smp2_guest_migrates() {
-                crate::require_kvm!();
-                super::idle_smp2_guest_migrates(TRACKER);
-            }
-
-            #[test]
-            fn dirty_guest_at_moderate_rate_migrates() {
-                crate::require_kvm!();
-                super::dirty_guest_migrates(TRACKER, "1", "wl=dirty:64:25000");
-            }
-
-            #[test]
-            fn dirty_guest_at_maximum_rate_migrates() {
-                crate::require_kvm!();
-                super::dirty_guest_migrates(TRACKER, "1", "wl=dirty:64:0");
-            }
-
-            #[test]
-            fn dirty_smp2_guest_migrates() {
-                crate::require_kvm!();
-                super::dirty_guest_migrates(TRACKER, "2", "wl=dirty:32:25000");
-            }
-
-            #[test]
-            fn verify_guest_migrates_without_a_lost_write() {
-                crate::require_kvm!();
-                super::verify_guest_migrates(TRACKER, "1");
-            }
-
-            #[test]
-            fn verify_smp2_guest_migrates_without_a_lost_write() {
-                crate::require_kvm!();
-                super::verify_guest_migrates(TRACKER, "2");
-            }
-
-            #[test]
-            fn there_and_back_again() {
-                crate::require_kvm!();
-                super::there_and_back_again(TRACKER);
-            }
-
-            #[test]
-            fn cancel_mid_pass_leaves_the_source_running() {
-                crate::require_kvm!();
-                super::cancel_mid_pass_leaves_the_source_running(TRACKER);
-            }
-
-            #[test]
-            fn killed_destination_leaves_the_source_running() {
-                crate::require_kvm!();
-                super::killed_destination_leaves_the_source_running(TRACKER);
-            }
-
-            #[test]
-            fn a_lost_write_is_detected() {
-                crate::require_kvm!();
-                super::a_lost_write_is_detected(TRACKER);
+            suite! {
+                idle_guest_migrates_and_ticks_on => |t| super::idle_guest_migrates_and_ticks_on(t);
+                idle_smp2_guest_migrates => |t| super::idle_smp2_guest_migrates(t);
+                dirty_guest_at_moderate_rate_migrates => |t| super::dirty_guest_migrates(t, "1", "wl=dirty:64:25000");
+                dirty_guest_at_maximum_rate_migrates => |t| super::dirty_guest_migrates(t, "1", "wl=dirty:64:0");
+                dirty_smp2_guest_migrates => |t| super::dirty_guest_migrates(t, "2", "wl=dirty:32:25000");
+                verify_guest_migrates_without_a_lost_write => |t| super::verify_guest_migrates(t, "1");
+                verify_smp2_guest_migrates_without_a_lost_write => |t| super::verify_guest_migrates(t, "2");
+                there_and_back_again => |t| super::there_and_back_again(t);
+                cancel_mid_pass_leaves_the_source_running => |t| super::cancel_mid_pass_leaves_the_source_running(t);
+                killed_destination_leaves_the_source_running => |t| super::killed_destination_leaves_the_source_running(t);
+                a_lost_write_is_detected => |t| super::a_lost_write_is_detected(t);
             }
         }
     )*};

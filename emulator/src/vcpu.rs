@@ -239,9 +239,7 @@ fn save_state(vcpu: &VcpuFd, index: usize, msr_indices: &[u32]) -> Result<VcpuSt
 
 fn restore_state(vcpu: &VcpuFd, index: usize, s: &VcpuState) -> Result<(), VcpuError> {
     let e = |op| kvm_err(index, op);
-    let t0 = std::time::Instant::now();
     set_cpuid(vcpu, index, &s.cpuid)?;
-    log::trace!("restore: set_cpuid(vcpu, index, &s.cpui at {:?}", t0.elapsed());
     let local_khz = vcpu.get_tsc_khz().map_err(e("get TSC frequency"))?;
     if local_khz != s.tsc_khz {
         // KVM here cannot scale the guest TSC (no TSC_CONTROL): the guest's clock will run at this
@@ -249,28 +247,20 @@ fn restore_state(vcpu: &VcpuFd, index: usize, s: &VcpuState) -> Result<(), VcpuE
         log::warn!("vCPU {index}: TSC runs at {local_khz} kHz here, {} kHz on the source", s.tsc_khz);
     }
     vcpu.set_mp_state(s.mp_state).map_err(e("set MP state"))?;
-    log::trace!("restore: vcpu.set_mp_state(s.mp_state). at {:?}", t0.elapsed());
     vcpu.set_regs(&s.regs).map_err(e("set regs"))?;
-    log::trace!("restore: vcpu.set_regs(&s.regs).map_err at {:?}", t0.elapsed());
     vcpu.set_sregs(&s.sregs).map_err(e("set sregs"))?;
-    log::trace!("restore: vcpu.set_sregs(&s.sregs).map_e at {:?}", t0.elapsed());
     // SAFETY: `s.xsave` is a complete kvm_xsave (4 KiB region), which is what KVM_SET_XSAVE reads
     // when KVM_CAP_XSAVE2 reports 4096 bytes, as it does on the hosts emu supports (checked at start).
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(e("set xsave"))?;
-    log::trace!("restore: unsafe  vcpu.set_xsave(&s.xsa at {:?}", t0.elapsed());
     vcpu.set_xcrs(&s.xcrs).map_err(e("set xcrs"))?;
-    log::trace!("restore: vcpu.set_xcrs(&s.xcrs).map_err at {:?}", t0.elapsed());
     vcpu.set_debug_regs(&s.debugregs).map_err(e("set debug registers"))?;
-    log::trace!("restore: vcpu.set_debug_regs(&s.debugre at {:?}", t0.elapsed());
     vcpu.set_lapic(&s.lapic).map_err(e("set LAPIC"))?;
-    log::trace!("restore: vcpu.set_lapic(&s.lapic).map_e at {:?}", t0.elapsed());
     let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::Msr { index, msr: 0, what: "list is too long" })?;
     let written = vcpu.set_msrs(&msrs).map_err(e("set MSRs"))?;
     if written < s.msrs.len() {
         return Err(VcpuError::Msr { index, msr: s.msrs[written].index, what: "was refused by KVM" });
     }
     vcpu.set_vcpu_events(&s.events).map_err(e("set vCPU events"))?;
-    log::trace!("restore: vcpu.set_vcpu_events(&s.events at {:?}", t0.elapsed());
     Ok(())
 }
 

@@ -459,7 +459,6 @@ impl Vm {
             return Err(VmError::StateMismatch(format!("state for unknown device {n}")));
         }
 
-        let t = std::time::Instant::now();
         for (id, chip) in [
             (KVM_IRQCHIP_PIC_MASTER, &vm_state.pic_master),
             (KVM_IRQCHIP_PIC_SLAVE, &vm_state.pic_slave),
@@ -481,11 +480,8 @@ impl Vm {
                 d.restore_state(blob)?;
             }
         }
-        log::debug!("restore: VM and device state in {:?}", t.elapsed());
         for (v, s) in self.vcpus.iter().zip(vcpu_states) {
-            let t = std::time::Instant::now();
             v.restore(s)?;
-            log::debug!("restore: vCPU {} in {:?}", v.index(), t.elapsed());
         }
         Ok(())
     }

@@ -9,6 +9,18 @@ fn words_for(bits: usize) -> usize {
     bits.div_ceil(BITS)
 }
 
+/// The set bits of one word, as bit numbers from `base`.
+fn ones_of_word(mut w: u64, base: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if w == 0 {
+            return None;
+        }
+        let bit = w.trailing_zeros() as usize;
+        w &= w - 1;
+        Some(base + bit)
+    })
+}
+
 /// A bitmap many threads set at once; one thread drains it.
 #[derive(Debug)]
 pub struct AtomicBitmap {
@@ -153,11 +165,8 @@ impl PageBitmap {
             return;
         }
         for (wi, &w) in words.iter().enumerate() {
-            let mut w = w;
-            while w != 0 {
-                let bit = w.trailing_zeros() as usize;
-                self.set(offset + wi * BITS + bit);
-                w &= w - 1;
+            for bit in ones_of_word(w, offset + wi * BITS) {
+                self.set(bit);
             }
         }
     }
@@ -178,22 +187,12 @@ impl PageBitmap {
     /// The set bits in `start..start + count`, in increasing order.
     pub fn ones_in_range(&self, start: usize, count: usize) -> impl Iterator<Item = usize> + '_ {
         let end = (start + count).min(self.bits);
-        let (first_word, last_word) = (start / BITS, end.div_ceil(BITS));
-        self.words[first_word.min(self.words.len())..last_word.min(self.words.len())]
+        let first_word = (start / BITS).min(self.words.len());
+        let last_word = end.div_ceil(BITS).min(self.words.len());
+        self.words[first_word..last_word]
             .iter()
             .enumerate()
-            .flat_map(move |(k, &w)| {
-                let base = (first_word + k) * BITS;
-                let mut w = w;
-                std::iter::from_fn(move || {
-                    if w == 0 {
-                        return None;
-                    }
-                    let bit = w.trailing_zeros() as usize;
-                    w &= w - 1;
-                    Some(base + bit)
-                })
-            })
+            .flat_map(move |(k, &w)| ones_of_word(w, (first_word + k) * BITS))
             .filter(move |&i| i >= start && i < end)
     }
 
@@ -213,17 +212,7 @@ impl PageBitmap {
 
     /// Set bits in increasing order.
     pub fn iter_ones(&self) -> impl Iterator<Item = usize> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let bit = w.trailing_zeros() as usize;
-                w &= w - 1;
-                Some(wi * BITS + bit)
-            })
-        })
+        self.ones_in_range(0, self.bits)
     }
 
     /// Maximal runs of set bits as (first, count), in increasing order.

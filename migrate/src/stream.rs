@@ -192,6 +192,13 @@ fn frame(kind: RecordType, len: usize) -> [u8; FRAME_LEN] {
     f
 }
 
+fn two_u64(a: u64, b: u64) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[..8].copy_from_slice(&a.to_le_bytes());
+    p[8..].copy_from_slice(&b.to_le_bytes());
+    p
+}
+
 fn seal(frame: &mut [u8; FRAME_LEN], payload: &[u8]) {
     let mut h = crc32fast::Hasher::new();
     h.update(&frame[..8]);
@@ -317,17 +324,12 @@ impl<W: Write> Encoder<W> {
     }
 
     pub fn zero_pages(&mut self, gpa: u64, count: u64) -> io::Result<()> {
-        let mut p = [0u8; 16];
-        p[..8].copy_from_slice(&gpa.to_le_bytes());
-        p[8..].copy_from_slice(&count.to_le_bytes());
-        self.record(RecordType::ZeroPages, &p)
+        self.record(RecordType::ZeroPages, &two_u64(gpa, count))
     }
 
+    /// (`pass` is a u32 followed by 4 reserved bytes, which is `pass` as a little-endian u64.)
     pub fn pass_end(&mut self, pass: u32, pages: u64) -> io::Result<()> {
-        let mut p = [0u8; 16];
-        p[..4].copy_from_slice(&pass.to_le_bytes());
-        p[8..].copy_from_slice(&pages.to_le_bytes());
-        self.record(RecordType::PassEnd, &p)
+        self.record(RecordType::PassEnd, &two_u64(u64::from(pass), pages))
     }
 
     pub fn vcpu_state(&mut self, index: u32, blob: &[u8]) -> io::Result<()> {

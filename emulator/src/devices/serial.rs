@@ -75,9 +75,11 @@ impl Write for SerialSink {
     }
 }
 
-/// The UART's registers and receive FIFO, as migrated.
+/// The UART's registers and receive FIFO, as migrated: vm-superio's `SerialState`, serialised field
+/// by field (serde's remote derive keeps the field list in one place).
 #[derive(Serialize, Deserialize)]
-struct SerialDeviceState {
+#[serde(remote = "SerialState")]
+struct SerialStateFields {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
     interrupt_enable: u8,
@@ -90,10 +92,16 @@ struct SerialDeviceState {
     in_buffer: Vec<u8>,
 }
 
+#[derive(Serialize, Deserialize)]
+struct SerialDeviceState(#[serde(with = "SerialStateFields")] SerialState);
+
 impl Versioned for SerialDeviceState {
     const KIND: StateKind = StateKind::Serial;
     const VERSION: u16 = 1;
 }
+
+/// vm-superio's receive FIFO; a saved state holding more is refused.
+const FIFO_SIZE: usize = 64;
 
 pub struct SerialDevice {
     // Always Some; taken only for the moment a restore rebuilds the model around the same sink.
@@ -145,65 +153,32 @@ impl PioDevice for SerialDevice {
     }
 
     fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        let s = self.uart.as_ref().expect("serial model present outside restore").state();
-        state::encode(&SerialDeviceState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        })
+        let uart = self.uart.as_ref().expect("serial model present outside restore");
+        state::encode(&SerialDeviceState(uart.state()))
     }
 
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        let s: SerialDeviceState = state::decode(blob)?;
-        let state = SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        };
+        let SerialDeviceState(state) = state::decode(blob)?;
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(StateError::Invalid(format!(
+                "serial FIFO of {} bytes (at most {FIFO_SIZE})",
+                state.in_buffer.len()
+            )));
+        }
         let old = self.uart.take().expect("serial model present outside restore");
-        let trigger = old
-            .interrupt_evt()
-            .try_clone()
-            .map_err(|e| StateError::Invalid(format!("serial: cannot clone its irq eventfd: {e}")));
-        let trigger = match trigger {
+        let trigger = match old.interrupt_evt().try_clone() {
             Ok(t) => t,
             Err(e) => {
                 self.uart = Some(old);
-                return Err(e);
+                return Err(StateError::Invalid(format!("serial: cannot clone its irq eventfd: {e}")));
             }
         };
+        // With the FIFO checked, from_state fails only if raising the interrupt line fails.
         let sink = old.into_writer();
-        match Serial::from_state(
-            &state,
-            trigger.try_clone().map_err(|e| StateError::Invalid(e.to_string()))?,
-            NoEvents,
-            sink,
-        ) {
-            Ok(uart) => {
-                self.uart = Some(uart);
-                Ok(())
-            }
-            Err(e) => {
-                // Rebuild with the defaults so the device keeps working, then report.
-                let msg = format!("serial state refused: {e:?}");
-                self.uart = Some(Serial::new(trigger, SerialSink::Null));
-                Err(StateError::Invalid(msg))
-            }
-        }
+        let uart = Serial::from_state(&state, trigger, NoEvents, sink)
+            .map_err(|e| StateError::Invalid(format!("serial state refused: {e:?}")))?;
+        self.uart = Some(uart);
+        Ok(())
     }
 }
 
