@@ -80,7 +80,9 @@ pub fn receive<V: RestorableVm>(
     conn: Connection,
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
-    let clone = || conn.try_clone().map_err(|e| ReceiveError { phase: "starting".into(), problem: e.to_string() });
+    let start_err = |e: std::io::Error| ReceiveError { phase: "starting".into(), problem: e.to_string() };
+    conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(start_err)?;
+    let clone = || conn.try_clone().map_err(start_err);
     let mut rx = Receiver {
         dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, clone()?)),
         replies: Encoder::new(clone()?),

@@ -74,7 +74,7 @@ pub enum MigrationError {
     Connect { uri: String, source: std::io::Error },
     #[error("dirty tracking: {0}")]
     Tracker(#[from] TrackerError),
-    #[error("sending: {0}")]
+    #[error("sending: {}", send_error(.0))]
     Send(#[from] std::io::Error),
     #[error("the destination refused the migration: {0}")]
     Refused(String),
@@ -84,6 +84,15 @@ pub enum MigrationError {
     Vm(#[from] VmError),
     #[error("cancelled")]
     Cancelled,
+}
+
+fn send_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("the destination took no data for {}s (stalled or gone)", transport::STALL_TIMEOUT.as_secs())
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Cancels a migration from another thread, also one blocked on the network.
@@ -179,6 +188,8 @@ fn migrate(
     cancel: &Cancel,
 ) -> Result<(), MigrationError> {
     let conn = transport::connect(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
+    // A destination that stops taking data fails the migration rather than hanging it.
+    conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
     cancel.attach(&conn);
     cancel.check()?;
     let ram = vm.ram().clone();
@@ -462,13 +473,15 @@ impl Sender<'_> {
                 self.zero_run = Some((gpa, 1));
             }
         }
-        self.progress.update(|p| p.zero_pages += 1);
         Ok(())
     }
 
+    /// Sends the pending zero run, and counts it (once per run, not per page: an idle guest's pass 0
+    /// is a million zero pages).
     fn flush_zero_run(&mut self) -> Result<(), MigrationError> {
         if let Some((gpa, count)) = self.zero_run.take() {
             self.enc.zero_pages(gpa, count)?;
+            self.progress.update(|p| p.zero_pages += count);
         }
         Ok(())
     }

@@ -132,6 +132,8 @@ pub enum StreamError {
     Truncated(&'static str),
     #[error("the connection closed")]
     Closed,
+    #[error("no data from the peer for {}s (stalled or gone)", crate::transport::STALL_TIMEOUT.as_secs())]
+    Stalled,
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
     #[error("not an emu migration stream (bad magic)")]
@@ -428,6 +430,9 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str, at_start: b
             Ok(0) => return Err(StreamError::Truncated(what)),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(StreamError::Stalled)
+            }
             Err(e) => return Err(StreamError::Io(e)),
         }
     }

@@ -87,6 +87,13 @@ impl Connection {
             Connection::Unix(s) => s.set_read_timeout(t),
         }
     }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.set_write_timeout(t),
+            Connection::Unix(s) => s.set_write_timeout(t),
+        }
+    }
 }
 
 impl std::os::fd::AsRawFd for Connection {
@@ -129,6 +136,9 @@ impl Write for Connection {
 
 /// How long a source waits for the destination to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that neither sends nor takes data for this long is taken for gone (a hung process, or a
+/// network that dropped without a reset), so that a migration fails instead of hanging.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Source side: connects to the destination.
 pub fn connect(uri: &Uri) -> io::Result<Connection> {
