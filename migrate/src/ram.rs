@@ -264,6 +264,21 @@ impl GuestRam {
         unsafe { std::slice::from_raw_parts_mut(p, count << PAGE_SHIFT) }
     }
 
+    /// Faults in pages `first..first + count` (one region) for writing, in one call: cheaper than one
+    /// page fault per page when a migration destination is about to fill them.
+    pub fn populate_pages(&self, first: usize, count: usize) -> std::io::Result<()> {
+        if !self.layout.is_contiguous(first, count) {
+            return Err(std::io::Error::other(format!("pages {first}+{count} span regions")));
+        }
+        let addr = self.page_host_addr(first);
+        // SAFETY: a range of our own anonymous mapping (checked contiguous above); advice only.
+        let r = unsafe { libc::madvise(addr.cast(), count << PAGE_SHIFT, libc::MADV_POPULATE_WRITE) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Faults in every page for writing (MADV_POPULATE_WRITE), for trackers that cannot see writes to
     /// pages that were never populated.
     pub fn populate(&self) -> std::io::Result<()> {

@@ -252,8 +252,14 @@ impl<R: std::io::Read, F> Receiver<R, F> {
     fn read_pages<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
         let ram = t.vm.ram().clone();
         let layout = &t.layout;
+        let nonzero = &t.nonzero;
         let r = self.dec.read_pages(frame, |gpa, count| {
             let first = Self::page_range(layout, gpa, count as u64)?;
+            // Pages arriving for the first time are fresh memory: one populate call for the record
+            // instead of a page fault per page (failure only costs the faults it would have saved).
+            if nonzero.ones_in_range(first, count).count() < count {
+                let _ = ram.populate_pages(first, count);
+            }
             // SAFETY: the destination's vCPUs have not run and nothing else touches its RAM until the
             // receiver returns; the slice is used only for this record's read.
             Ok::<_, String>(unsafe { ram.pages_mut(first, count) })
