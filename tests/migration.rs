@@ -169,15 +169,20 @@ fn verify_rate(src: &Emu) -> u64 {
     number_after(&lines[n - 1], "written=").unwrap() - number_after(&lines[n - 2], "written=").unwrap()
 }
 
-fn cancel_mid_pass_leaves_the_source_running(tracker: &str) {
+/// A source writing memory fast, its write rate, and a destination it is migrating to slowly.
+fn slow_migration_of_a_writer(tracker: &str) -> (Emu, u64, Emu) {
     let src = source(tracker, &["--mem", "256M", "--append", "wl=verify:64"]);
-    src.wait_line(|l| l.contains("written=") && number_after(l, "written=").unwrap_or(0) > 0, T);
     src.expect_line("verify: written=", T);
     let n = src.line_count();
     src.wait_line_from(n, |l| l.contains("written="), T).unwrap();
     let rate_before = verify_rate(&src);
-    let (mut dst, uri) = Emu::incoming(&[]);
+    let (dst, uri) = Emu::incoming(&[]);
     slow_migration(&src, &uri);
+    (src, rate_before, dst)
+}
+
+fn cancel_mid_pass_leaves_the_source_running(tracker: &str) {
+    let (src, rate_before, mut dst) = slow_migration_of_a_writer(tracker);
     src.qmp_ok("migrate-cancel", json!({}));
     let info = common::wait_migration(&src, T);
     assert_eq!(info["status"], "cancelled", "{info}");
@@ -193,13 +198,7 @@ fn cancel_mid_pass_leaves_the_source_running(tracker: &str) {
 }
 
 fn killed_destination_leaves_the_source_running(tracker: &str) {
-    let src = source(tracker, &["--mem", "256M", "--append", "wl=verify:64"]);
-    src.expect_line("verify: written=", T);
-    let n = src.line_count();
-    src.wait_line_from(n, |l| l.contains("written="), T).unwrap();
-    let rate_before = verify_rate(&src);
-    let (mut dst, uri) = Emu::incoming(&[]);
-    slow_migration(&src, &uri);
+    let (src, rate_before, mut dst) = slow_migration_of_a_writer(tracker);
     dst.kill();
     let info = common::wait_migration(&src, T);
     assert_eq!(info["status"], "failed", "{info}");

@@ -313,16 +313,11 @@ impl Sender<'_> {
             self.send_pass(pass, &to_send, None)?;
         }
 
-        self.switchover(pass + 1, &mut dirty, &mut last_collect)
+        self.switchover(pass + 1, &mut dirty)
     }
 
     /// Pause, final pages, state, acknowledgement.
-    fn switchover(
-        &mut self,
-        pass: u32,
-        dirty: &mut PageBitmap,
-        last_collect: &mut Instant,
-    ) -> Result<(), MigrationError> {
+    fn switchover(&mut self, pass: u32, dirty: &mut PageBitmap) -> Result<(), MigrationError> {
         self.cancel.check()?;
         self.progress.update(|p| p.status = Status::Device);
         let paused_at = Instant::now();
@@ -330,7 +325,7 @@ impl Sender<'_> {
         let mut times = SwitchoverTimes { pause: paused_at.elapsed(), ..Default::default() };
         self.throttle = false;
         let step = Instant::now();
-        self.collect(dirty, last_collect)?;
+        self.log.collect_final(dirty)?;
         let mut last = dirty.take();
         let drop: Vec<usize> = last.iter_ones().take(self.params().drop_final_pages as usize).collect();
         for page in drop {

@@ -88,23 +88,23 @@ pub enum RecordType {
 }
 
 impl RecordType {
+    const ALL: [RecordType; 12] = [
+        RecordType::Header,
+        RecordType::Pages,
+        RecordType::ZeroPages,
+        RecordType::PassEnd,
+        RecordType::VcpuState,
+        RecordType::VmState,
+        RecordType::DeviceState,
+        RecordType::End,
+        RecordType::Sync,
+        RecordType::Ack,
+        RecordType::Error,
+        RecordType::Synced,
+    ];
+
     fn from_u8(v: u8) -> Option<Self> {
-        use RecordType::*;
-        Some(match v {
-            0x01 => Header,
-            0x02 => Pages,
-            0x03 => ZeroPages,
-            0x04 => PassEnd,
-            0x05 => VcpuState,
-            0x06 => VmState,
-            0x07 => DeviceState,
-            0x08 => End,
-            0x09 => Sync,
-            0x81 => Ack,
-            0x82 => Error,
-            0x83 => Synced,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|&t| t as u8 == v)
     }
 
     pub fn name(self) -> &'static str {

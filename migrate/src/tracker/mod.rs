@@ -93,6 +93,13 @@ pub trait DirtyTracker: Send {
     /// would be recorded again.
     fn collect(&mut self, dirty: &mut PageBitmap) -> Result<(), TrackerError>;
 
+    /// `collect` at the switchover, with the guest and the emulator's writers stopped: must also count
+    /// every write that has completed but whose recording is still in flight (a tracker that marks
+    /// after letting a write through has to finish marking first).
+    fn collect_final(&mut self, dirty: &mut PageBitmap) -> Result<(), TrackerError> {
+        self.collect(dirty)
+    }
+
     /// Stops tracking: all of RAM writable, no thread left behind. Idempotent.
     fn stop(&mut self) -> Result<(), TrackerError>;
 }
@@ -135,6 +142,13 @@ impl DirtyLog {
     /// Adds the pages written since the last call (guest and emulator) to `dirty`, re-armed.
     pub fn collect(&mut self, dirty: &mut PageBitmap) -> Result<(), TrackerError> {
         self.tracker.collect(dirty)?;
+        self.ram.drain_vmm_dirty(dirty);
+        Ok(())
+    }
+
+    /// The last collection, at the switchover (see `DirtyTracker::collect_final`).
+    pub fn collect_final(&mut self, dirty: &mut PageBitmap) -> Result<(), TrackerError> {
+        self.tracker.collect_final(dirty)?;
         self.ram.drain_vmm_dirty(dirty);
         Ok(())
     }

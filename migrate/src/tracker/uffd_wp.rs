@@ -8,6 +8,11 @@
 //! take the mark, re-protect and read the page while the vCPU is still blocked, after which the
 //! unprotect would let the write through unrecorded.
 //!
+//! That order leaves one window: between the unprotect (the write is done) and the mark. Later passes
+//! pick such a late mark up, but the final one has no later pass, so at the switchover
+//! (`collect_final`, guest stopped) the fault thread is first stopped and joined and anything still
+//! queued is resolved here: every completed write is marked before the last dirty set is taken.
+//!
 //! The emulator's own writes into guest RAM fault like the guest's and are resolved by the same
 //! thread, so no emulator thread may ever be the one resolving its own fault: only the fault thread
 //! resolves, and it never writes guest RAM.
@@ -80,6 +85,13 @@ impl UffdWpTracker {
     }
 }
 
+/// Wakes the fault thread's poll on its stop eventfd.
+fn signal(stop: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+    unsafe { libc::write(stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
 /// The fault thread: unprotect, then mark (see the module comment for why in that order).
 fn fault_loop(
     uffd: &Uffd,
@@ -88,7 +100,6 @@ fn fault_loop(
     stop: &OwnedFd,
     faults: &AtomicU64,
 ) -> Result<(), UffdError> {
-    let mut msgs = [UffdMsg::default(); 64];
     let mut fds = [
         libc::pollfd { fd: uffd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -106,22 +117,28 @@ fn fault_loop(
         if fds[1].revents != 0 {
             return Ok(());
         }
-        loop {
-            let n = uffd.read_events(&mut msgs)?;
-            if n == 0 {
-                break;
+        resolve_pending(uffd, ram, dirty, faults)?;
+    }
+}
+
+/// Resolves every fault event waiting on `uffd`: unprotect (which wakes the vCPU), then mark.
+fn resolve_pending(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap, faults: &AtomicU64) -> Result<(), UffdError> {
+    let mut msgs = [UffdMsg::default(); 64];
+    loop {
+        let n = uffd.read_events(&mut msgs)?;
+        if n == 0 {
+            return Ok(());
+        }
+        for m in &msgs[..n] {
+            if m.event != uffd::EVENT_PAGEFAULT || m.flags & uffd::PAGEFAULT_FLAG_WP == 0 {
+                continue;
             }
-            for m in &msgs[..n] {
-                if m.event != uffd::EVENT_PAGEFAULT || m.flags & uffd::PAGEFAULT_FLAG_WP == 0 {
-                    continue;
-                }
-                let page_addr = m.address & !(PAGE_SIZE as u64 - 1);
-                uffd.write_protect(page_addr, PAGE_SIZE as u64, false)?;
-                if let Some(page) = ram.page_of_host(page_addr) {
-                    dirty.set(page);
-                }
-                faults.fetch_add(1, Ordering::Relaxed);
+            let page_addr = m.address & !(PAGE_SIZE as u64 - 1);
+            uffd.write_protect(page_addr, PAGE_SIZE as u64, false)?;
+            if let Some(page) = ram.page_of_host(page_addr) {
+                dirty.set(page);
             }
+            faults.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -178,9 +195,7 @@ impl DirtyTracker for UffdWpTracker {
         // Unprotect everything first: it also wakes any vCPU blocked on a fault, so nothing waits
         // on the thread we are about to stop.
         let unprotected = r.uffd.release_ranges(&self.ram.host_ranges());
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(r.stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        signal(&r.stop);
         let joined = r.thread.take().map(|t| t.join());
         unprotected?;
         match joined {
