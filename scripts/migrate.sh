@@ -32,8 +32,8 @@ q migrate "{\"uri\": \"$DST\"}" >/dev/null
 trap 'q migrate-cancel >/dev/null 2>&1 || true; echo "cancelling" >&2' INT TERM
 
 while :; do
-    read -r status pass sent total mbps rate left < <(
-        q query-migrate --get status --get pass --get ram.transferred --get ram.total \
+    read -r status pass normal zero total mbps rate left < <(
+        q query-migrate --get status --get pass --get ram.normal --get ram.duplicate --get ram.total \
             --get ram.mbps --get ram.dirty-pages-rate --get ram.dirty-pages
     )
     case $status in
@@ -50,7 +50,10 @@ while :; do
         exit 1
         ;;
     esac
+    # Share of RAM covered so far (pages sent with data or as zero markers; later passes resend).
+    covered=$(( (normal + zero) * 4096 * 100 / total ))
+    [ "$covered" -gt 100 ] && covered=100
     printf 'pass %-3s %5s%% of RAM sent  %8.0f Mbit/s  dirty %8s pages/s  %8s pages left  (%s)\n' \
-        "$pass" "$((sent * 100 / total))" "$mbps" "$rate" "$left" "$status"
+        "$pass" "$covered" "$mbps" "$rate" "$left" "$status"
     sleep 1
 done
