@@ -163,15 +163,9 @@ pub fn event_stack_pages(vcpu: &VcpuFd, ram: &GuestRam) -> Result<Vec<usize>, St
     Ok(pages)
 }
 
-/// Pages event delivery writes: the interrupt frame below the TSS's RSP0 (and under RSP in ring 0).
+/// Pages event delivery writes: the event stacks, and the frame under RSP in ring 0.
 fn pages_written_by_event_delivery(vcpu: &VcpuFd, ram: &GuestRam, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<usize> {
-    let mut pages = Vec::new();
-    let tss = read_linear(vcpu, ram, sregs.tr.base + 4, 8);
-    if let Ok(rsp0) = <[u8; 8]>::try_from(tss.as_slice()) {
-        let rsp0 = u64::from_le_bytes(rsp0);
-        pages.extend(gpa_page(vcpu, ram, rsp0.wrapping_sub(8)));
-        pages.extend(gpa_page(vcpu, ram, rsp0.wrapping_sub(64)));
-    }
+    let mut pages = event_stack_pages(vcpu, ram).unwrap_or_default();
     if sregs.cs.dpl == 0 {
         pages.extend(gpa_page(vcpu, ram, regs.rsp.wrapping_sub(8)));
         pages.extend(gpa_page(vcpu, ram, regs.rsp.wrapping_sub(64)));

@@ -100,15 +100,6 @@ impl PageBitmap {
         b
     }
 
-    /// Builds a bitmap from raw words (as KVM returns them); bits past `bits` are dropped.
-    pub fn from_words(words: Vec<u64>, bits: usize) -> Self {
-        let mut words = words;
-        words.resize(words_for(bits), 0);
-        let mut b = PageBitmap { words, bits };
-        b.trim();
-        b
-    }
-
     fn trim(&mut self) {
         let extra = self.words.len() * BITS - self.bits;
         if extra > 0 {

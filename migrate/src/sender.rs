@@ -283,10 +283,10 @@ impl Sender<'_> {
         let mut synced = false;
         let mut last_collect = Instant::now();
         loop {
-            self.collect(&mut dirty, &mut last_collect)?;
+            let left = self.collect(&mut dirty, &mut last_collect)?;
             let params = self.params();
             let outcome = PassOutcome {
-                remaining_bytes: (dirty.count() * PAGE_SIZE) as u64,
+                remaining_bytes: (left * PAGE_SIZE) as u64,
                 throughput: self.throughput.bytes_per_sec(),
                 passes_done: pass,
             };
@@ -294,7 +294,7 @@ impl Sender<'_> {
             self.progress.update(|p| {
                 p.expected_downtime = convergence::expected_downtime(outcome.remaining_bytes, outcome.throughput);
                 if let Some(last) = p.passes.last_mut() {
-                    last.dirty_after = dirty.count() as u64;
+                    last.dirty_after = left as u64;
                 }
             });
             if decision.stops() && !synced {
@@ -304,7 +304,7 @@ impl Sender<'_> {
             }
             if decision.stops() {
                 self.progress.update(|p| p.stop_reason = Some(decision.name()));
-                log::info!("precopy stops after pass {pass}: {decision:?}, {} pages left", dirty.count());
+                log::info!("precopy stops after pass {pass}: {decision:?}, {left} pages left");
                 break;
             }
             pass += 1;
@@ -392,21 +392,21 @@ impl Sender<'_> {
         }
     }
 
-    /// Takes the dirty set (re-protected by the tracker) and measures the dirty rate.
-    fn collect(&mut self, dirty: &mut PageBitmap, last: &mut Instant) -> Result<(), MigrationError> {
+    /// Takes the dirty set (re-protected by the tracker) and measures the dirty rate; returns how many
+    /// pages are dirty now.
+    fn collect(&mut self, dirty: &mut PageBitmap, last: &mut Instant) -> Result<usize, MigrationError> {
         let before = dirty.count();
         self.log.collect(dirty)?;
-        let found = dirty.count() - before;
+        let count = dirty.count();
         let secs = last.elapsed().as_secs_f64();
         *last = Instant::now();
-        let count = dirty.count() as u64;
         self.progress.update(|p| {
-            p.dirty_pages = count;
+            p.dirty_pages = count as u64;
             if secs > 0.0 {
-                p.dirty_rate = found as f64 / secs;
+                p.dirty_rate = (count - before) as f64 / secs;
             }
         });
-        Ok(())
+        Ok(count)
     }
 
     /// Sends the pages of `pages` (those in `known_zero` as zero without reading them), then PASS_END.

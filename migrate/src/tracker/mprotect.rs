@@ -21,7 +21,6 @@
 //! tracker gives up: all of RAM becomes writable again and the migration fails with the reason. The
 //! guest never loses a write; the migration may.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::{DirtyTracker, TrackerError, TrackerKind};
@@ -35,7 +34,6 @@ pub struct WriteFaults {
     /// Held while protection changes that must not interleave with an emulator write.
     lock: Mutex<()>,
     failed: Mutex<Option<String>>,
-    faults: AtomicU64,
 }
 
 fn mprotect(addr: u64, len: u64, writable: bool) -> std::io::Result<()> {
@@ -62,7 +60,6 @@ impl WriteFaults {
             return Err(why);
         }
         self.dirty.set(page);
-        self.faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -78,10 +75,6 @@ impl WriteFaults {
         for (addr, len) in self.ram.host_ranges() {
             let _ = mprotect(addr, len, true);
         }
-    }
-
-    pub fn faults(&self) -> u64 {
-        self.faults.load(Ordering::Relaxed)
     }
 }
 
@@ -176,7 +169,6 @@ impl DirtyTracker for MprotectTracker {
             dirty: AtomicBitmap::new(self.ram.page_count()),
             lock: Mutex::new(()),
             failed: Mutex::new(None),
-            faults: AtomicU64::new(0),
         });
         // vCPUs and emulator writes must know how to get through before anything is protected.
         self.slot.set(Some(faults.clone()));

@@ -18,7 +18,6 @@
 //! resolves, and it never writes guest RAM.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -37,17 +36,11 @@ struct Running {
 pub struct UffdWpTracker {
     ram: Arc<GuestRam>,
     running: Option<Running>,
-    faults: Arc<AtomicU64>,
 }
 
 impl UffdWpTracker {
     pub fn new(ram: Arc<GuestRam>) -> Self {
-        UffdWpTracker { ram, running: None, faults: Arc::new(AtomicU64::new(0)) }
-    }
-
-    /// Write faults resolved so far.
-    pub fn faults(&self) -> u64 {
-        self.faults.load(Ordering::Relaxed)
+        UffdWpTracker { ram, running: None }
     }
 
     /// A userfaultfd that write-protects unpopulated pages too; without WP_UNPOPULATED (older
@@ -74,11 +67,11 @@ impl UffdWpTracker {
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
         let dirty = Arc::new(AtomicBitmap::new(self.ram.page_count()));
         let thread = {
-            let (uffd, dirty, ram, faults) = (uffd.clone(), dirty.clone(), self.ram.clone(), self.faults.clone());
+            let (uffd, dirty, ram) = (uffd.clone(), dirty.clone(), self.ram.clone());
             let stop_fd = stop.try_clone().map_err(TrackerError::Thread)?;
             std::thread::Builder::new()
                 .name("uffd-wp".into())
-                .spawn(move || fault_loop(&uffd, &ram, &dirty, &stop_fd, &faults))
+                .spawn(move || fault_loop(&uffd, &ram, &dirty, &stop_fd))
                 .map_err(TrackerError::Thread)?
         };
         Ok(Running { uffd, dirty, stop, thread: Some(thread) })
@@ -93,13 +86,7 @@ fn signal(stop: &OwnedFd) {
 }
 
 /// The fault thread: unprotect, then mark (see the module comment for why in that order).
-fn fault_loop(
-    uffd: &Uffd,
-    ram: &GuestRam,
-    dirty: &AtomicBitmap,
-    stop: &OwnedFd,
-    faults: &AtomicU64,
-) -> Result<(), UffdError> {
+fn fault_loop(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap, stop: &OwnedFd) -> Result<(), UffdError> {
     let mut fds = [
         libc::pollfd { fd: uffd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -117,12 +104,12 @@ fn fault_loop(
         if fds[1].revents != 0 {
             return Ok(());
         }
-        resolve_pending(uffd, ram, dirty, faults)?;
+        resolve_pending(uffd, ram, dirty)?;
     }
 }
 
 /// Resolves every fault event waiting on `uffd`: unprotect (which wakes the vCPU), then mark.
-fn resolve_pending(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap, faults: &AtomicU64) -> Result<(), UffdError> {
+fn resolve_pending(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap) -> Result<(), UffdError> {
     let mut msgs = [UffdMsg::default(); 64];
     loop {
         let n = uffd.read_events(&mut msgs)?;
@@ -138,7 +125,6 @@ fn resolve_pending(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap, faults: &A
             if let Some(page) = ram.page_of_host(page_addr) {
                 dirty.set(page);
             }
-            faults.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
