@@ -21,7 +21,7 @@ fn connect(uri: &str) -> TcpStream {
 }
 
 fn header(mem: u64, vcpus: u32) -> StreamHeader {
-    StreamHeader { page_size: 4096, vcpu_count: vcpus, regions: vec![RamRegion { gpa: 0, size: mem }] }
+    StreamHeader { page_size: 4096, vcpu_count: vcpus, migration_id: 1, regions: vec![RamRegion { gpa: 0, size: mem }] }
 }
 
 /// Sends `bytes` to a fresh destination; expects it to fail with `expect` in its error, answer an
@@ -54,18 +54,45 @@ fn stream(f: impl FnOnce(&mut Encoder<&mut Vec<u8>>)) -> Vec<u8> {
     out
 }
 
-#[test]
-fn garbage_is_refused() {
-    require_kvm!();
-    refused(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "bad magic");
+/// Sends `bytes` on a connection of its own and returns the ERROR reason that came back.
+fn error_reply(uri: &str, bytes: &[u8]) -> String {
+    let mut s = connect(uri);
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let mut dec = Decoder::new(&reply[..]);
+    match dec.next_frame().and_then(|f| dec.read_record(&f).map(|r| format!("{r:?}"))) {
+        Ok(r) => r,
+        Err(e) => panic!("no ERROR reply ({e}), got {reply:?}"),
+    }
 }
 
+/// What is not an emu migration stream at all is answered with ERROR, and the destination goes on
+/// listening for the real source: a port scan, a stray client or a stream of another version must
+/// not take the only slot.
 #[test]
-fn wrong_version_is_refused() {
+fn strangers_are_refused_and_the_destination_keeps_listening() {
     require_kvm!();
-    let mut bytes = migrate::stream::MAGIC.to_vec();
-    bytes.extend_from_slice(&7u32.to_le_bytes());
-    refused(&bytes, "stream version 7");
+    let (mut dst, uri) = Emu::incoming(&[]);
+    assert!(error_reply(&uri, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").contains("bad magic"));
+    let mut v7 = migrate::stream::MAGIC.to_vec();
+    v7.extend_from_slice(&7u32.to_le_bytes());
+    assert!(error_reply(&uri, &v7).contains("stream version 7"));
+    let v1 = [&migrate::stream::MAGIC[..], &1u32.to_le_bytes()].concat();
+    assert!(error_reply(&uri, &v1).contains("stream version 1; this emu speaks version 2"));
+    assert!(error_reply(&uri, &stream(|e| e.zero_pages(0, 1).unwrap())).contains("must open with HEADER or RESOLVE"));
+    // connect and close, and a silent client holding a connection open
+    drop(connect(&uri));
+    let _silent = connect(&uri);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(dst.is_running(), "the destination gave up: {}", dst.stderr());
+    assert!(dst.lines().is_empty(), "a guest ran: {}", dst.output());
+    // ... and the real source still gets through (here: a stream it refuses for its RAM size)
+    let mut s = connect(&uri);
+    s.write_all(&stream(|e| e.header(&header(12345, 1)).unwrap())).unwrap();
+    assert!(matches!(dst.wait_exit(T), Some(c) if c != 0));
+    assert!(dst.stderr().contains("RAM layout"), "{}", dst.stderr());
 }
 
 #[test]
@@ -93,7 +120,6 @@ fn bad_headers_are_refused() {
     let mut h = header(64 << 20, 1);
     h.page_size = 65536;
     refused(&stream(|e| e.header(&h).unwrap()), "page size 65536");
-    refused(&stream(|e| e.zero_pages(0, 1).unwrap()), "before the header");
 }
 
 #[test]
@@ -127,7 +153,7 @@ fn records_outside_ram_or_out_of_order_are_refused() {
     refused(
         &stream(|e| {
             e.header(&h).unwrap();
-            e.end(1, 0).unwrap();
+            e.end(1, 0, true).unwrap();
         }),
         "END before any vCPU or device state",
     );
@@ -159,7 +185,7 @@ fn incomplete_state_is_refused() {
             e.zero_pages(0, (64 << 20) / 4096).unwrap();
             e.pass_end(0, 0).unwrap();
             e.vm_state(b"vm").unwrap();
-            e.end(0, 0).unwrap();
+            e.end(0, 0, true).unwrap();
         }),
         "no state for vCPU 0",
     );
@@ -170,7 +196,7 @@ fn incomplete_state_is_refused() {
             e.zero_pages(0, 100).unwrap();
             e.vcpu_state(0, b"cpu").unwrap();
             e.vm_state(b"vm").unwrap();
-            e.end(1, 0).unwrap();
+            e.end(1, 0, true).unwrap();
         }),
         "pages never arrived",
     );
@@ -183,7 +209,7 @@ fn incomplete_state_is_refused() {
             e.vm_state(b"vm").unwrap();
             e.device_state("serial0", b"uart").unwrap();
             e.device_state("exit", b"exit").unwrap();
-            e.end(1, 2).unwrap();
+            e.end(1, 2, true).unwrap();
         }),
         "restoring the state",
     );
@@ -192,16 +218,31 @@ fn incomplete_state_is_refused() {
 #[test]
 fn corrupt_records_are_refused() {
     require_kvm!();
+    let with_header = |extra: &[u8]| {
+        let mut bytes = stream(|e| e.header(&header(64 << 20, 1)).unwrap());
+        bytes.extend_from_slice(extra);
+        bytes
+    };
+    // A flipped payload byte in the header: a connection that never opened properly.
     let mut bytes = stream(|e| e.header(&header(64 << 20, 1)).unwrap());
     let last = bytes.len() - 1;
     bytes[last] ^= 0x10;
-    refused(&bytes, "fails its checksum");
-    let mut bytes = stream(|e| e.header(&header(64 << 20, 1)).unwrap());
-    bytes.extend_from_slice(&[0x02, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0]);
-    refused(&bytes, "longer than");
-    let mut bytes = stream(|e| e.header(&header(64 << 20, 1)).unwrap());
-    bytes.extend_from_slice(&[0x55, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    refused(&bytes, "unknown record type 0x55");
+    let (dst, uri) = Emu::incoming(&[]);
+    assert!(error_reply(&uri, &bytes).contains("fails its checksum"));
+    drop(dst);
+    // After the header: the migration itself is refused.
+    let vm_state = stream(|e| e.vm_state(b"vm state").unwrap());
+    let mut flipped = vm_state[12..].to_vec();
+    let n = flipped.len();
+    flipped[n - 1] ^= 0x10;
+    refused(&with_header(&flipped), "VM_STATE record fails its checksum");
+    // One flipped length byte is caught by the frame checksum at once, not by waiting for bytes.
+    let mut inflated = vm_state[12..].to_vec();
+    inflated[6] ^= 0x01;
+    refused(&with_header(&inflated), "frame fails its checksum");
+    refused(&with_header(&migrate::stream::raw_frame(0x02, 0x7fff_ffff, 0)), "longer than");
+    refused(&with_header(&migrate::stream::raw_frame(0x05, 300 << 10, 0)), "longer than");
+    refused(&with_header(&migrate::stream::raw_frame(0x55, 0, 0)), "unknown record type 0x55");
 }
 
 /// A real migration whose connection is cut after `limit` bytes by a relay between the two: the

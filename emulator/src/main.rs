@@ -20,6 +20,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use cli::{Cli, RunArgs, SerialArg};
 use devices::serial::SerialSink;
+use migrate::handover::Decision;
+use migrate::incoming::IncomingServer;
 use migrate::tracker::TrackerKind;
 use vm::{Vm, VmConfig, VmEvent};
 
@@ -75,35 +77,72 @@ fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// Monitor, serial input and the wait for the end: what a booted and a migrated-in VM share.
-fn serve_vm(vm: Arc<Vm>, args: &RunArgs, events_tx: Sender<VmEvent>, events: Receiver<VmEvent>) -> Result<ExitCode> {
+fn start_monitor(args: &RunArgs, commands: &Arc<qmp::Commands>) -> Result<Option<qmp::Monitor>> {
+    args.monitor.as_ref().map(|addr| qmp::serve(addr, commands.clone())).transpose()
+}
+
+/// Serial input and the wait for the end: what a booted and a migrated-in VM share.
+fn serve_vm(vm: &Vm, args: &RunArgs, events: &Receiver<VmEvent>) -> ExitCode {
     if matches!(args.serial, SerialArg::Stdio) {
-        vm::connect_stdin(&vm);
+        vm::connect_stdin(vm);
     }
-    let _monitor = match &args.monitor {
-        Some(addr) => {
-            let migration = Some(Arc::new(migration::MigrationController::new(vm.clone(), args.dirty_tracker)));
-            let commands = qmp::Commands { vm: vm.clone(), events: events_tx, migration };
-            Some(qmp::serve(addr, Arc::new(commands))?)
-        }
-        None => None,
+    wait_for_end(vm, events)
+}
+
+/// `--incoming`: listen, receive one guest, and run it only once the source says GO (or the
+/// handover is resolved so); the monitor is up from the start.
+fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Receiver<VmEvent>) -> Result<ExitCode> {
+    let uri: migrate::transport::Uri = uri.parse()?;
+    let server = IncomingServer::bind(&uri).with_context(|| format!("cannot listen on {uri}"))?;
+    eprintln!("emu: waiting for an incoming migration on {}", server.local_uri());
+    let handover = server.handover().clone();
+    let commands = Arc::new(qmp::Commands::new(events_tx.clone(), Some(handover.clone())));
+    let _monitor = start_monitor(&args, &commands)?;
+
+    let serial = serial_sink(&args.serial)?;
+    let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
+    let tracker = args.dirty_tracker;
+    let dirty_ring = tracker == TrackerKind::KvmDirtyRing;
+    let make_config = move |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring };
+    // Receiving and waiting for GO happen off the main thread, so that `quit` still works meanwhile
+    // (the guest never ran here, so nothing is lost by it).
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    let (c, h) = (commands.clone(), handover.clone());
+    std::thread::Builder::new().name("incoming-migration".into()).spawn(move || {
+        let received = server
+            .next_migration()
+            .map_err(anyhow::Error::from)
+            .and_then(|accepted| migration::receive(accepted, &h, limits, make_config, events_tx));
+        let outcome = received.map(|r| {
+            c.attach(r.vm.clone(), tracker);
+            let decision = h.wait_decision();
+            (r, decision)
+        });
+        let _ = done_tx.send((outcome, server));
+    })?;
+    let (outcome, server) = crossbeam_channel::select! {
+        recv(events) -> _ => return Ok(ExitCode::SUCCESS), // quit before the guest was ours
+        recv(done) -> d => d.context("the incoming migration thread ended")?,
     };
-    Ok(wait_for_end(&vm, &events))
+    let (mut received, decision) = outcome?;
+    let vm = received.vm.clone();
+    match decision {
+        Decision::Run { guest_was_running } => {
+            vm.finish_incoming(guest_was_running && !args.paused)?;
+            received.started();
+            eprintln!("emu: migration received: {} MiB in {} passes", received.bytes >> 20, received.passes);
+            // A source that missed STARTED may still ask; answer until it knows.
+            server.close_when_source_informed(None);
+        }
+        Decision::Discard(why) => anyhow::bail!("incoming migration: the guest will not run here: {why}"),
+    }
+    Ok(serve_vm(&vm, &args, &events))
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let (events_tx, events) = crossbeam_channel::unbounded();
-    if let Some(uri) = &args.incoming {
-        let uri: migrate::transport::Uri = uri.parse()?;
-        let serial = serial_sink(&args.serial)?;
-        let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
-        let dirty_ring = args.dirty_tracker == TrackerKind::KvmDirtyRing;
-        let make_config = |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring };
-        let received = migration::receive(&uri, limits, make_config, events_tx.clone())?;
-        eprintln!("emu: migration received: {} MiB in {} passes", received.bytes >> 20, received.passes);
-        let vm = received.vm;
-        vm.finish_incoming(!args.paused)?;
-        return serve_vm(vm, &args, events_tx, events);
+    if let Some(uri) = args.incoming.clone() {
+        return run_incoming(args, &uri, events_tx, events);
     }
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let (image, cmdline) = read_image(&args, mem)?;
@@ -114,10 +153,13 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx.clone(), Some((&image, &cmdline)))?;
+    let commands = Arc::new(qmp::Commands::new(events_tx, None));
+    commands.attach(vm.clone(), args.dirty_tracker);
+    let _monitor = start_monitor(&args, &commands)?;
     if !args.paused {
         vm.start()?;
     }
-    serve_vm(vm, &args, events_tx, events)
+    Ok(serve_vm(&vm, &args, &events))
 }
 
 fn main() -> ExitCode {

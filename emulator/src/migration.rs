@@ -5,12 +5,14 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use migrate::progress::Progress;
+use migrate::handover::{DestPhase, Handover, Side};
+use migrate::incoming::Accepted;
+use migrate::progress::{Progress, Status};
 use migrate::receiver::{self, ReceiveError, Received};
 use migrate::sender::{self, MigrationParams, Outgoing};
 use migrate::stream::StreamHeader;
 use migrate::tracker::{self, TrackerKind};
-use migrate::transport::{Listener, Uri};
+use migrate::transport::Uri;
 use migrate::vm::MigratableVm;
 use serde_json::{json, Map, Value};
 
@@ -19,6 +21,20 @@ use crate::vm::{Vm, VmConfig};
 
 /// The longest downtime limit accepted, as in QEMU (2000 s).
 const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+/// The longest switchover timeout accepted (the guest is paused all that time).
+const MAX_SWITCHOVER_TIMEOUT_MS: u64 = 600_000;
+/// How long `migrate-resolve` waits for the migration thread to act on the choice.
+const RESOLVE_WAIT: Duration = Duration::from_secs(10);
+
+/// The commands this module answers (the monitor refuses them clearly before a guest exists).
+pub const COMMANDS: &[&str] = &[
+    "migrate",
+    "query-migrate",
+    "migrate-cancel",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "x-dirty-tracking",
+];
 
 pub struct MigrationController {
     vm: Arc<Vm>,
@@ -41,14 +57,42 @@ impl MigrationController {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether an outgoing migration was started from this emu.
+    pub fn has_outgoing(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// `migrate-resolve` on the source: hands the operator's choice to the migration thread and
+    /// waits for it to act.
+    pub fn resolve(&self, keep: Side) -> Result<Value, QmpError> {
+        let current = self.current();
+        let Some(o) = current.as_ref().filter(|o| o.progress.snapshot().status == Status::Unresolved) else {
+            return Err(QmpError::generic("no unresolved migration here"));
+        };
+        o.resolve.choose(keep);
+        let deadline = std::time::Instant::now() + RESOLVE_WAIT;
+        loop {
+            let p = o.progress.snapshot();
+            if p.status != Status::Unresolved {
+                return Ok(json!({"status": p.status.name(), "resolution": p.resolution}));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(QmpError::generic("the migration thread did not act on the choice in time"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match name {
             "migrate" => self.migrate(args),
             "query-migrate" => Ok(self.current().as_ref().map_or(json!({}), |o| progress_json(&o.progress.snapshot()))),
             "migrate-cancel" => {
                 if let Some(o) = self.current().as_ref() {
-                    if !o.progress.snapshot().status.is_finished() {
-                        o.cancel.cancel();
+                    if !o.progress.snapshot().status.is_finished() && !o.cancel.cancel() {
+                        return Err(QmpError::generic(
+                            "too late to cancel: GO has gone out and the destination may be running the guest",
+                        ));
                     }
                 }
                 Ok(json!({}))
@@ -56,7 +100,7 @@ impl MigrationController {
             "migrate-set-parameters" => self.set_parameters(args),
             "query-migrate-parameters" => Ok(params_json(&self.params.lock().unwrap_or_else(|e| e.into_inner()))),
             "x-dirty-tracking" => self.dirty_tracking(args),
-            _ => Err(QmpError { class: "CommandNotFound", desc: format!("the command {name} has not been found") }),
+            _ => Err(QmpError::not_found(name)),
         }
     }
 
@@ -64,8 +108,12 @@ impl MigrationController {
         let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
         let uri: Uri = uri.parse()?;
         let mut current = self.current();
-        if current.as_ref().is_some_and(|o| !o.progress.snapshot().status.is_finished()) {
-            return Err(QmpError::generic("a migration is already running"));
+        match current.as_ref().map(|o| o.progress.snapshot().status) {
+            Some(Status::Unresolved) => {
+                return Err(QmpError::generic("the last migration is unresolved: migrate-resolve decides it first"))
+            }
+            Some(s) if !s.is_finished() => return Err(QmpError::generic("a migration is already running")),
+            _ => {}
         }
         if let Some(old) = current.take() {
             old.join();
@@ -132,6 +180,15 @@ impl MigrationController {
                     p.downtime_limit = Duration::from_millis(v);
                 }
                 "max-bandwidth" => p.max_bandwidth = number()?,
+                "switchover-timeout" => {
+                    let v = number()?;
+                    if !(1..=MAX_SWITCHOVER_TIMEOUT_MS).contains(&v) {
+                        return Err(QmpError::generic(format!(
+                            "switchover-timeout is 1 to {MAX_SWITCHOVER_TIMEOUT_MS} ms"
+                        )));
+                    }
+                    p.switchover_timeout = Duration::from_millis(v);
+                }
                 "max-passes" => {
                     p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
                 }
@@ -157,6 +214,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "max-bandwidth": p.max_bandwidth,
         "max-passes": p.max_passes,
         "dirty-tracker": p.tracker.name(),
+        "switchover-timeout": ms(p.switchover_timeout),
     })
 }
 
@@ -199,11 +257,15 @@ pub fn progress_json(p: &Progress) -> Value {
     if let Some(e) = &p.error {
         v["error-desc"] = json!(e);
     }
+    if let Some(r) = &p.resolution {
+        v["resolution"] = json!(r);
+    }
     if let Some(t) = &p.switchover {
         let us = |d: Duration| d.as_micros() as u64;
         v["downtime-breakdown-us"] = json!({
             "pause": us(t.pause), "last-pass": us(t.last_pass),
-            "save-state": us(t.save_state), "send-and-ack": us(t.send_and_ack),
+            "save-state": us(t.save_state), "send-state-and-ready": us(t.send_state_and_ready),
+            "go-and-started": us(t.go_and_started),
         });
     }
     if let Some(r) = p.stop_reason {
@@ -220,19 +282,31 @@ pub struct IncomingLimits {
     pub vcpus: Option<usize>,
 }
 
-/// Waits on `uri` for one source and receives its guest. Returns a VM whose state is complete,
-/// not yet running.
+/// `query-migrate` on a destination: where the incoming migration stands.
+pub fn incoming_json(h: &Handover) -> Value {
+    let (status, reason) = match h.phase() {
+        DestPhase::Receiving => ("active", None),
+        DestPhase::Ready => ("ready", None),
+        DestPhase::Unresolved(why) => ("unresolved", Some(why)),
+        DestPhase::Taken { by } => ("completed", Some(format!("the guest is this emu's (by {by})"))),
+        DestPhase::Discarded(why) => ("failed", Some(why)),
+    };
+    let mut v = json!({"status": status, "incoming": true});
+    if let Some(r) = reason {
+        v["error-desc"] = json!(r);
+    }
+    v
+}
+
+/// Receives the guest of the migration `accepted`: returns a VM whose state is complete, restored
+/// and paused, READY sent; the handover decides whether it runs.
 pub fn receive(
-    uri: &Uri,
+    accepted: Accepted,
+    handover: &Arc<Handover>,
     limits: IncomingLimits,
     make_config: impl FnOnce(u64, usize) -> VmConfig,
     events: crossbeam_channel::Sender<crate::vm::VmEvent>,
 ) -> anyhow::Result<Received<Vm>> {
-    use anyhow::Context;
-    let listener = Listener::bind(uri).with_context(|| format!("cannot listen on {uri}"))?;
-    eprintln!("emu: waiting for an incoming migration on {}", listener.local_uri()?);
-    let conn = listener.accept().context("cannot accept the migration connection")?;
-    drop(listener);
     let create = |h: &StreamHeader| -> Result<Arc<Vm>, String> {
         let mem: u64 = h.regions.iter().map(|r| r.size).sum();
         let vcpus = h.vcpu_count as usize;
@@ -244,5 +318,5 @@ pub fn receive(
         }
         Vm::create(make_config(mem, vcpus), events, None).map_err(|e| format!("cannot create the VM: {e}"))
     };
-    receiver::receive(conn, create).map_err(|e: ReceiveError| anyhow::anyhow!(e))
+    receiver::receive(accepted, handover, create).map_err(|e: ReceiveError| anyhow::anyhow!(e))
 }

@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::Sender;
@@ -26,6 +26,8 @@ use serde_json::{json, Map, Value};
 use crate::cli::UnixAddr;
 use crate::migration::MigrationController;
 use crate::vm::{Vm, VmEvent};
+use migrate::handover::{DestPhase, Handover, Side};
+use migrate::tracker::TrackerKind;
 
 /// A line longer than this is refused (and the connection closed): a client cannot make the monitor
 /// buffer without bound.
@@ -42,6 +44,10 @@ impl QmpError {
     pub fn generic(desc: impl Into<String>) -> Self {
         QmpError { class: "GenericError", desc: desc.into() }
     }
+
+    pub fn not_found(command: &str) -> Self {
+        QmpError { class: "CommandNotFound", desc: format!("the command {command} has not been found") }
+    }
 }
 
 impl<E: std::error::Error> From<E> for QmpError {
@@ -50,55 +56,125 @@ impl<E: std::error::Error> From<E> for QmpError {
     }
 }
 
-/// What the monitor's commands act on.
+/// What the monitor's commands act on. On a destination the monitor is up before the guest
+/// exists: `vm` and `migration` are set once the incoming state is restored.
 pub struct Commands {
-    pub vm: Arc<Vm>,
+    vm: OnceLock<Arc<Vm>>,
+    migration: OnceLock<MigrationController>,
+    /// The destination's handover, on an emu started with `--incoming`.
+    incoming: Option<Arc<Handover>>,
     pub events: Sender<VmEvent>,
-    pub migration: Option<Arc<MigrationController>>,
+}
+
+fn no_guest_yet() -> QmpError {
+    QmpError::generic("no guest here yet: an incoming migration is in progress")
 }
 
 impl Commands {
+    pub fn new(events: Sender<VmEvent>, incoming: Option<Arc<Handover>>) -> Self {
+        Commands { vm: OnceLock::new(), migration: OnceLock::new(), incoming, events }
+    }
+
+    /// The VM the commands act on from now on; `tracker` is its default dirty tracker.
+    pub fn attach(&self, vm: Arc<Vm>, tracker: TrackerKind) {
+        let _ = self.migration.set(MigrationController::new(vm.clone(), tracker));
+        let _ = self.vm.set(vm);
+    }
+
+    fn vm(&self) -> Result<&Arc<Vm>, QmpError> {
+        self.vm.get().ok_or_else(no_guest_yet)
+    }
+
+    /// The handover, while it is still undecided here (a destination before GO).
+    fn pending_incoming(&self) -> Option<&Arc<Handover>> {
+        self.incoming.as_ref().filter(|h| !matches!(h.phase(), DestPhase::Taken { .. }))
+    }
+
     pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match name {
             "qmp_capabilities" => Ok(json!({})),
             "query-status" => {
-                let state = self.vm.run_state();
+                if let Some(h) = self.pending_incoming() {
+                    return Ok(json!({"status": h.phase().status_name(), "running": false}));
+                }
+                let state = self.vm()?.run_state();
                 Ok(json!({"status": state.name(), "running": state == crate::vm::RunState::Running}))
             }
             "stop" => {
-                self.vm.stop()?;
+                self.vm()?.stop()?;
                 Ok(json!({}))
             }
             "cont" => {
-                self.vm.cont()?;
+                if let Some(h) = self.pending_incoming() {
+                    return Err(QmpError::generic(format!(
+                        "the incoming guest is not this emu's yet ({}): it runs once the source says GO, or after migrate-resolve",
+                        h.phase().status_name()
+                    )));
+                }
+                let force = match args.get("force") {
+                    None => false,
+                    Some(v) => v.as_bool().ok_or_else(|| QmpError::generic("force must be true or false"))?,
+                };
+                self.vm()?.cont(force)?;
                 Ok(json!({}))
             }
             // The VM ends once the reply is out (see `serve_client`).
             "quit" => Ok(json!({})),
             "query-vcpus" => Ok(Value::Array(
-                self.vm.vcpus().iter().map(|v| json!({"cpu-index": v.index(), "thread-id": v.thread_id()})).collect(),
+                self.vm()?
+                    .vcpus()
+                    .iter()
+                    .map(|v| json!({"cpu-index": v.index(), "thread-id": v.thread_id()}))
+                    .collect(),
             )),
-            "query-ram-digest" => Ok(self.ram_digest(args)),
-            _ => match &self.migration {
-                Some(m) => m.execute(name, args),
-                None => {
-                    Err(QmpError { class: "CommandNotFound", desc: format!("the command {name} has not been found") })
-                }
+            "query-ram-digest" => self.ram_digest(args),
+            "migrate-resolve" => self.resolve(args),
+            "query-migrate" => match (self.migration.get(), self.incoming.as_ref()) {
+                (Some(m), _) if m.has_outgoing() => m.execute(name, args),
+                (_, Some(h)) => Ok(crate::migration::incoming_json(h)),
+                (Some(m), None) => m.execute(name, args),
+                (None, None) => Err(no_guest_yet()),
             },
+            _ => match self.migration.get() {
+                Some(m) => m.execute(name, args),
+                None if crate::migration::COMMANDS.contains(&name) => Err(no_guest_yet()),
+                None => Err(QmpError::not_found(name)),
+            },
+        }
+    }
+
+    /// `migrate-resolve {"keep": "source"|"destination"}`: decides an unresolved migration, on
+    /// whichever side this emu is.
+    fn resolve(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let keep: Side = args
+            .get("keep")
+            .and_then(Value::as_str)
+            .ok_or_else(|| QmpError::generic("migrate-resolve needs \"keep\": \"source\" or \"destination\""))?
+            .parse()
+            .map_err(QmpError::generic)?;
+        if let Some(m) = self.migration.get().filter(|m| m.has_outgoing()) {
+            return m.resolve(keep);
+        }
+        match self.pending_incoming() {
+            Some(h) => {
+                h.operator(keep).map_err(QmpError::generic)?;
+                Ok(json!({"status": h.phase().status_name()}))
+            }
+            None => Err(QmpError::generic("no migration to resolve here")),
         }
     }
 
     /// A CRC-32 of every page and one over all of them, to compare two guests' RAM page for page
     /// (with `{"pages": true}` the per-page list too). Meaningful while the guest is paused.
-    fn ram_digest(&self, args: &Map<String, Value>) -> Value {
+    fn ram_digest(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         use migrate::vm::MigratableVm;
-        let digests = self.vm.ram().page_digests();
+        let digests = self.vm()?.ram().page_digests();
         let all = migrate::ram::combined_digest(&digests);
         let mut out = json!({"page-count": digests.len(), "digest": format!("{all:08x}")});
         if args.get("pages").and_then(Value::as_bool) == Some(true) {
             out["pages"] = Value::Array(digests.iter().map(|d| json!(d)).collect());
         }
-        out
+        Ok(out)
     }
 
     /// The reply to one request line, and whether it was a successful `quit`.

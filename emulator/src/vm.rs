@@ -67,6 +67,8 @@ pub enum VmError {
     WrongState { action: &'static str, state: &'static str },
     #[error("the migrated state does not fit this VM: {0}")]
     StateMismatch(String),
+    #[error("the guest migrated away and runs on the destination: this copy must not run or migrate again (cont {{\"force\": true}} if the destination is known to be gone)")]
+    MigratedAway,
 }
 
 /// What ends the VM, sent to the main thread.
@@ -91,6 +93,8 @@ pub enum RunState {
     FinishMigrate,
     /// Source: the guest now runs on the destination.
     PostMigrate,
+    /// Source: GO went out and STARTED did not come back; paused until resolved (`migrate-resolve`).
+    Unresolved,
 }
 
 impl RunState {
@@ -101,6 +105,7 @@ impl RunState {
             RunState::InMigrate => "inmigrate",
             RunState::FinishMigrate => "finish-migrate",
             RunState::PostMigrate => "postmigrate",
+            RunState::Unresolved => "migrate-unresolved",
         }
     }
 }
@@ -134,8 +139,9 @@ impl Versioned for VmState {
 
 struct Lifecycle {
     state: RunState,
-    /// During a migration: whether the guest ran when it started (a failure restores that).
-    running_before_migration: bool,
+    /// During a switchover: whether the guest ran when it was paused for it (a failure restores
+    /// that, and the destination is told).
+    running_at_switchover: bool,
 }
 
 pub struct Vm {
@@ -286,7 +292,7 @@ impl Vm {
             vcpus,
             bus,
             serial,
-            lifecycle: Mutex::new(Lifecycle { state, running_before_migration: false }),
+            lifecycle: Mutex::new(Lifecycle { state, running_at_switchover: false }),
         }))
     }
 
@@ -374,34 +380,36 @@ impl Vm {
                 l.state = RunState::Paused;
                 Ok(())
             }
-            RunState::Paused | RunState::PostMigrate => Ok(()),
+            RunState::Paused | RunState::PostMigrate | RunState::Unresolved => Ok(()),
             s => Err(VmError::WrongState { action: "stop", state: s.name() }),
         }
     }
 
-    /// `cont`: resumes a paused guest (also one that migrated away, which the user may want back
-    /// if the destination failed after the switchover).
-    pub fn cont(&self) -> Result<(), VmError> {
+    /// `cont`: resumes a paused guest. A guest that migrated away (postmigrate) runs on the
+    /// destination: resuming it here too would make two copies, so that takes `force` (for an
+    /// operator who knows the destination is gone). An unresolved migration is resolved with
+    /// `migrate-resolve`, never with `cont`.
+    pub fn cont(&self, force: bool) -> Result<(), VmError> {
         let mut l = self.lifecycle();
         match l.state {
-            RunState::Paused | RunState::PostMigrate => {
-                self.resume_vcpus()?;
-                l.state = RunState::Running;
-                Ok(())
-            }
-            RunState::Running => Ok(()),
-            s => Err(VmError::WrongState { action: "continue", state: s.name() }),
+            RunState::Paused => {}
+            RunState::PostMigrate if force => log::warn!("cont with force on a guest that migrated away"),
+            RunState::PostMigrate => return Err(VmError::MigratedAway),
+            RunState::Running => return Ok(()),
+            s => return Err(VmError::WrongState { action: "continue", state: s.name() }),
         }
+        self.resume_vcpus()?;
+        l.state = RunState::Running;
+        Ok(())
     }
 
-    /// Marks the start of an outgoing migration; refuses one while another is in its final phase.
+    /// Marks the start of an outgoing migration; refuses one while another is in its final phase,
+    /// and from a guest that migrated away already (its copy there would be a second one).
     pub fn begin_outgoing_migration(&self) -> Result<(), VmError> {
-        let mut l = self.lifecycle();
+        let l = self.lifecycle();
         match l.state {
-            RunState::Running | RunState::Paused | RunState::PostMigrate => {
-                l.running_before_migration = l.state == RunState::Running;
-                Ok(())
-            }
+            RunState::Running | RunState::Paused => Ok(()),
+            RunState::PostMigrate => Err(VmError::MigratedAway),
             s => Err(VmError::WrongState { action: "migrate", state: s.name() }),
         }
     }
@@ -506,13 +514,15 @@ impl MigratableVm for Vm {
         self.vcpus.len()
     }
 
-    fn pause_for_switchover(&self) -> Result<(), MigrateVmError> {
+    fn pause_for_switchover(&self) -> Result<bool, MigrateVmError> {
         let mut l = self.lifecycle();
-        if l.state == RunState::Running {
+        let running = l.state == RunState::Running;
+        if running {
             self.pause_vcpus().map_err(|e| MigrateVmError(e.to_string()))?;
         }
+        l.running_at_switchover = running;
         l.state = RunState::FinishMigrate;
-        Ok(())
+        Ok(running)
     }
 
     fn save_state(&self) -> Result<MachineState, MigrateVmError> {
@@ -523,12 +533,16 @@ impl MigratableVm for Vm {
         self.lifecycle().state = RunState::PostMigrate;
     }
 
+    fn migration_unresolved(&self) {
+        self.lifecycle().state = RunState::Unresolved;
+    }
+
     fn migration_failed(&self) {
         let mut l = self.lifecycle();
-        if l.state != RunState::FinishMigrate {
+        if !matches!(l.state, RunState::FinishMigrate | RunState::Unresolved) {
             return; // never paused: nothing to undo
         }
-        if l.running_before_migration {
+        if l.running_at_switchover {
             match self.resume_vcpus() {
                 Ok(()) => l.state = RunState::Running,
                 Err(e) => {

@@ -4,6 +4,8 @@
 
 pub mod bitmap;
 pub mod convergence;
+pub mod handover;
+pub mod incoming;
 pub mod pagemap;
 pub mod progress;
 pub mod ram;

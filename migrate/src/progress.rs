@@ -17,6 +17,9 @@ pub enum Status {
     Completed,
     Failed,
     Cancelled,
+    /// GO went out but STARTED did not come back: the guest is paused here and may or may not run
+    /// on the destination, until the destination answers or the operator decides.
+    Unresolved,
 }
 
 impl Status {
@@ -28,6 +31,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Unresolved => "unresolved",
         }
     }
 
@@ -45,8 +49,11 @@ pub struct SwitchoverTimes {
     pub last_pass: Duration,
     /// Saving vCPU, VM and device state.
     pub save_state: Duration,
-    /// Sending the state, and the destination restoring it until its acknowledgement arrives.
-    pub send_and_ack: Duration,
+    /// Sending the state, and the destination restoring it until its READY arrives.
+    pub send_state_and_ready: Duration,
+    /// GO out, STARTED back: the round trip that makes sure only one side runs the guest. The
+    /// destination resumes the guest when GO arrives, half-way through it.
+    pub go_and_started: Duration,
 }
 
 /// One pass of precopy.
@@ -80,9 +87,12 @@ pub struct Progress {
     pub expected_downtime: Option<Duration>,
     pub setup_time: Option<Duration>,
     pub total_time: Option<Duration>,
-    /// From pausing the source to the destination's acknowledgement (sent as it resumes).
+    /// From pausing the source to the destination's STARTED (sent as it resumes the guest).
     pub downtime: Option<Duration>,
+    /// Why it failed; while unresolved, why and what has been tried.
     pub error: Option<String>,
+    /// How an unresolved migration was resolved.
+    pub resolution: Option<String>,
     pub passes: Vec<PassRecord>,
     /// Why precopy stopped iterating (once it has): "nothing-left", "converged" or "max-passes".
     pub stop_reason: Option<&'static str>,
@@ -108,6 +118,7 @@ impl Progress {
             total_time: None,
             downtime: None,
             error: None,
+            resolution: None,
             passes: Vec::new(),
             stop_reason: None,
             switchover: None,

@@ -1,13 +1,15 @@
 //! The destination side: reads the stream, checks every record, fills guest RAM and, once all of it
-//! has arrived, restores the machine state and acknowledges. A guest whose state arrived incomplete
+//! has arrived, restores the machine state and says READY. A guest whose state arrived incomplete
 //! never runs: anything wrong ends the migration with an ERROR reply to the source and an error here.
+//! Whether the restored guest then runs is the handover's to decide (`handover.rs`): only on GO.
 //!
 //! The receiver is a phase plus a step per record (after Cloud Hypervisor's
-//! `ReceiveMigrationState`):
+//! `ReceiveMigrationState`); the preamble and HEADER were read when the connection was screened
+//! (`incoming.rs`):
 //!
 //! ```text
-//! AwaitHeader --HEADER--> Ram --PAGES/ZERO_PAGES/PASS_END--> Ram
-//!                          Ram --VCPU/VM/DEVICE_STATE--> State --...STATE--> State --END--> done
+//! HEADER --> Ram --PAGES/ZERO_PAGES/PASS_END/SYNC--> Ram
+//!            Ram --VCPU/VM/DEVICE_STATE--> State --...STATE--> State --END--> restored, READY
 //! ```
 //!
 //! What stays bounded whatever the peer sends: one record buffer (`MAX_PAYLOAD`), RAM of the size the
@@ -18,6 +20,8 @@ use std::io::BufReader;
 use std::sync::Arc;
 
 use crate::bitmap::PageBitmap;
+use crate::handover::{self, Handover};
+use crate::incoming::Accepted;
 use crate::ram::{RamLayout, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
@@ -35,11 +39,23 @@ pub struct ReceiveError {
     pub problem: String,
 }
 
-/// A successful incoming migration.
+/// An incoming migration whose guest is restored and paused, READY sent; the handover decides what
+/// happens to it.
 pub struct Received<V> {
     pub vm: Arc<V>,
     pub passes: u32,
     pub bytes: u64,
+    replies: Encoder<Connection>,
+}
+
+impl<V> Received<V> {
+    /// Tells the source the guest is the destination's now (best effort: a source that misses it
+    /// asks again with RESOLVE).
+    pub fn started(&mut self) {
+        if let Err(e) = self.replies.started().and_then(|_| self.replies.flush()) {
+            log::warn!("incoming migration: cannot send STARTED ({e}); the source will ask");
+        }
+    }
 }
 
 struct Target<V> {
@@ -64,7 +80,7 @@ enum Phase<V> {
 impl<V> Phase<V> {
     fn describe(&self) -> String {
         match self {
-            Phase::AwaitHeader => "waiting for the header".into(),
+            Phase::AwaitHeader => "checking the header".into(),
             Phase::Ram(t) => match t.last_pass {
                 None => "receiving RAM (pass 0)".into(),
                 Some(p) => format!("receiving RAM (after pass {p})"),
@@ -74,54 +90,71 @@ impl<V> Phase<V> {
     }
 }
 
-/// Receives one migration from `conn`. `create` builds the VM once the header says what it must look
-/// like (and may refuse: a RAM or vCPU mismatch with what the user asked for).
+/// Receives the migration `accepted` (its header already read). `create` builds the VM once the
+/// header says what it must look like (and may refuse: a RAM or vCPU mismatch with what the user
+/// asked for). On success the guest is restored, paused, and READY is sent; a thread then follows
+/// what the source says on the connection and reports to `handover`.
 pub fn receive<V: RestorableVm>(
-    conn: Connection,
+    accepted: Accepted,
+    handover: &Arc<Handover>,
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
     let start_err = |e: std::io::Error| ReceiveError { phase: "starting".into(), problem: e.to_string() };
+    let Accepted { conn, header, bytes_so_far } = accepted;
+    handover.begin(header.migration_id, conn.try_clone().ok());
     conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(start_err)?;
     let clone = || conn.try_clone().map_err(start_err);
     let mut rx = Receiver {
         dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, clone()?)),
         replies: Encoder::new(clone()?),
-        create: Some(create),
     };
     let mut phase = Phase::AwaitHeader;
-    let result = rx.run(&mut phase);
-    let enc = &mut rx.replies;
+    let result = rx.run(&mut phase, header, create).and_then(|(vm, passes, guest_running)| {
+        // The operator may have given the incoming guest up meanwhile.
+        handover.ready(guest_running)?;
+        rx.replies.ready().and_then(|_| rx.replies.flush()).map_err(|e| format!("cannot send READY: {e}"))?;
+        Ok((vm, passes))
+    });
     match result {
         Ok((vm, passes)) => {
-            enc.ack().map_err(|e| ReceiveError { phase: "acknowledging".into(), problem: e.to_string() })?;
-            let bytes = rx.dec.bytes_read();
-            Ok(Received { vm, passes, bytes })
+            let bytes = bytes_so_far + rx.dec.bytes_read();
+            let Receiver { dec, replies } = rx;
+            let h = handover.clone();
+            std::thread::Builder::new()
+                .name("incoming-handover".into())
+                .spawn(move || handover::read_after_ready(dec, &conn, &h))
+                .map_err(start_err)?;
+            Ok(Received { vm, passes, bytes, replies })
         }
         Err(problem) => {
             let err = ReceiveError { phase: phase.describe(), problem };
             // Best effort: tell the source why, and keep reading until it hangs up, so that it reads
             // our reason rather than a connection reset.
-            let _ = enc.error(&err.to_string());
-            let _ = enc.flush();
-            drain(conn);
+            let _ = rx.replies.error(&err.to_string());
+            let _ = rx.replies.flush();
+            crate::transport::drain_and_close(conn);
+            // Never to run here, whatever comes later.
+            handover.abort(&err.to_string());
             Err(err)
         }
     }
 }
 
-struct Receiver<R: std::io::Read, F> {
+struct Receiver<R: std::io::Read> {
     dec: Decoder<BufReader<R>>,
     replies: Encoder<Connection>,
-    create: Option<F>,
 }
 
-impl<R: std::io::Read, F> Receiver<R, F> {
-    /// Steps through records until END has been applied; returns the restored VM.
-    fn run<V: RestorableVm>(&mut self, phase: &mut Phase<V>) -> Result<(Arc<V>, u32), String>
-    where
-        F: FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
-    {
-        self.dec.preamble().map_err(|e| e.to_string())?;
+impl<R: std::io::Read> Receiver<R> {
+    /// Checks the header, then steps through records until END has been applied; returns the
+    /// restored VM, the passes seen, and whether the guest ran on the source.
+    fn run<V: RestorableVm>(
+        &mut self,
+        phase: &mut Phase<V>,
+        header: StreamHeader,
+        create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
+    ) -> Result<(Arc<V>, u32, bool), String> {
+        *phase = Phase::Ram(Box::new(self.accept_header(header, create)?));
         loop {
             let frame = self.dec.next_frame().map_err(|e| match e {
                 StreamError::Closed => "the source closed the connection before the end of the stream".to_string(),
@@ -130,7 +163,7 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             let current = std::mem::replace(phase, Phase::AwaitHeader);
             match self.step(current, frame) {
                 Ok(Step::Next(p)) => *phase = p,
-                Ok(Step::Done(vm, passes)) => return Ok((vm, passes)),
+                Ok(Step::Done(vm, passes, running)) => return Ok((vm, passes, running)),
                 Err((p, problem)) => {
                     *phase = p;
                     return Err(problem);
@@ -139,25 +172,9 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         }
     }
 
-    fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, String)>
-    where
-        F: FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
-    {
+    fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, String)> {
         match (phase, frame.kind) {
-            (Phase::AwaitHeader, RecordType::Header) => {
-                let header = match self.dec.read_record(&frame) {
-                    Ok(Record::Header(h)) => h,
-                    Ok(_) => unreachable!("a HEADER frame decodes to a header"),
-                    Err(e) => return Err((Phase::AwaitHeader, e.to_string())),
-                };
-                let create = self.create.take().expect("one header");
-                self.accept_header(header, create)
-                    .map(|t| Step::Next(Phase::Ram(Box::new(t))))
-                    .map_err(|e| (Phase::AwaitHeader, e))
-            }
-            (Phase::AwaitHeader, kind) => {
-                Err((Phase::AwaitHeader, format!("{} record before the header", kind.name())))
-            }
+            (Phase::AwaitHeader, _) => unreachable!("the header is checked before the first step"),
             (Phase::Ram(mut t), RecordType::Pages) => match self.read_pages(&mut t, &frame) {
                 Ok(()) => Ok(Step::Next(Phase::Ram(t))),
                 Err(e) => Err((Phase::Ram(t), e)),
@@ -192,6 +209,9 @@ impl<R: std::io::Read, F> Receiver<R, F> {
                 }
             }
             (Phase::State(t), RecordType::End) => self.finish(t, &frame),
+            (p @ (Phase::Ram(_) | Phase::State(_)), RecordType::Abort) => {
+                Err((p, "the source gave the migration up (ABORT)".to_string()))
+            }
             (p @ (Phase::Ram(_) | Phase::State(_)), kind) => {
                 let why = match (&p, kind) {
                     (Phase::Ram(_), RecordType::End) => "END before any vCPU or device state".to_string(),
@@ -205,10 +225,11 @@ impl<R: std::io::Read, F> Receiver<R, F> {
         }
     }
 
-    fn accept_header<V: RestorableVm>(&mut self, h: StreamHeader, create: F) -> Result<Target<V>, String>
-    where
-        F: FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
-    {
+    fn accept_header<V: RestorableVm>(
+        &mut self,
+        h: StreamHeader,
+        create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
+    ) -> Result<Target<V>, String> {
         if h.page_size != PAGE_SIZE as u32 {
             return Err(format!("page size {} (this emu uses {PAGE_SIZE})", h.page_size));
         }
@@ -335,8 +356,10 @@ impl<R: std::io::Read, F> Receiver<R, F> {
 
     /// END: everything must be here; then the state goes into the VM.
     fn finish<V: RestorableVm>(&mut self, mut t: Box<Target<V>>, frame: &Frame) -> Result<Step<V>, (Phase<V>, String)> {
-        let (vcpu_states, device_states) = match self.dec.read_record(frame) {
-            Ok(Record::End { vcpu_states, device_states }) => (vcpu_states, device_states),
+        let (vcpu_states, device_states, guest_running) = match self.dec.read_record(frame) {
+            Ok(Record::End { vcpu_states, device_states, guest_running }) => {
+                (vcpu_states, device_states, guest_running)
+            }
             Ok(_) => unreachable!("an END frame decodes to END"),
             Err(e) => return Err((Phase::State(t), e.to_string())),
         };
@@ -368,30 +391,12 @@ impl<R: std::io::Read, F> Receiver<R, F> {
             return Err((Phase::State(t), format!("restoring the state: {e}")));
         }
         let passes = t.last_pass.map_or(0, |p| p + 1);
-        Ok(Step::Done(t.vm, passes))
+        Ok(Step::Done(t.vm, passes, guest_running))
     }
 }
 
 enum Step<V> {
     Next(Phase<V>),
-    Done(Arc<V>, u32),
-}
-
-/// Reads and drops what the source still sends, until it closes or 2 s pass. Closing a socket with
-/// unread data makes TCP reset the connection, which can destroy our ERROR record in flight.
-fn drain(mut conn: Connection) {
-    use std::io::Read;
-    use std::time::{Duration, Instant};
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = vec![0u8; 64 << 10];
-    while Instant::now() < deadline {
-        match conn.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(_) => break,
-        }
-    }
-    conn.shutdown();
+    /// Restored: the VM, the passes seen, whether the guest ran on the source.
+    Done(Arc<V>, u32, bool),
 }

@@ -5,29 +5,34 @@
 //! 3. passes 1..n: take the dirty set (re-protected before it is read), send it, until the
 //!    convergence rule says the rest fits in the downtime limit (or `max_passes` is reached);
 //! 4. switchover: pause every vCPU, send the last dirty pages and the vCPU, VM and device state, wait
-//!    for the destination's acknowledgement; the source stays paused ("postmigrate").
+//!    for READY, say GO, wait for STARTED; the source stays paused ("postmigrate").
 //!
-//! Any failure before the acknowledgement (connection lost, destination refused, cancel) stops the
-//! tracker (RAM writable again, fault thread gone) and puts the guest back as it was.
+//! Any failure before GO (connection lost, destination refused, cancel, a stall of more than
+//! `switchover_timeout` while the guest is paused) stops the tracker (RAM writable again, fault
+//! thread gone), puts the guest back as it was and tells the destination ABORT. Once GO may have
+//! reached the destination the source never resumes by itself: without STARTED the migration is
+//! "unresolved" until the destination answers a RESOLVE or the operator decides (`handover.rs`).
 
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::convergence::{self, PassOutcome};
+use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
 use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
-use crate::stream::{Decoder, Encoder, PageBatch, Record, StreamError, StreamHeader};
+use crate::stream::{Decoder, Encoder, PageBatch, Record, Resolution, ResolveAction, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
 use crate::transport::{self, Connection, Uri};
 use crate::vm::{MigratableVm, VmError};
 
-/// How long the source waits for the destination to restore the state and acknowledge.
-const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the source waits (guest running) for the destination to catch up with a SYNC.
+const SYNC_TIMEOUT: Duration = transport::STALL_TIMEOUT;
+/// Attempts to tell a destination ABORT on new connections after a failed switchover.
+const ABORT_NOTICES: u32 = 5;
 /// Stream buffer for small records (PAGES records of 1 MiB go out directly).
 const WRITE_BUFFER: usize = 256 << 10;
 
@@ -51,6 +56,11 @@ pub struct MigrationParams {
     pub max_passes: u32,
     /// How dirty pages are tracked (takes effect at the next `migrate`).
     pub tracker: TrackerKind,
+    /// While the guest is paused for the switchover, the longest the source waits on the
+    /// destination (one write, READY, STARTED) before it gives up. 1 s: a working link answers in
+    /// microseconds to milliseconds, and a paused guest is an outage, so a stalled or corrupt
+    /// stream must cost about a second, not the 60 s a running guest can afford.
+    pub switchover_timeout: Duration,
     /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
     /// destination's RAM is known to differ. Never set outside tests.
     pub drop_final_pages: u32,
@@ -63,6 +73,7 @@ impl Default for MigrationParams {
             max_bandwidth: 0,
             max_passes: 30,
             tracker: DEFAULT_TRACKER,
+            switchover_timeout: Duration::from_secs(1),
             drop_final_pages: 0,
         }
     }
@@ -76,14 +87,20 @@ pub enum MigrationError {
     Tracker(#[from] TrackerError),
     #[error("sending: {}", send_error(.0))]
     Send(#[from] std::io::Error),
+    /// The destination sent ERROR: it will never run the guest.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
-    #[error("no acknowledgement from the destination: {0}")]
-    NoAck(String),
+    /// The connection broke, closed or stalled before GO.
+    #[error("lost the destination: {0}")]
+    Lost(String),
     #[error("the VM: {0}")]
     Vm(#[from] VmError),
     #[error("cancelled")]
     Cancelled,
+    /// GO was sent but STARTED did not come: the destination may or may not run the guest. The
+    /// source stays paused; never resume on this error.
+    #[error("unresolved: {0}")]
+    Unresolved(String),
 }
 
 fn send_error(e: &std::io::Error) -> String {
@@ -95,28 +112,45 @@ fn send_error(e: &std::io::Error) -> String {
     }
 }
 
-/// Cancels a migration from another thread, also one blocked on the network.
+/// Cancels a migration from another thread, also one blocked on the network; refused once the
+/// source is committed to GO (the destination may be running the guest by then).
 #[derive(Default)]
 pub struct Cancel {
-    requested: AtomicBool,
-    conn: Mutex<Option<Connection>>,
+    state: Mutex<CancelState>,
+}
+
+#[derive(Default)]
+struct CancelState {
+    requested: bool,
+    committed: bool,
+    conn: Option<Connection>,
 }
 
 impl Cancel {
-    pub fn cancel(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    fn lock(&self) -> MutexGuard<'_, CancelState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the migration to stop; `false` if it is past the point where it can.
+    pub fn cancel(&self) -> bool {
+        let mut s = self.lock();
+        if s.committed {
+            return false;
+        }
+        s.requested = true;
+        if let Some(c) = s.conn.as_ref() {
             c.shutdown();
         }
+        true
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
+        self.lock().requested
     }
 
     fn attach(&self, conn: &Connection) {
         if let Ok(c) = conn.try_clone() {
-            *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+            self.lock().conn = Some(c);
         }
     }
 
@@ -127,12 +161,45 @@ impl Cancel {
             Ok(())
         }
     }
+
+    /// The point of no return: from here a cancel is refused.
+    fn commit(&self) -> Result<(), MigrationError> {
+        let mut s = self.lock();
+        if s.requested {
+            return Err(MigrationError::Cancelled);
+        }
+        s.committed = true;
+        Ok(())
+    }
+}
+
+/// The operator's choice for an unresolved migration (`migrate-resolve`), handed to the migration
+/// thread, which alone acts on the VM.
+#[derive(Default)]
+pub struct OperatorChoice {
+    choice: Mutex<Option<Side>>,
+    chosen: Condvar,
+}
+
+impl OperatorChoice {
+    pub fn choose(&self, keep: Side) {
+        *self.choice.lock().unwrap_or_else(|e| e.into_inner()) = Some(keep);
+        self.chosen.notify_all();
+    }
+
+    /// Waits up to `timeout` for a choice.
+    fn wait(&self, timeout: Duration) -> Option<Side> {
+        let c = self.choice.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut c, _) = self.chosen.wait_timeout_while(c, timeout, |c| c.is_none()).unwrap_or_else(|e| e.into_inner());
+        c.take()
+    }
 }
 
 /// A migration running in its own thread.
 pub struct Outgoing {
     pub progress: Arc<ProgressCell>,
     pub cancel: Arc<Cancel>,
+    pub resolve: Arc<OperatorChoice>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -157,31 +224,107 @@ pub fn start(
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
     let progress = Arc::new(ProgressCell::new(Progress::new(kind, vm.ram().layout().total_bytes())));
     let cancel = Arc::new(Cancel::default());
-    let (p, c) = (progress.clone(), cancel.clone());
+    let resolve = Arc::new(OperatorChoice::default());
+    let (p, c, r) = (progress.clone(), cancel.clone(), resolve.clone());
     let thread = std::thread::Builder::new().name("migration".into()).spawn(move || {
-        let result = migrate(&*vm, &uri, &params, &*trackers, &p, &c);
-        match result {
+        let id = migration_id();
+        match migrate(&*vm, &uri, id, &params, &*trackers, &p, &c) {
             Ok(()) => {}
+            Err(MigrationError::Unresolved(why)) => {
+                log::warn!("migration to {uri}: {why}; the guest stays paused until resolved");
+                vm.migration_unresolved();
+                p.update(|p| {
+                    p.status = Status::Unresolved;
+                    p.error = Some(why.clone());
+                });
+                settle(&*vm, &uri, id, &why, &p, &r);
+            }
             Err(e) => {
                 // The tracker is stopped already (dropped inside `migrate`): RAM is writable again
                 // before the guest resumes.
                 vm.migration_failed();
                 let status = if c.is_cancelled() { Status::Cancelled } else { Status::Failed };
                 log::warn!("migration to {uri}: {e}");
-                p.update(|p| {
-                    p.status = status;
-                    p.error = Some(e.to_string());
-                    p.total_time = Some(p.started.elapsed());
-                });
+                finish(&p, status, Some(e.to_string()));
             }
         }
     })?;
-    Ok(Outgoing { progress, cancel, thread: Some(thread) })
+    Ok(Outgoing { progress, cancel, resolve, thread: Some(thread) })
+}
+
+fn finish(progress: &ProgressCell, status: Status, error: Option<String>) {
+    progress.update(|p| {
+        p.status = status;
+        p.error = error;
+        p.total_time = Some(p.started.elapsed());
+        if status == Status::Completed {
+            p.dirty_pages = 0;
+        }
+    });
+}
+
+/// A random identity for one migration, so that a RESOLVE names the right one.
+fn migration_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// An unresolved migration: asks the destination again and again (RESOLVE GO: a destination still
+/// waiting takes it as the GO it missed) until it answers, or the operator decides.
+fn settle(vm: &dyn MigratableVm, uri: &Uri, id: u64, why: &str, progress: &ProgressCell, choice: &OperatorChoice) {
+    let destination_has_it = |how: String| {
+        vm.migration_completed();
+        log::info!("migration to {uri} resolved: {how}");
+        finish(progress, Status::Completed, None);
+        progress.update(|p| p.resolution = Some(how));
+    };
+    let source_keeps_it = |how: String| {
+        vm.migration_failed();
+        log::info!("migration to {uri} resolved: {how}");
+        finish(progress, Status::Failed, Some(format!("{why}; resolved: {how}")));
+        progress.update(|p| p.resolution = Some(how));
+    };
+    let mut asked = 0u32;
+    loop {
+        asked += 1;
+        let last = match handover::ask(uri, id, ResolveAction::Go) {
+            Ok(Resolution::DestinationHasGuest) => {
+                return destination_has_it("the destination confirmed it has the guest".into())
+            }
+            Ok(Resolution::DestinationDiscarded) => {
+                return source_keeps_it("the destination discarded the guest; the source keeps it".into())
+            }
+            Ok(Resolution::UnknownMigration) => "the destination does not know this migration".to_string(),
+            Err(e) => e,
+        };
+        progress.update(|p| {
+            p.error = Some(format!(
+                "{why}; asked the destination {asked} times (last: {last}); migrate-resolve {{\"keep\": \"source\" or \"destination\"}} decides"
+            ))
+        });
+        match choice.wait(Duration::from_secs(1)) {
+            None => {}
+            Some(Side::Destination) => return destination_has_it("the operator chose the destination".into()),
+            Some(Side::Source) => {
+                // One last question: a destination that has the guest must not get a twin.
+                return match handover::ask(uri, id, ResolveAction::Abort) {
+                    Ok(Resolution::DestinationHasGuest) => destination_has_it(
+                        "the operator chose the source, but the destination has the guest: it stays there".into(),
+                    ),
+                    _ => source_keeps_it("the operator chose the source".into()),
+                };
+            }
+        }
+    }
 }
 
 fn migrate(
     vm: &dyn MigratableVm,
     uri: &Uri,
+    migration_id: u64,
     params: &Mutex<MigrationParams>,
     trackers: &TrackerFactory,
     progress: &ProgressCell,
@@ -197,6 +340,8 @@ fn migrate(
     let log = DirtyLog::start(trackers(kind, &ram)?, ram.clone())?;
     let mut sender = Sender {
         vm,
+        uri,
+        migration_id,
         ram,
         enc: Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?)),
         conn,
@@ -210,8 +355,15 @@ fn migrate(
         pass_bytes_start: 0,
         pass_started: Instant::now(),
         throttle: true,
+        end_sent: false,
     };
-    sender.run().map_err(|e| sender.explain(e))
+    let result = sender.run().map_err(|e| sender.explain(e));
+    if let Err(e) = &result {
+        if !matches!(e, MigrationError::Unresolved(_)) {
+            sender.abort_destination();
+        }
+    }
+    result
 }
 
 /// Bytes moved while sending passes, for the convergence rule.
@@ -233,6 +385,8 @@ impl Throughput {
 
 struct Sender<'a> {
     vm: &'a dyn MigratableVm,
+    uri: &'a Uri,
+    migration_id: u64,
     ram: Arc<GuestRam>,
     enc: Encoder<BufWriter<Connection>>,
     conn: Connection,
@@ -248,6 +402,8 @@ struct Sender<'a> {
     pass_started: Instant,
     /// Whether max-bandwidth applies (not during the switchover).
     throttle: bool,
+    /// END went out: the destination may hold a complete guest, waiting for GO.
+    end_sent: bool,
 }
 
 impl Sender<'_> {
@@ -260,6 +416,7 @@ impl Sender<'_> {
         let layout = self.ram.layout().clone();
         self.enc.preamble()?;
         let header = StreamHeader {
+            migration_id: self.migration_id,
             page_size: PAGE_SIZE as u32,
             vcpu_count: self.vm.vcpu_count() as u32,
             regions: layout.regions().to_vec(),
@@ -316,13 +473,17 @@ impl Sender<'_> {
         self.switchover(pass + 1, &mut dirty)
     }
 
-    /// Pause, final pages, state, acknowledgement.
+    /// Pause, final pages, state, READY, GO, STARTED.
     fn switchover(&mut self, pass: u32, dirty: &mut PageBitmap) -> Result<(), MigrationError> {
         self.cancel.check()?;
         self.progress.update(|p| p.status = Status::Device);
         let paused_at = Instant::now();
-        self.vm.pause_for_switchover()?;
+        let was_running = self.vm.pause_for_switchover()?;
         let mut times = SwitchoverTimes { pause: paused_at.elapsed(), ..Default::default() };
+        // The guest is paused: a destination that stalls must cost about a second, not minutes.
+        let timeout = self.params().switchover_timeout;
+        self.conn.set_write_timeout(Some(timeout))?;
+        self.conn.set_read_timeout(Some(timeout))?;
         self.throttle = false;
         let step = Instant::now();
         self.log.collect_final(dirty)?;
@@ -346,35 +507,59 @@ impl Sender<'_> {
         for (name, blob) in &state.devices {
             self.enc.device_state(name, blob)?;
         }
-        self.enc.end(state.vcpus.len() as u32, state.devices.len() as u32)?;
+        self.end_sent = true;
+        self.enc.end(state.vcpus.len() as u32, state.devices.len() as u32, was_running)?;
         self.enc.flush()?;
-        self.wait_for_ack()?;
-        times.send_and_ack = step.elapsed();
+        self.expect_reply(Reply::Ready, "READY")?;
+        times.send_state_and_ready = step.elapsed();
 
+        // GO: from the moment its bytes are handed to the kernel the destination may run the guest,
+        // and the source must not. A GO that failed to go out whole cannot be acted on (the
+        // destination needs the complete, checksummed record), so that failure may still resume.
+        let step = Instant::now();
+        self.cancel.commit()?;
+        self.enc.go().and_then(|_| self.enc.flush()).map_err(|e| MigrationError::Lost(format!("sending GO: {e}")))?;
+        match read_reply(&self.conn) {
+            Ok(Reply::Started) => {}
+            // ERROR means the destination discarded the guest and never runs it.
+            Ok(Reply::Refused(reason)) => return Err(MigrationError::Refused(reason)),
+            Ok(other) => {
+                return Err(MigrationError::Unresolved(format!("{} instead of STARTED after GO", other.name())))
+            }
+            Err(e) => return Err(MigrationError::Unresolved(format!("no STARTED after GO: {e}"))),
+        }
+        times.go_and_started = step.elapsed();
         let downtime = paused_at.elapsed();
-        // The destination runs the guest now; stop tracking before reporting success.
-        self.log.stop()?;
+        // Tell the destination we know, so it stops listening for RESOLVE (best effort: it keeps
+        // answering if this is lost).
+        if let Err(e) = self.enc.done().and_then(|_| self.enc.flush()) {
+            log::info!("cannot send DONE: {e}");
+        }
+        // The destination runs the guest now; nothing may fail the migration any more.
+        if let Err(e) = self.log.stop() {
+            log::error!("stopping the dirty tracker after the switchover: {e}");
+        }
         self.vm.migration_completed();
         let bytes = self.enc.bytes_written();
         self.progress.update(|p| {
-            p.status = Status::Completed;
             p.downtime = Some(downtime);
             p.switchover = Some(times);
-            p.total_time = Some(p.started.elapsed());
             p.bytes = bytes;
-            p.dirty_pages = 0;
         });
+        finish(self.progress, Status::Completed, None);
         Ok(())
     }
 
-    fn wait_for_ack(&mut self) -> Result<(), MigrationError> {
-        self.conn.set_read_timeout(Some(ACK_TIMEOUT))?;
+    /// Waits for `want` from the destination (READY or SYNCED).
+    fn expect_reply(&mut self, want: Reply, name: &str) -> Result<(), MigrationError> {
         match read_reply(&self.conn) {
-            Ok(Reply::Ack) => Ok(()),
+            Ok(r) if r == want => Ok(()),
             Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
-            Ok(Reply::Unexpected(what)) => Err(MigrationError::NoAck(format!("{what} instead of ACK"))),
-            Ok(Reply::Synced) => Err(MigrationError::NoAck("SYNCED instead of ACK".into())),
-            Err(e) => Err(MigrationError::NoAck(e.to_string())),
+            Ok(other) => Err(MigrationError::Lost(format!("{} instead of {name}", other.name()))),
+            Err(StreamError::Closed) => {
+                Err(MigrationError::Lost(format!("the destination closed the connection before {name}")))
+            }
+            Err(e) => Err(MigrationError::Lost(format!("waiting for {name}: {e}"))),
         }
     }
 
@@ -382,14 +567,42 @@ impl Sender<'_> {
     fn sync_with_destination(&mut self) -> Result<(), MigrationError> {
         self.enc.sync()?;
         self.enc.flush()?;
-        self.conn.set_read_timeout(Some(ACK_TIMEOUT))?;
-        match read_reply(&self.conn) {
-            Ok(Reply::Synced) => Ok(()),
-            Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
-            Ok(Reply::Ack) => Err(MigrationError::Refused("an early ACK from the destination".into())),
-            Ok(Reply::Unexpected(what)) => Err(MigrationError::Refused(format!("{what} instead of SYNCED"))),
-            Err(e) => Err(MigrationError::NoAck(format!("waiting for SYNCED: {e}"))),
+        self.conn.set_read_timeout(Some(SYNC_TIMEOUT))?;
+        self.expect_reply(Reply::Synced, "SYNCED")
+    }
+
+    /// After a failure before GO: the guest is (or will be) resumed here; make sure the destination
+    /// discards its copy. ABORT on the stream, and, if END went out and the stream may be broken,
+    /// RESOLVE abort on new connections in the background (a destination that got READY out but
+    /// no word since waits for one of them).
+    fn abort_destination(&mut self) {
+        // Short: the guest is still paused until this returns.
+        let _ = self.conn.set_write_timeout(Some(Duration::from_millis(200)));
+        let on_stream = self.enc.abort().and_then(|_| self.enc.flush());
+        if !self.end_sent {
+            return;
         }
+        if let Err(e) = &on_stream {
+            log::info!("cannot send ABORT on the migration stream ({e}); trying new connections");
+        }
+        let (uri, id) = (self.uri.clone(), self.migration_id);
+        let _ = std::thread::Builder::new().name("migration-abort".into()).spawn(move || {
+            for attempt in 1..=ABORT_NOTICES {
+                match handover::ask(&uri, id, ResolveAction::Abort) {
+                    Ok(Resolution::DestinationHasGuest) => {
+                        // Cannot happen: GO never went out whole. Say it loudly if it does.
+                        log::error!("the destination at {uri} claims the guest after ABORT");
+                        return;
+                    }
+                    Ok(r) => {
+                        log::info!("destination told to discard the guest: {r:?}");
+                        return;
+                    }
+                    Err(e) => log::info!("ABORT notice {attempt}/{ABORT_NOTICES}: {e}"),
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
     }
 
     /// Takes the dirty set (re-protected by the tracker) and measures the dirty rate; returns how many
@@ -515,12 +728,9 @@ impl Sender<'_> {
         }
         Err(match read_reply(&self.conn) {
             Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
-            Ok(Reply::Ack | Reply::Synced) => {
-                MigrationError::Refused("an unexpected reply from the destination".into())
-            }
-            Ok(Reply::Unexpected(what)) => MigrationError::Refused(format!("unexpected {what} from the destination")),
-            Err(StreamError::Closed) => MigrationError::Refused("the destination closed the connection".into()),
-            Err(e) => MigrationError::Refused(e.to_string()),
+            Ok(other) => MigrationError::Lost(format!("an unexpected {} from the destination", other.name())),
+            Err(StreamError::Closed) => MigrationError::Lost("the destination closed the connection".into()),
+            Err(e) => MigrationError::Lost(e.to_string()),
         })
     }
 
@@ -540,6 +750,9 @@ impl Sender<'_> {
 
     /// A write error often means the destination refused the stream and closed: fetch its reason.
     fn explain(&mut self, e: MigrationError) -> MigrationError {
+        if matches!(e, MigrationError::Unresolved(_)) {
+            return e; // never turned into anything the source might resume on
+        }
         if self.cancel.is_cancelled() {
             return MigrationError::Cancelled;
         }
@@ -555,19 +768,33 @@ impl Sender<'_> {
 }
 
 /// What the destination said on the return path.
+#[derive(Debug, PartialEq, Eq)]
 enum Reply {
-    Ack,
+    Ready,
     Synced,
+    Started,
     Refused(String),
     Unexpected(String),
 }
 
+impl Reply {
+    fn name(&self) -> String {
+        match self {
+            Reply::Ready => "READY".into(),
+            Reply::Synced => "SYNCED".into(),
+            Reply::Started => "STARTED".into(),
+            Reply::Refused(why) => format!("ERROR ({why})"),
+            Reply::Unexpected(what) => what.clone(),
+        }
+    }
+}
+
 fn read_reply(conn: &Connection) -> Result<Reply, StreamError> {
-    let mut dec = Decoder::new(conn.try_clone()?);
-    let frame = dec.next_frame()?;
-    Ok(match dec.read_record(&frame)? {
-        Record::Ack => Reply::Ack,
+    let mut dec = Decoder::new(conn);
+    Ok(match dec.next_record()? {
+        Record::Ready => Reply::Ready,
         Record::Synced => Reply::Synced,
+        Record::Started => Reply::Started,
         Record::Error(reason) => Reply::Refused(reason.to_string()),
         other => Reply::Unexpected(format!("{other:?}")),
     })

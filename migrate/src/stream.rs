@@ -1,32 +1,41 @@
 //! The migration stream: the one place that knows the wire format. The encoder and decoder sit side
 //! by side; the decoder is the only code that reads bytes a peer sent.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
-//! All integers are little-endian. The stream opens with a preamble, then carries records.
+//! All integers are little-endian. Every connection opens with a preamble, then carries records.
 //!
 //! ```text
 //! preamble:  magic "EMU-MIG\n" (8 bytes) | version: u32
-//! record:    type: u8 | reserved: 3 bytes (0) | length: u32 | crc32: u32 | payload: length bytes
+//! record:    type: u8 | reserved: 3 bytes (0) | length: u32 | payload_crc: u32 | frame_crc: u32 | payload
 //! ```
 //!
-//! `crc32` is CRC-32 (IEEE) over the first 8 bytes of the frame and the payload. `length` is at most
-//! [`MAX_PAYLOAD`]; the decoder allocates nothing larger, whatever a peer claims.
+//! `frame_crc` is CRC-32 (IEEE) over the 12 bytes before it, and is checked before the length is
+//! believed: a flipped length byte is caught at once instead of leaving the reader waiting for
+//! bytes that never come (with the guest paused). `payload_crc` is CRC-32 over the payload. The
+//! length is also bounded per record type ([`max_payload`]); the decoder allocates nothing larger,
+//! whatever a peer claims.
 //!
 //! | type | record       | payload |
 //! |------|--------------|---------|
-//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, reserved: u32, then (gpa: u64, size: u64) per region |
+//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, reserved: u32, migration_id: u64, then (gpa: u64, size: u64) per region |
 //! | 0x02 | PAGES        | gpa: u64, count: u32, reserved: u32, then count x 4096 bytes (contiguous pages, one region) |
 //! | 0x03 | ZERO_PAGES   | gpa: u64, count: u64 (contiguous pages that are all zero) |
 //! | 0x04 | PASS_END     | pass: u32, reserved: u32, pages sent in the pass: u64 |
 //! | 0x05 | VCPU_STATE   | index: u32, then the vCPU's state blob |
 //! | 0x06 | VM_STATE     | the VM's state blob (irqchip, PIT, clock) |
 //! | 0x07 | DEVICE_STATE | name_length: u16, name (UTF-8), then the device's state blob |
-//! | 0x08 | END          | vcpu_states: u32, device_states: u32 |
+//! | 0x08 | END          | vcpu_states: u32, device_states: u32, flags: u32 (bit 0: the guest was running), reserved: u32 |
 //! | 0x09 | SYNC         | (empty): answer SYNCED once everything before this record is applied |
-//! | 0x81 | ACK          | (empty): destination to source, state restored, guest resuming there |
+//! | 0x0a | GO           | (empty): the guest is the destination's; resume it if END says it was running |
+//! | 0x0b | ABORT        | (empty): the source keeps the guest; discard it |
+//! | 0x0c | RESOLVE      | migration_id: u64, action: u32 (1 = GO, 2 = ABORT), reserved: u32: first record of a resolution connection |
+//! | 0x0d | DONE         | (empty): the source has STARTED; nothing is left to resolve |
+//! | 0x81 | READY        | (empty): destination to source, state restored, guest paused, waiting for GO |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
 //! | 0x83 | SYNCED       | (empty): destination to source, answer to SYNC |
+//! | 0x84 | STARTED      | (empty): destination to source, answer to GO: the guest is the destination's now |
+//! | 0x85 | RESOLVED     | outcome: u32 (1 = the destination has the guest, 2 = it discarded it, 3 = unknown migration): answer to RESOLVE |
 //!
 //! State blobs are opaque here: the emulator versions and checks them (`emulator/src/state.rs`).
 //!
@@ -44,24 +53,48 @@
 //!   |   pause vCPUs                                 |
 //!   | final PAGES / ZERO_PAGES, PASS_END  ------->  |
 //!   | VCPU_STATE x n, VM_STATE, DEVICE_STATE x m ->  |
-//!   | END  -------------------------------------->  | every page seen? every state? restore
-//!   |  <---------------------------------------- ACK | resume the guest
+//!   | END  -------------------------------------->  | every page seen? every state? restore, stay paused
+//!   |  <-------------------------------------- READY |
+//!   | GO  --------------------------------------->  | resume the guest (if it ran on the source)
+//!   |  <------------------------------------ STARTED |
+//!   | DONE  ------------------------------------->  | (stop listening for RESOLVE)
 //!   | postmigrate                                   |
 //! ```
 //!
-//! The destination may answer ERROR at any point and close; the source then resumes its guest.
+//! # At most one running copy
+//!
+//! The destination never runs the guest without GO (or RESOLVE with action GO), and the source never
+//! resumes it once GO may have reached the destination. So:
+//! - no READY (refused, timed out, link lost): the source resumes and sends ABORT (on the stream,
+//!   or on a new connection with RESOLVE action ABORT); a destination that sent READY and gets
+//!   ABORT discards the guest;
+//! - GO written but no STARTED: nobody can know whether GO arrived (the two generals). The source
+//!   stays paused, "unresolved", and asks again on new connections: RESOLVE action GO, which a
+//!   destination still waiting takes as the GO it missed, answering RESOLVED;
+//! - READY sent but neither GO nor ABORT (link lost): the destination stays paused, "unresolved",
+//!   and keeps listening for RESOLVE; an operator may decide either side (`migrate-resolve`).
+//!
+//! The destination keeps its listening address open until the source is known to know the outcome
+//! (DONE, or a RESOLVE answered), so that a source that missed STARTED can still learn it.
+//!
+//! The destination may answer ERROR at any point before READY and close; the source then resumes
+//! its guest.
 
 use std::io::{self, Read, Write};
 
 use crate::ram::{RamRegion, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"EMU-MIG\n";
-pub const VERSION: u32 = 1;
-pub const FRAME_LEN: usize = 12;
+/// Version 2 added the frame checksum and the READY/GO handover; a version 1 peer (which resumes
+/// the destination on its own) is refused, since it cannot keep the one-copy promise.
+pub const VERSION: u32 = 2;
+pub const PREAMBLE_LEN: usize = 12;
+pub const FRAME_LEN: usize = 16;
 /// Pages in one PAGES record.
 pub const MAX_PAGES_PER_RECORD: usize = 256;
 const PAGES_PREFIX: usize = 16;
-/// The largest payload: a full PAGES record, with room to spare for state blobs.
+const HEADER_PREFIX: usize = 24;
+/// The largest payload of any record: a full PAGES record.
 pub const MAX_PAYLOAD: usize = PAGES_PREFIX + MAX_PAGES_PER_RECORD * PAGE_SIZE;
 /// The largest state blob a destination accepts (a vCPU's state is about 10 KiB).
 pub const MAX_STATE_BLOB: usize = 256 << 10;
@@ -82,13 +115,19 @@ pub enum RecordType {
     DeviceState = 0x07,
     End = 0x08,
     Sync = 0x09,
-    Ack = 0x81,
+    Go = 0x0a,
+    Abort = 0x0b,
+    Resolve = 0x0c,
+    Done = 0x0d,
+    Ready = 0x81,
     Error = 0x82,
     Synced = 0x83,
+    Started = 0x84,
+    Resolved = 0x85,
 }
 
 impl RecordType {
-    const ALL: [RecordType; 12] = [
+    const ALL: [RecordType; 18] = [
         RecordType::Header,
         RecordType::Pages,
         RecordType::ZeroPages,
@@ -98,12 +137,18 @@ impl RecordType {
         RecordType::DeviceState,
         RecordType::End,
         RecordType::Sync,
-        RecordType::Ack,
+        RecordType::Go,
+        RecordType::Abort,
+        RecordType::Resolve,
+        RecordType::Done,
+        RecordType::Ready,
         RecordType::Error,
         RecordType::Synced,
+        RecordType::Started,
+        RecordType::Resolved,
     ];
 
-    fn from_u8(v: u8) -> Option<Self> {
+    pub fn from_u8(v: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|&t| t as u8 == v)
     }
 
@@ -119,10 +164,34 @@ impl RecordType {
             DeviceState => "DEVICE_STATE",
             End => "END",
             Sync => "SYNC",
-            Ack => "ACK",
+            Go => "GO",
+            Abort => "ABORT",
+            Resolve => "RESOLVE",
+            Done => "DONE",
+            Ready => "READY",
             Error => "ERROR",
             Synced => "SYNCED",
+            Started => "STARTED",
+            Resolved => "RESOLVED",
         }
+    }
+}
+
+/// The longest payload a record of `kind` may have: a frame claiming more is refused before any
+/// of its payload is read.
+pub fn max_payload(kind: RecordType) -> usize {
+    use RecordType::*;
+    match kind {
+        Header => HEADER_PREFIX + 16 * MAX_REGIONS,
+        Pages => MAX_PAYLOAD,
+        ZeroPages | PassEnd | Resolve | End => 16,
+        VcpuState => 4 + MAX_STATE_BLOB,
+        VmState => MAX_STATE_BLOB,
+        DeviceState => 2 + MAX_DEVICE_NAME + MAX_STATE_BLOB,
+
+        Resolved => 4,
+        Sync | Go | Abort | Done | Ready | Synced | Started => 0,
+        Error => MAX_ERROR_TEXT,
     }
 }
 
@@ -132,7 +201,7 @@ pub enum StreamError {
     Truncated(&'static str),
     #[error("the connection closed")]
     Closed,
-    #[error("no data from the peer for {}s (stalled or gone)", crate::transport::STALL_TIMEOUT.as_secs())]
+    #[error("no data from the peer in time (stalled or gone)")]
     Stalled,
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
@@ -140,6 +209,8 @@ pub enum StreamError {
     BadMagic,
     #[error("stream version {0}; this emu speaks version {VERSION}")]
     Version(u32),
+    #[error("a record frame fails its checksum (corrupt stream)")]
+    FrameChecksum,
     #[error("unknown record type {0:#04x}")]
     UnknownType(u8),
     #[error("{kind} record of {len} bytes is longer than the {max} allowed")]
@@ -150,17 +221,58 @@ pub enum StreamError {
     Malformed { kind: &'static str, why: String },
 }
 
+impl StreamError {
+    /// The peer went away or stopped talking (as opposed to sending something wrong).
+    pub fn is_link_failure(&self) -> bool {
+        matches!(self, StreamError::Truncated(_) | StreamError::Closed | StreamError::Stalled | StreamError::Io(_))
+    }
+}
+
 fn malformed(kind: RecordType, why: impl Into<String>) -> StreamError {
     StreamError::Malformed { kind: kind.name(), why: why.into() }
 }
 
-/// The first record: what the source's guest looks like.
+/// The first record: what the source's guest looks like, and the migration's identity (random,
+/// chosen by the source; RESOLVE names it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamHeader {
     pub page_size: u32,
     pub vcpu_count: u32,
+    pub migration_id: u64,
     pub regions: Vec<RamRegion>,
 }
+
+/// What a RESOLVE asks of the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResolveAction {
+    /// The source sent GO and did not hear STARTED: take the guest (if not done yet).
+    Go,
+    /// The source kept the guest: discard it.
+    Abort,
+}
+
+/// The destination's answer to RESOLVE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// The destination has the guest (it got GO, or took this RESOLVE as GO).
+    DestinationHasGuest = 1,
+    /// The destination discarded the guest (it got ABORT, or its operator chose the source).
+    DestinationDiscarded = 2,
+    /// No migration of that identity here.
+    UnknownMigration = 3,
+}
+
+impl Resolution {
+    fn from_u32(v: u32) -> Option<Self> {
+        [Resolution::DestinationHasGuest, Resolution::DestinationDiscarded, Resolution::UnknownMigration]
+            .into_iter()
+            .find(|&r| r as u32 == v)
+    }
+}
+
+const END_GUEST_RUNNING: u32 = 1;
+const RESOLVE_GO: u32 = 1;
+const RESOLVE_ABORT: u32 = 2;
 
 /// A decoded record, borrowing its payload from the decoder. PAGES never appears here: its data goes
 /// straight to its destination through [`Decoder::read_pages`].
@@ -172,11 +284,17 @@ pub enum Record<'a> {
     VcpuState { index: u32, blob: &'a [u8] },
     VmState(&'a [u8]),
     DeviceState { name: &'a str, blob: &'a [u8] },
-    End { vcpu_states: u32, device_states: u32 },
+    End { vcpu_states: u32, device_states: u32, guest_running: bool },
     Sync,
-    Ack,
+    Go,
+    Abort,
+    Resolve { migration_id: u64, action: ResolveAction },
+    Done,
+    Ready,
     Error(&'a str),
     Synced,
+    Started,
+    Resolved(Resolution),
 }
 
 fn u32_le(b: &[u8], at: usize) -> u32 {
@@ -187,13 +305,6 @@ fn u64_le(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn frame(kind: RecordType, len: usize) -> [u8; FRAME_LEN] {
-    let mut f = [0u8; FRAME_LEN];
-    f[0] = kind as u8;
-    f[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-    f
-}
-
 fn two_u64(a: u64, b: u64) -> [u8; 16] {
     let mut p = [0u8; 16];
     p[..8].copy_from_slice(&a.to_le_bytes());
@@ -201,11 +312,28 @@ fn two_u64(a: u64, b: u64) -> [u8; 16] {
     p
 }
 
-fn seal(frame: &mut [u8; FRAME_LEN], payload: &[u8]) {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&frame[..8]);
-    h.update(payload);
-    frame[8..12].copy_from_slice(&h.finalize().to_le_bytes());
+fn two_u32(a: u32, b: u32) -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p[..4].copy_from_slice(&a.to_le_bytes());
+    p[4..].copy_from_slice(&b.to_le_bytes());
+    p
+}
+
+/// A sealed frame of any type byte, for tests and tools that craft hostile streams.
+#[doc(hidden)]
+pub fn raw_frame(kind: u8, len: u32, payload_crc: u32) -> [u8; FRAME_LEN] {
+    let mut f = [0u8; FRAME_LEN];
+    f[0] = kind;
+    f[4..8].copy_from_slice(&len.to_le_bytes());
+    f[8..12].copy_from_slice(&payload_crc.to_le_bytes());
+    let frame_crc = crc32fast::hash(&f[..12]);
+    f[12..16].copy_from_slice(&frame_crc.to_le_bytes());
+    f
+}
+
+/// A sealed frame for a payload of `len` bytes whose CRC is `payload_crc`.
+fn frame(kind: RecordType, len: usize, payload_crc: u32) -> [u8; FRAME_LEN] {
+    raw_frame(kind as u8, len as u32, payload_crc)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,7 +369,7 @@ impl PageBatch {
     /// The buffer for the next page, at `gpa` (which `accepts` must allow). Fill it, then `commit`
     /// to keep it, or leave it to drop it (a zero page, say).
     pub fn next_slot(&mut self, gpa: u64) -> &mut [u8] {
-        debug_assert!(self.accepts(gpa));
+        assert!(self.accepts(gpa), "page {gpa:#x} does not continue the batch");
         if self.count == 0 {
             self.gpa = gpa;
         }
@@ -281,8 +409,15 @@ impl<W: Write> Encoder<W> {
     }
 
     fn record(&mut self, kind: RecordType, payload: &[u8]) -> io::Result<()> {
-        let mut f = frame(kind, payload.len());
-        seal(&mut f, payload);
+        let f = frame(kind, payload.len(), crc32fast::hash(payload));
+        // One write for the frame and a small payload, so that a record is handed to the kernel
+        // whole or not at all as far as one write goes (GO relies on knowing whether it left).
+        if payload.len() <= 64 {
+            let mut rec = [0u8; FRAME_LEN + 64];
+            rec[..FRAME_LEN].copy_from_slice(&f);
+            rec[FRAME_LEN..FRAME_LEN + payload.len()].copy_from_slice(payload);
+            return self.put(&rec[..FRAME_LEN + payload.len()]);
+        }
         self.put(&f)?;
         self.put(payload)
     }
@@ -294,13 +429,13 @@ impl<W: Write> Encoder<W> {
     }
 
     pub fn header(&mut self, h: &StreamHeader) -> io::Result<()> {
-        let mut p = Vec::with_capacity(16 + 16 * h.regions.len());
+        let mut p = Vec::with_capacity(HEADER_PREFIX + 16 * h.regions.len());
         for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, 0] {
             p.extend_from_slice(&v.to_le_bytes());
         }
+        p.extend_from_slice(&h.migration_id.to_le_bytes());
         for r in &h.regions {
-            p.extend_from_slice(&r.gpa.to_le_bytes());
-            p.extend_from_slice(&r.size.to_le_bytes());
+            p.extend_from_slice(&two_u64(r.gpa, r.size));
         }
         self.record(RecordType::Header, &p)
     }
@@ -311,12 +446,11 @@ impl<W: Write> Encoder<W> {
             return Ok(());
         }
         let payload_len = PAGES_PREFIX + batch.count * PAGE_SIZE;
-        let mut f = frame(RecordType::Pages, payload_len);
         let b = &mut batch.buf;
         b[FRAME_LEN..FRAME_LEN + 8].copy_from_slice(&batch.gpa.to_le_bytes());
         b[FRAME_LEN + 8..FRAME_LEN + 12].copy_from_slice(&(batch.count as u32).to_le_bytes());
         b[FRAME_LEN + 12..FRAME_LEN + 16].fill(0);
-        seal(&mut f, &b[FRAME_LEN..FRAME_LEN + payload_len]);
+        let f = frame(RecordType::Pages, payload_len, crc32fast::hash(&b[FRAME_LEN..FRAME_LEN + payload_len]));
         b[..FRAME_LEN].copy_from_slice(&f);
         batch.count = 0;
         let total = FRAME_LEN + payload_len;
@@ -351,23 +485,57 @@ impl<W: Write> Encoder<W> {
         self.record(RecordType::DeviceState, &p)
     }
 
-    pub fn end(&mut self, vcpu_states: u32, device_states: u32) -> io::Result<()> {
-        let mut p = [0u8; 8];
-        p[..4].copy_from_slice(&vcpu_states.to_le_bytes());
-        p[4..].copy_from_slice(&device_states.to_le_bytes());
+    /// `guest_running`: whether the guest ran on the source until the switchover (the destination
+    /// resumes it on GO only then; a stopped guest stays stopped).
+    pub fn end(&mut self, vcpu_states: u32, device_states: u32, guest_running: bool) -> io::Result<()> {
+        let flags = if guest_running { END_GUEST_RUNNING } else { 0 };
+        let mut p = [0u8; 16];
+        p[..8].copy_from_slice(&two_u32(vcpu_states, device_states));
+        p[8..12].copy_from_slice(&flags.to_le_bytes());
         self.record(RecordType::End, &p)
-    }
-
-    pub fn ack(&mut self) -> io::Result<()> {
-        self.record(RecordType::Ack, &[])
     }
 
     pub fn sync(&mut self) -> io::Result<()> {
         self.record(RecordType::Sync, &[])
     }
 
+    pub fn go(&mut self) -> io::Result<()> {
+        self.record(RecordType::Go, &[])
+    }
+
+    pub fn abort(&mut self) -> io::Result<()> {
+        self.record(RecordType::Abort, &[])
+    }
+
+    pub fn resolve(&mut self, migration_id: u64, action: ResolveAction) -> io::Result<()> {
+        let action = match action {
+            ResolveAction::Go => RESOLVE_GO,
+            ResolveAction::Abort => RESOLVE_ABORT,
+        };
+        let mut p = [0u8; 16];
+        p[..8].copy_from_slice(&migration_id.to_le_bytes());
+        p[8..].copy_from_slice(&two_u32(action, 0));
+        self.record(RecordType::Resolve, &p)
+    }
+
+    pub fn done(&mut self) -> io::Result<()> {
+        self.record(RecordType::Done, &[])
+    }
+
+    pub fn ready(&mut self) -> io::Result<()> {
+        self.record(RecordType::Ready, &[])
+    }
+
     pub fn synced(&mut self) -> io::Result<()> {
         self.record(RecordType::Synced, &[])
+    }
+
+    pub fn started(&mut self) -> io::Result<()> {
+        self.record(RecordType::Started, &[])
+    }
+
+    pub fn resolved(&mut self, r: Resolution) -> io::Result<()> {
+        self.record(RecordType::Resolved, &(r as u32).to_le_bytes())
     }
 
     pub fn error(&mut self, reason: &str) -> io::Result<()> {
@@ -386,12 +554,13 @@ impl<W: Write> Encoder<W> {
 // ---------------------------------------------------------------------------------------------
 // Decoder
 
-/// A record's frame, read and checked for type and length; its payload is next on the stream.
+/// A record's frame, read and checked (frame checksum, type, length); its payload is next on the
+/// stream.
 #[derive(Clone, Copy, Debug)]
 pub struct Frame {
     pub kind: RecordType,
     len: u32,
-    raw: [u8; FRAME_LEN],
+    payload_crc: u32,
 }
 
 impl Frame {
@@ -401,16 +570,6 @@ impl Frame {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    fn expected_crc(&self) -> u32 {
-        u32_le(&self.raw, 8)
-    }
-
-    fn hasher(&self) -> crc32fast::Hasher {
-        let mut h = crc32fast::Hasher::new();
-        h.update(&self.raw[..8]);
-        h
     }
 }
 
@@ -450,13 +609,13 @@ impl<R: Read> Decoder<R> {
 
     /// Reads and checks the magic and version.
     pub fn preamble(&mut self) -> Result<(), StreamError> {
-        let mut p = [0u8; 12];
+        let mut p = [0u8; PREAMBLE_LEN];
         read_full(&mut self.r, &mut p[..8], "the preamble", true)?;
         if &p[..8] != MAGIC {
             return Err(StreamError::BadMagic);
         }
         read_full(&mut self.r, &mut p[8..], "the preamble", false)?;
-        self.bytes += 12;
+        self.bytes += PREAMBLE_LEN as u64;
         let version = u32_le(&p, 8);
         if version != VERSION {
             return Err(StreamError::Version(version));
@@ -469,15 +628,19 @@ impl<R: Read> Decoder<R> {
         let mut raw = [0u8; FRAME_LEN];
         read_full(&mut self.r, &mut raw, "a record frame", true)?;
         self.bytes += FRAME_LEN as u64;
+        if crc32fast::hash(&raw[..12]) != u32_le(&raw, 12) {
+            return Err(StreamError::FrameChecksum);
+        }
         let kind = RecordType::from_u8(raw[0]).ok_or(StreamError::UnknownType(raw[0]))?;
         if raw[1..4] != [0, 0, 0] {
             return Err(malformed(kind, "reserved frame bytes are not zero"));
         }
         let len = u32_le(&raw, 4);
-        if len as usize > MAX_PAYLOAD {
-            return Err(StreamError::TooLong { kind: kind.name(), len, max: MAX_PAYLOAD });
+        let max = max_payload(kind);
+        if len as usize > max {
+            return Err(StreamError::TooLong { kind: kind.name(), len, max });
         }
-        Ok(Frame { kind, len, raw })
+        Ok(Frame { kind, len, payload_crc: u32_le(&raw, 8) })
     }
 
     /// Reads a (non-PAGES) record's payload, checks its CRC and decodes it.
@@ -488,12 +651,16 @@ impl<R: Read> Decoder<R> {
         self.buf.resize(f.len(), 0);
         read_full(&mut self.r, &mut self.buf, f.kind.name(), false)?;
         self.bytes += f.len() as u64;
-        let mut h = f.hasher();
-        h.update(&self.buf);
-        if h.finalize() != f.expected_crc() {
+        if crc32fast::hash(&self.buf) != f.payload_crc {
             return Err(StreamError::Checksum(f.kind.name()));
         }
         parse(f.kind, &self.buf)
+    }
+
+    /// The next whole record (not PAGES).
+    pub fn next_record(&mut self) -> Result<Record<'_>, StreamError> {
+        let f = self.next_frame()?;
+        self.read_record(&f)
     }
 
     /// Reads a PAGES record: checks the prefix, asks `dest(gpa, count)` for where the page data goes
@@ -525,16 +692,22 @@ impl<R: Read> Decoder<R> {
             Ok(out) => out,
             Err(e) => return Ok(Err(e)),
         };
-        debug_assert_eq!(out.len(), count * PAGE_SIZE);
+        if out.len() != count * PAGE_SIZE {
+            return Err(malformed(kind, "destination buffer of the wrong size"));
+        }
         read_full(&mut self.r, out, "a PAGES record", false)?;
         self.bytes += f.len() as u64;
-        let mut h = f.hasher();
+        let mut h = crc32fast::Hasher::new();
         h.update(&prefix);
         h.update(out);
-        if h.finalize() != f.expected_crc() {
+        if h.finalize() != f.payload_crc {
             return Err(StreamError::Checksum(kind.name()));
         }
         Ok(Ok((gpa, count)))
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.r
     }
 
     pub fn get_mut(&mut self) -> &mut R {
@@ -568,15 +741,23 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
     };
     Ok(match kind {
         RecordType::Header => {
-            at_least(16)?;
+            at_least(HEADER_PREFIX)?;
             let count = u32_le(p, 8) as usize;
             if count == 0 || count > MAX_REGIONS {
                 return Err(malformed(kind, format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)")));
             }
-            need(16 + 16 * count)?;
-            let regions =
-                (0..count).map(|i| RamRegion { gpa: u64_le(p, 16 + 16 * i), size: u64_le(p, 24 + 16 * i) }).collect();
-            Record::Header(StreamHeader { page_size: u32_le(p, 0), vcpu_count: u32_le(p, 4), regions })
+            if u32_le(p, 12) != 0 {
+                return Err(malformed(kind, "reserved field is not zero"));
+            }
+            need(HEADER_PREFIX + 16 * count)?;
+            let at = |i: usize| HEADER_PREFIX + 16 * i;
+            let regions = (0..count).map(|i| RamRegion { gpa: u64_le(p, at(i)), size: u64_le(p, at(i) + 8) }).collect();
+            Record::Header(StreamHeader {
+                page_size: u32_le(p, 0),
+                vcpu_count: u32_le(p, 4),
+                migration_id: u64_le(p, 16),
+                regions,
+            })
         }
         RecordType::ZeroPages => {
             need(16)?;
@@ -606,27 +787,40 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             Record::DeviceState { name, blob: &p[2 + n..] }
         }
         RecordType::End => {
-            need(8)?;
-            Record::End { vcpu_states: u32_le(p, 0), device_states: u32_le(p, 4) }
-        }
-        RecordType::Ack => {
-            need(0)?;
-            Record::Ack
-        }
-        RecordType::Sync => {
-            need(0)?;
-            Record::Sync
-        }
-        RecordType::Synced => {
-            need(0)?;
-            Record::Synced
-        }
-        RecordType::Error => {
-            if p.len() > MAX_ERROR_TEXT {
-                return Err(malformed(kind, "reason too long"));
+            need(16)?;
+            let guest_running = match u32_le(p, 8) {
+                0 => false,
+                END_GUEST_RUNNING => true,
+                f => return Err(malformed(kind, format!("unknown flags {f:#x}"))),
+            };
+            if u32_le(p, 12) != 0 {
+                return Err(malformed(kind, "reserved field is not zero"));
             }
-            Record::Error(std::str::from_utf8(p).map_err(|_| malformed(kind, "reason is not UTF-8"))?)
+            Record::End { vcpu_states: u32_le(p, 0), device_states: u32_le(p, 4), guest_running }
         }
+        RecordType::Resolve => {
+            need(16)?;
+            let action = match (u32_le(p, 8), u32_le(p, 12)) {
+                (RESOLVE_GO, 0) => ResolveAction::Go,
+                (RESOLVE_ABORT, 0) => ResolveAction::Abort,
+                (a, r) => return Err(malformed(kind, format!("unknown action {a} (reserved {r})"))),
+            };
+            Record::Resolve { migration_id: u64_le(p, 0), action }
+        }
+        RecordType::Resolved => {
+            need(4)?;
+            let v = u32_le(p, 0);
+            Record::Resolved(Resolution::from_u32(v).ok_or_else(|| malformed(kind, format!("unknown outcome {v}")))?)
+        }
+        RecordType::Error => Record::Error(std::str::from_utf8(p).map_err(|_| malformed(kind, "reason is not UTF-8"))?),
+        // Empty records: the frame's length bound (0) already checked them.
+        RecordType::Sync => Record::Sync,
+        RecordType::Go => Record::Go,
+        RecordType::Abort => Record::Abort,
+        RecordType::Done => Record::Done,
+        RecordType::Ready => Record::Ready,
+        RecordType::Synced => Record::Synced,
+        RecordType::Started => Record::Started,
         RecordType::Pages => unreachable!("PAGES is read by read_pages"),
     })
 }
@@ -645,7 +839,12 @@ mod tests {
     }
 
     fn header() -> StreamHeader {
-        StreamHeader { page_size: 4096, vcpu_count: 2, regions: vec![RamRegion { gpa: 0, size: 1 << 20 }] }
+        StreamHeader {
+            page_size: 4096,
+            vcpu_count: 2,
+            migration_id: 0x1234_5678_9abc_def0,
+            regions: vec![RamRegion { gpa: 0, size: 1 << 20 }],
+        }
     }
 
     #[test]
@@ -666,11 +865,18 @@ mod tests {
             e.vcpu_state(1, b"cpu").unwrap();
             e.vm_state(b"vm").unwrap();
             e.device_state("serial0", b"uart").unwrap();
-            e.end(2, 1).unwrap();
+            e.end(2, 1, true).unwrap();
             e.sync().unwrap();
-            e.ack().unwrap();
+            e.go().unwrap();
+            e.abort().unwrap();
+            e.resolve(7, ResolveAction::Go).unwrap();
+            e.resolve(8, ResolveAction::Abort).unwrap();
+            e.done().unwrap();
+            e.ready().unwrap();
             e.error("no").unwrap();
             e.synced().unwrap();
+            e.started().unwrap();
+            e.resolved(Resolution::DestinationDiscarded).unwrap();
         });
         let mut d = Decoder::new(Cursor::new(bytes));
         d.preamble().unwrap();
@@ -691,11 +897,18 @@ mod tests {
             Record::VcpuState { index: 1, blob: b"cpu" },
             Record::VmState(b"vm"),
             Record::DeviceState { name: "serial0", blob: b"uart" },
-            Record::End { vcpu_states: 2, device_states: 1 },
+            Record::End { vcpu_states: 2, device_states: 1, guest_running: true },
             Record::Sync,
-            Record::Ack,
+            Record::Go,
+            Record::Abort,
+            Record::Resolve { migration_id: 7, action: ResolveAction::Go },
+            Record::Resolve { migration_id: 8, action: ResolveAction::Abort },
+            Record::Done,
+            Record::Ready,
             Record::Error("no"),
             Record::Synced,
+            Record::Started,
+            Record::Resolved(Resolution::DestinationDiscarded),
         ];
         for want in expect {
             let f = d.next_frame().unwrap();
@@ -708,9 +921,12 @@ mod tests {
     fn refuses_bad_preamble_and_version() {
         let mut d = Decoder::new(Cursor::new(b"GET / HTTP/1.1\r\n".to_vec()));
         assert!(matches!(d.preamble(), Err(StreamError::BadMagic)));
-        let mut v2 = MAGIC.to_vec();
-        v2.extend_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(Decoder::new(Cursor::new(v2)).preamble(), Err(StreamError::Version(2))));
+        // Version 1 (no frame checksum, no READY/GO handover) is refused, as is any other.
+        for v in [1u32, 3] {
+            let mut other = MAGIC.to_vec();
+            other.extend_from_slice(&v.to_le_bytes());
+            assert!(matches!(Decoder::new(Cursor::new(other)).preamble(), Err(StreamError::Version(x)) if x == v));
+        }
         assert!(matches!(Decoder::new(Cursor::new(MAGIC[..5].to_vec())).preamble(), Err(StreamError::Truncated(_))));
         assert!(matches!(Decoder::new(Cursor::new(Vec::new())).preamble(), Err(StreamError::Closed)));
     }
@@ -729,15 +945,25 @@ mod tests {
 
         let mut unknown = good.clone();
         unknown[frame_at] = 0x42;
+        let resealed = crc32fast::hash(&unknown[frame_at..frame_at + 12]);
+        unknown[frame_at + 12..frame_at + 16].copy_from_slice(&resealed.to_le_bytes());
         let mut d = Decoder::new(Cursor::new(unknown));
         d.preamble().unwrap();
         assert!(matches!(d.next_frame(), Err(StreamError::UnknownType(0x42))));
 
+        // One flipped length byte is caught by the frame checksum, before the length is believed.
         let mut huge = good.clone();
-        huge[frame_at + 4..frame_at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[frame_at + 6] ^= 0x01;
         let mut d = Decoder::new(Cursor::new(huge));
         d.preamble().unwrap();
-        assert!(matches!(d.next_frame(), Err(StreamError::TooLong { .. })));
+        assert!(matches!(d.next_frame(), Err(StreamError::FrameChecksum)));
+
+        // A well-sealed frame longer than its type allows is refused before its payload is read.
+        let mut long = encoded(|_| {});
+        long.extend_from_slice(&frame(RecordType::End, 17, 0));
+        let mut d = Decoder::new(Cursor::new(long));
+        d.preamble().unwrap();
+        assert!(matches!(d.next_frame(), Err(StreamError::TooLong { kind: "END", len: 17, max: 16 })));
 
         let cut = good[..good.len() - 2].to_vec();
         let mut d = Decoder::new(Cursor::new(cut));
@@ -749,7 +975,7 @@ mod tests {
     #[test]
     fn refuses_malformed_payloads() {
         // A header claiming more regions than it carries, sealed with a valid CRC.
-        let mut p = vec![0u8; 16];
+        let mut p = vec![0u8; 24];
         p[8..12].copy_from_slice(&3u32.to_le_bytes());
         let bytes = encoded(|e| e.record(RecordType::Header, &p).unwrap());
         let mut d = Decoder::new(Cursor::new(bytes));

@@ -96,6 +96,28 @@ impl Connection {
     }
 }
 
+impl Read for &Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => (&*s).read(buf),
+            Connection::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => (&*s).write(buf),
+            Connection::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl std::os::fd::AsRawFd for Connection {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         match self {
@@ -134,6 +156,25 @@ impl Write for Connection {
     }
 }
 
+/// Reads and drops what the peer still sends, until it closes or 2 s pass, then closes. Closing a
+/// socket with unread data makes TCP reset the connection, which can destroy a reply (an ERROR
+/// record) still in flight.
+pub fn drain_and_close(mut conn: Connection) {
+    use std::time::Instant;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = vec![0u8; 64 << 10];
+    while Instant::now() < deadline {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    conn.shutdown();
+}
+
 /// How long a source waits for the destination to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that neither sends nor takes data for this long is taken for gone (a hung process, or a
@@ -168,16 +209,22 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// Listens on `uri`. The socket is non-blocking: [`Listener::accept_timeout`] waits for a peer.
     pub fn bind(uri: &Uri) -> io::Result<Listener> {
-        match uri {
-            Uri::Tcp { host, port } => Ok(Listener::Tcp(TcpListener::bind((host.as_str(), *port))?)),
+        let l = match uri {
+            Uri::Tcp { host, port } => Listener::Tcp(TcpListener::bind((host.as_str(), *port))?),
             Uri::Unix(path) => {
                 if path.exists() && UnixStream::connect(path).is_err() {
                     std::fs::remove_file(path)?; // stale socket of a process that is gone
                 }
-                Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+                Listener::Unix(UnixListener::bind(path)?, path.clone())
             }
+        };
+        match &l {
+            Listener::Tcp(t) => t.set_nonblocking(true)?,
+            Listener::Unix(u, _) => u.set_nonblocking(true)?,
         }
+        Ok(l)
     }
 
     /// The address actually bound (a `tcp:HOST:0` URI gets a port from the kernel).
@@ -191,14 +238,37 @@ impl Listener {
         }
     }
 
-    pub fn accept(&self) -> io::Result<Connection> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
+    /// Waits up to `timeout` for a peer; `None` if none came (so a caller can check whether to
+    /// go on listening).
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Connection>> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, alive for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+        }
+        let accepted = match self {
+            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(false)?;
                 s.set_nodelay(true)?;
                 Ok(Connection::Tcp(s))
-            }
-            Listener::Unix(l, _) => Ok(Connection::Unix(l.accept()?.0)),
+            }),
+            Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                s.set_nonblocking(false)?;
+                Ok(Connection::Unix(s))
+            }),
+        };
+        match accepted {
+            Ok(c) => Ok(Some(c)),
+            // Gone between poll and accept, or nothing there: try again later.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionAborted) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

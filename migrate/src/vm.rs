@@ -27,13 +27,17 @@ pub trait MigratableVm: Send + Sync {
     fn ram(&self) -> &Arc<GuestRam>;
     fn vcpu_count(&self) -> usize;
     /// Stops every vCPU and leaves them quiescent (no exit half-handled), for the final pass.
-    fn pause_for_switchover(&self) -> Result<(), VmError>;
+    /// Returns whether the guest was running (a stopped guest stays stopped at the destination).
+    fn pause_for_switchover(&self) -> Result<bool, VmError>;
     /// Saves vCPU, VM and device state; only called while paused for the switchover.
     fn save_state(&self) -> Result<MachineState, VmError>;
     /// The destination has the guest: stay paused (QEMU's "postmigrate") until told otherwise.
     fn migration_completed(&self);
     /// The migration failed or was cancelled: put the VM back as it was before (running if it was).
     fn migration_failed(&self);
+    /// GO went out and STARTED did not come: stay paused, and refuse to run, until resolved (then
+    /// `migration_completed` or `migration_failed`).
+    fn migration_unresolved(&self);
 }
 
 /// The destination side: a VM that has not run, into which the stream is restored.

@@ -1,0 +1,197 @@
+//! The destination's listening address: it takes exactly one migration, and answers resolution
+//! connections (RESOLVE) about it until the source knows the outcome.
+//!
+//! Whatever connects is screened first, each connection in its own short-lived thread with a
+//! deadline: a port scan (connect, close), a silent client, garbage or a stream of another
+//! version is answered or dropped, and the destination goes on listening. The first connection
+//! whose preamble and HEADER are valid is the migration; a later one is refused with ERROR.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::handover::Handover;
+use crate::stream::{Decoder, Encoder, Record, StreamError, StreamHeader};
+use crate::transport::{Connection, Listener, Uri};
+
+/// How long a new connection has to send its preamble and first record.
+pub const SCREEN_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections screened at once; more are closed unread (a flood must not cost a thread each).
+const MAX_SCREENING: usize = 16;
+/// How often the accept loop looks up from waiting (to stop when told).
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
+
+/// The migration connection, its preamble and HEADER read and checked.
+pub struct Accepted {
+    pub conn: Connection,
+    pub header: StreamHeader,
+    /// The decoder, positioned after the header (bytes counted from the start of the stream).
+    pub bytes_so_far: u64,
+}
+
+/// A listening destination. Dropping it stops listening.
+pub struct IncomingServer {
+    local: Uri,
+    handover: Arc<Handover>,
+    migrations: mpsc::Receiver<Accepted>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IncomingServer {
+    pub fn bind(uri: &Uri) -> io::Result<IncomingServer> {
+        let listener = Listener::bind(uri)?;
+        let local = listener.local_uri()?;
+        let handover = Arc::new(Handover::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, migrations) = mpsc::channel();
+        let (h, s) = (handover.clone(), stop.clone());
+        let thread =
+            std::thread::Builder::new().name("incoming".into()).spawn(move || accept_loop(listener, &h, &s, tx))?;
+        Ok(IncomingServer { local, handover, migrations, stop, thread: Some(thread) })
+    }
+
+    /// The address actually listened on (a port the kernel chose, for `tcp:HOST:0`).
+    pub fn local_uri(&self) -> &Uri {
+        &self.local
+    }
+
+    pub fn handover(&self) -> &Arc<Handover> {
+        &self.handover
+    }
+
+    /// Waits for the migration connection (the first valid one).
+    pub fn next_migration(&self) -> io::Result<Accepted> {
+        self.migrations.recv().map_err(|_| io::Error::other("the incoming listener stopped"))
+    }
+
+    /// Stops listening once the source knows the outcome (or after `timeout`): until then a
+    /// source that missed STARTED can still ask.
+    pub fn close_when_source_informed(mut self, timeout: Option<Duration>) {
+        let handover = self.handover.clone();
+        let stop = self.stop.clone();
+        let thread = self.thread.take();
+        let _ = std::thread::Builder::new().name("incoming-close".into()).spawn(move || {
+            let limit = timeout.unwrap_or(Duration::MAX);
+            let started = Instant::now();
+            while !handover.wait_source_informed(Duration::from_secs(1)) && started.elapsed() < limit {}
+            stop.store(true, Ordering::SeqCst);
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
+        });
+    }
+}
+
+impl Drop for IncomingServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: Listener, handover: &Arc<Handover>, stop: &AtomicBool, tx: mpsc::Sender<Accepted>) {
+    let screening = Arc::new(AtomicUsize::new(0));
+    let taken = Arc::new(AtomicBool::new(false));
+    while !stop.load(Ordering::SeqCst) {
+        let conn = match listener.accept_timeout(ACCEPT_TICK) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("incoming: accept: {e}");
+                std::thread::sleep(ACCEPT_TICK);
+                continue;
+            }
+        };
+        if screening.fetch_add(1, Ordering::SeqCst) >= MAX_SCREENING {
+            screening.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("incoming: {MAX_SCREENING} connections are being screened already; one more closed");
+            continue;
+        }
+        let (h, n, t, tx) = (handover.clone(), screening.clone(), taken.clone(), tx.clone());
+        let spawned = std::thread::Builder::new().name("incoming-screen".into()).spawn(move || {
+            screen(conn, &h, &t, &tx);
+            n.fetch_sub(1, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            screening.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Reads from a connection until a deadline, whatever the peer does.
+struct Deadline<'a> {
+    conn: &'a Connection,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        let mut c = self.conn;
+        c.read(buf)
+    }
+}
+
+/// What the first bytes of a connection were.
+enum Opening {
+    Migration(StreamHeader, u64),
+    Resolve { id: u64, action: crate::stream::ResolveAction },
+}
+
+fn opening(conn: &Connection) -> Result<Opening, StreamError> {
+    let mut dec = Decoder::new(Deadline { conn, until: Instant::now() + SCREEN_DEADLINE });
+    dec.preamble()?;
+    let frame = dec.next_frame()?;
+    let bytes = dec.bytes_read() + frame.len() as u64;
+    match dec.read_record(&frame)? {
+        Record::Header(h) => Ok(Opening::Migration(h, bytes)),
+        Record::Resolve { migration_id, action } => Ok(Opening::Resolve { id: migration_id, action }),
+        other => Err(StreamError::Malformed {
+            kind: "first record",
+            why: format!("a connection must open with HEADER or RESOLVE, not {other:?}"),
+        }),
+    }
+}
+
+fn refuse(conn: Connection, why: &str) {
+    let mut e = Encoder::new(&conn);
+    let _ = e.error(why);
+    crate::transport::drain_and_close(conn);
+}
+
+fn screen(conn: Connection, handover: &Handover, taken: &AtomicBool, tx: &mpsc::Sender<Accepted>) {
+    match opening(&conn) {
+        Ok(Opening::Migration(header, bytes_so_far)) => {
+            if taken.swap(true, Ordering::SeqCst) {
+                log::warn!("incoming: a second migration refused");
+                refuse(conn, "this destination has taken a migration already");
+                return;
+            }
+            let _ = tx.send(Accepted { conn, header, bytes_so_far });
+        }
+        Ok(Opening::Resolve { id, action }) => {
+            let answer = handover.resolve(id, action);
+            log::info!("incoming: RESOLVE {action:?} for {id:#x}: {answer:?}");
+            let mut e = Encoder::new(&conn);
+            let _ = e.resolved(answer);
+            conn.shutdown();
+        }
+        // Connect-and-close: a port scan, or a peer checking that we listen.
+        Err(StreamError::Closed) => log::debug!("incoming: a connection closed before saying anything"),
+        Err(e) if e.is_link_failure() => log::info!("incoming: a connection dropped: {e}"),
+        Err(e) => {
+            eprintln!("emu: incoming: refused a connection: {e}; still listening");
+            refuse(conn, &e.to_string());
+        }
+    }
+}
