@@ -261,6 +261,18 @@ fn destination_killed_at_ready_source_keeps_the_guest() {
     assert_guest_runs(&src, "source");
 }
 
+/// The destination dies before END reaches it: the source keeps the guest, and says it lost the
+/// destination (not that the destination refused).
+#[test]
+fn destination_killed_at_end_source_keeps_the_guest() {
+    require_kvm!();
+    let (src, _dst, info) = kill_at(RecordType::End, Dir::ToDestination, false, Release::Forward);
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap();
+    assert!(why.contains("lost the destination") && !why.contains("refused"), "{why}");
+    assert_guest_runs(&src, "source");
+}
+
 /// The destination dies with GO in flight: the source cannot know whether it ran the guest, stays
 /// paused and unresolved, refuses `cont` and `migrate`, and the operator keeps it at the source.
 #[test]

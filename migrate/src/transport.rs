@@ -4,7 +4,7 @@
 //! - `unix:PATH`
 //!
 //! The stream is bidirectional: records go source to destination, and the destination answers on
-//! the same connection (acknowledgement or refusal).
+//! the same connection (READY, STARTED or a refusal).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
