@@ -2,6 +2,7 @@
 
 mod cli;
 mod devices;
+mod events;
 mod loader;
 mod migration;
 mod mptable;
@@ -20,10 +21,11 @@ use crossbeam_channel::{Receiver, Sender};
 
 use cli::{Cli, RunArgs, SerialArg};
 use devices::serial::SerialSink;
+use events::VmEvent;
 use migrate::handover::Decision;
 use migrate::incoming::IncomingServer;
 use migrate::tracker::TrackerKind;
-use vm::{Vm, VmConfig, VmEvent};
+use vm::{Vm, VmConfig};
 
 /// Default guest RAM when neither `--mem` nor a migration stream says otherwise.
 const DEFAULT_MEM: u64 = 512 << 20;
@@ -69,7 +71,7 @@ fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>) -> ExitCode {
         Ok(VmEvent::GuestExit(status)) => status,
         Ok(VmEvent::Quit) | Err(_) => 0,
         Ok(VmEvent::Crashed { vcpu, reason }) => {
-            eprintln!("emu: vCPU {vcpu}: {reason}");
+            eprintln!("emu: vCPU {vcpu}: {}", migrate::report(&reason));
             1
         }
     };

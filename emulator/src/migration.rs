@@ -120,9 +120,7 @@ impl MigrationController {
         }
         self.vm.begin_outgoing_migration()?;
         let vm: Arc<dyn MigratableVm> = self.vm.clone();
-        let this = self.vm.clone();
-        let trackers = Arc::new(move |kind, _: &Arc<migrate::ram::GuestRam>| this.tracker(kind));
-        let outgoing = sender::start(vm, uri, self.params.clone(), trackers)?;
+        let outgoing = sender::start(vm, uri, self.params.clone(), self.vm.trackers())?;
         *current = Some(outgoing);
         Ok(json!({}))
     }
@@ -305,7 +303,7 @@ pub fn receive(
     handover: &Arc<Handover>,
     limits: IncomingLimits,
     make_config: impl FnOnce(u64, usize) -> VmConfig,
-    events: crossbeam_channel::Sender<crate::vm::VmEvent>,
+    events: crossbeam_channel::Sender<crate::events::VmEvent>,
 ) -> anyhow::Result<Received<Vm>> {
     let create = |h: &StreamHeader| -> Result<Arc<Vm>, String> {
         let mem: u64 = h.regions.iter().map(|r| r.size).sum();

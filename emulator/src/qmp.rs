@@ -24,8 +24,9 @@ use crossbeam_channel::Sender;
 use serde_json::{json, Map, Value};
 
 use crate::cli::UnixAddr;
+use crate::events::VmEvent;
 use crate::migration::MigrationController;
-use crate::vm::{Vm, VmEvent};
+use crate::vm::Vm;
 use migrate::handover::{DestPhase, Handover, Side};
 use migrate::tracker::TrackerKind;
 
@@ -50,9 +51,9 @@ impl QmpError {
     }
 }
 
-impl<E: std::error::Error> From<E> for QmpError {
+impl<E: std::error::Error + 'static> From<E> for QmpError {
     fn from(e: E) -> Self {
-        QmpError::generic(e.to_string())
+        QmpError::generic(migrate::report(&e))
     }
 }
 

@@ -21,9 +21,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::PioBus;
+use crate::events::{Crash, VmEvent};
 use crate::loader::{Entry, MULTIBOOT_BOOT_MAGIC};
 use crate::state::{StateKind, Versioned};
-use crate::vm::VmEvent;
 use migrate::ram::GuestRam;
 use migrate::tracker::kvm_ring::DirtyRings;
 use migrate::tracker::mprotect::WriteFaultSlot;
@@ -429,8 +429,7 @@ impl VcpuThread {
                     }
                 }
                 Err(e) => {
-                    let reason = format!("KVM_RUN failed: {e}");
-                    let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason });
+                    let _ = self.ctx.events.send(VmEvent::Crashed { vcpu: self.ctx.index, reason: Crash::Run(e) });
                     self.paused = true;
                 }
             }
@@ -477,13 +476,14 @@ impl VcpuThread {
     }
 
     /// KVM_RUN failed with EFAULT: a guest write to a page the mprotect tracker protects.
-    fn write_fault(&mut self) -> Result<(), String> {
+    fn write_fault(&mut self) -> Result<(), Crash> {
         match self.ctx.write_faults.get() {
-            Some(faults) => write_fault::resolve(&self.vcpu, &self.ctx.ram, &faults, &mut self.fault_history),
+            Some(faults) => write_fault::resolve(&self.vcpu, &self.ctx.ram, &faults, &mut self.fault_history)
+                .map_err(Crash::WriteFault),
             None => {
                 self.unexplained_efaults += 1;
                 if self.unexplained_efaults > MAX_UNEXPLAINED_EFAULTS {
-                    return Err("KVM_RUN failed: bad address (EFAULT)".into());
+                    return Err(Crash::Run(kvm_ioctls::Error::new(libc::EFAULT)));
                 }
                 Ok(())
             }
@@ -516,7 +516,7 @@ impl VcpuThread {
 }
 
 /// Handles one exit; an error ends the guest (it is reported as a crash of the VM).
-fn handle_exit(ctx: &VcpuContext, run: *mut kvm_run, exit: VcpuExit) -> Result<(), String> {
+fn handle_exit(ctx: &VcpuContext, run: *mut kvm_run, exit: VcpuExit) -> Result<(), Crash> {
     // SAFETY: on an I/O exit KVM has filled the `io` member of the exit union; `run` is this
     // vCPU's kvm_run, alive as long as its VcpuFd. Only read for IoIn/IoOut below.
     let io_size = || unsafe { (*run).__bindgen_anon_1.io.size as usize };
@@ -532,10 +532,10 @@ fn handle_exit(ctx: &VcpuContext, run: *mut kvm_run, exit: VcpuExit) -> Result<(
         // A ring-0 store to a page the mprotect tracker keeps read-only reaches us as MMIO: perform
         // it (the RAM's write gate makes the page writable and records it).
         VcpuExit::MmioWrite(addr, data) if ctx.ram.layout().page_of(addr).is_some() => {
-            ctx.ram.write(addr, data).map_err(|e| format!("store to RAM at {addr:#x}: {e}"))?;
+            ctx.ram.write(addr, data).map_err(|source| Crash::Ram { op: "store to", addr, source })?;
         }
         VcpuExit::MmioRead(addr, data) if ctx.ram.layout().page_of(addr).is_some() => {
-            ctx.ram.read(addr, data).map_err(|e| format!("load from RAM at {addr:#x}: {e}"))?;
+            ctx.ram.read(addr, data).map_err(|source| Crash::Ram { op: "load from", addr, source })?;
         }
         VcpuExit::MmioRead(addr, data) => {
             log::debug!("vCPU {}: read of {} bytes at {addr:#x}, where no device is", ctx.index, data.len());
@@ -547,15 +547,13 @@ fn handle_exit(ctx: &VcpuContext, run: *mut kvm_run, exit: VcpuExit) -> Result<(
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
         VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL) => match &ctx.dirty_rings {
             // The harvested pages go to the tracker's set; the vCPU runs on with room in its ring.
-            Some(rings) => rings.harvest().map_err(|e| format!("dirty ring full, and harvesting failed: {e}"))?,
-            None => return Err("dirty ring full, but this VM has no dirty rings".into()),
+            Some(rings) => rings.harvest().map_err(Crash::Harvest)?,
+            None => return Err(Crash::NoDirtyRings),
         },
-        VcpuExit::Shutdown => return Err("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()),
-        VcpuExit::FailEntry(reason, cpu) => {
-            return Err(format!("KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"))
-        }
-        VcpuExit::InternalError => return Err("KVM internal error".into()),
-        other => return Err(format!("unexpected exit {other:?}")),
+        VcpuExit::Shutdown => return Err(Crash::TripleFault),
+        VcpuExit::FailEntry(reason, cpu) => return Err(Crash::FailEntry { reason, cpu }),
+        VcpuExit::InternalError => return Err(Crash::Internal),
+        other => return Err(Crash::UnexpectedExit(format!("{other:?}"))),
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! before the first run. A VM is created with its vCPUs paused; `boot` or a restore from a
 //! migration stream decides what they run, and `start` lets them go.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -20,16 +20,16 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use migrate::ram::{GuestRam, RamLayout};
 use migrate::tracker::kvm::KvmSlots;
-use migrate::tracker::kvm_log::KvmDirtyLogTracker;
-use migrate::tracker::kvm_ring::{DirtyRings, KvmDirtyRingTracker};
-use migrate::tracker::mprotect::{EventStacks, MprotectTracker, WriteFaultSlot};
-use migrate::tracker::{DirtyTracker, TrackerError, TrackerKind};
+use migrate::tracker::kvm_ring::DirtyRings;
+use migrate::tracker::mprotect::{EventStacks, WriteFaultSlot};
+use migrate::tracker::{DirtyTracker, TrackerError, TrackerFactory, TrackerKind, TrackerSources};
 use migrate::vm::{MachineState, MigratableVm, RestorableVm, VmError as MigrateVmError};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::exit::{ExitDevice, EXIT_PORT};
 use crate::devices::serial::{self, IrqTrigger, SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, COM1_PORTS};
 use crate::devices::PioBus;
+use crate::events::VmEvent;
 use crate::state::{self, StateError, StateKind, Versioned};
 use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle, VcpuState};
 use crate::{loader, mptable};
@@ -69,17 +69,6 @@ pub enum VmError {
     StateMismatch(String),
     #[error("the guest migrated away and runs on the destination: this copy must not run or migrate again (cont {{\"force\": true}} if the destination is known to be gone)")]
     MigratedAway,
-}
-
-/// What ends the VM, sent to the main thread.
-#[derive(Debug)]
-pub enum VmEvent {
-    /// The guest wrote its status to the exit device.
-    GuestExit(u8),
-    /// `quit` on the monitor.
-    Quit,
-    /// A vCPU hit something it cannot go on from (triple fault, KVM error).
-    Crashed { vcpu: usize, reason: String },
 }
 
 /// The VM's run state, with QMP's names.
@@ -148,9 +137,8 @@ pub struct Vm {
     _kvm: Kvm,
     fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
-    kvm_slots: Arc<KvmSlots>,
-    dirty_rings: Option<Arc<DirtyRings>>,
-    write_faults: Arc<WriteFaultSlot>,
+    /// What this VM's dirty trackers are built from (`TrackerSources::build` makes them).
+    trackers: Arc<TrackerSources>,
     vcpus: Vec<VcpuHandle>,
     bus: Arc<PioBus>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -282,50 +270,44 @@ impl Vm {
             vcpus.push(VcpuHandle::spawn(vcpu, ctx)?);
         }
         let state = if boot.is_some() { RunState::Paused } else { RunState::InMigrate };
-        Ok(Arc::new(Vm {
-            _kvm: kvm,
-            fd,
-            ram,
-            kvm_slots,
-            dirty_rings,
-            write_faults,
-            vcpus,
-            bus,
-            serial,
-            lifecycle: Mutex::new(Lifecycle { state, running_at_switchover: false }),
+        Ok(Arc::new_cyclic(|me: &Weak<Vm>| {
+            // Weak: the tracker must not keep the VM alive.
+            let me = me.clone();
+            let event_stacks: Arc<EventStacks> = Arc::new(move || {
+                let vm = me.upgrade().ok_or("the VM is gone")?;
+                let mut pages = Vec::new();
+                for v in vm.vcpus() {
+                    pages.extend(v.event_stack_pages()?);
+                }
+                Ok(pages)
+            });
+            let trackers = Arc::new(TrackerSources {
+                ram: ram.clone(),
+                kvm_slots: Some(kvm_slots),
+                dirty_rings,
+                mprotect: Some((write_faults, event_stacks)),
+            });
+            Vm {
+                _kvm: kvm,
+                fd,
+                ram,
+                trackers,
+                vcpus,
+                bus,
+                serial,
+                lifecycle: Mutex::new(Lifecycle { state, running_at_switchover: false }),
+            }
         }))
     }
 
+    /// What migrations from this VM build their trackers from.
+    pub fn trackers(&self) -> Arc<dyn TrackerFactory> {
+        self.trackers.clone()
+    }
+
     /// Builds a dirty tracker of `kind` for this VM.
-    pub fn tracker(self: &Arc<Self>, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError> {
-        if let Some(t) = migrate::tracker::ram_tracker(kind, &self.ram) {
-            return Ok(t);
-        }
-        match (kind, &self.dirty_rings) {
-            (TrackerKind::KvmDirtyLog, None) => Ok(Box::new(KvmDirtyLogTracker::new(self.kvm_slots.clone()))),
-            (TrackerKind::KvmDirtyLog, Some(_)) => Err(TrackerError::Unsupported(
-                "kvm-dirty-log is not available: this VM uses KVM's dirty rings (--dirty-tracker kvm-dirty-ring)".into(),
-            )),
-            (TrackerKind::KvmDirtyRing, Some(rings)) => Ok(Box::new(KvmDirtyRingTracker::new(rings.clone()))),
-            (TrackerKind::KvmDirtyRing, None) => Err(TrackerError::Unsupported(
-                "kvm-dirty-ring needs the rings set up before the vCPUs exist: start emu with --dirty-tracker kvm-dirty-ring"
-                    .into(),
-            )),
-            (TrackerKind::Mprotect, _) => {
-                // Weak: the tracker must not keep the VM alive.
-                let vm = Arc::downgrade(self);
-                let event_stacks: Arc<EventStacks> = Arc::new(move || {
-                    let vm = vm.upgrade().ok_or("the VM is gone")?;
-                    let mut pages = Vec::new();
-                    for v in vm.vcpus() {
-                        pages.extend(v.event_stack_pages()?);
-                    }
-                    Ok(pages)
-                });
-                Ok(Box::new(MprotectTracker::new(self.ram.clone(), self.write_faults.clone(), event_stacks)))
-            }
-            (other, _) => Err(TrackerError::Unsupported(format!("no {} tracker for this VM", other.name()))),
-        }
+    pub fn tracker(&self, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError> {
+        self.trackers.build(kind)
     }
 
     fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
@@ -518,7 +500,7 @@ impl MigratableVm for Vm {
         let mut l = self.lifecycle();
         let running = l.state == RunState::Running;
         if running {
-            self.pause_vcpus().map_err(|e| MigrateVmError(e.to_string()))?;
+            self.pause_vcpus().map_err(|e| MigrateVmError::Pause(e.into()))?;
         }
         l.running_at_switchover = running;
         l.state = RunState::FinishMigrate;
@@ -526,7 +508,7 @@ impl MigratableVm for Vm {
     }
 
     fn save_state(&self) -> Result<MachineState, MigrateVmError> {
-        self.save_machine_state().map_err(|e| MigrateVmError(e.to_string()))
+        self.save_machine_state().map_err(|e| MigrateVmError::Save(e.into()))
     }
 
     fn migration_completed(&self) {
@@ -566,7 +548,7 @@ impl RestorableVm for Vm {
     }
 
     fn restore_state(&self, state: &MachineState) -> Result<(), MigrateVmError> {
-        self.restore_machine_state(state).map_err(|e| MigrateVmError(e.to_string()))
+        self.restore_machine_state(state).map_err(|e| MigrateVmError::Restore(e.into()))
     }
 }
 

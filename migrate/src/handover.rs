@@ -305,7 +305,7 @@ pub fn read_after_ready<R: std::io::Read>(mut dec: Decoder<R>, conn: &Connection
                 let _ = conn.set_read_timeout(None);
             }
             Err(e) => {
-                handover.link_lost(&format!("the connection to the source after READY: {e}"));
+                handover.link_lost(&format!("the connection to the source after READY: {}", crate::report(&e)));
                 return;
             }
         }
@@ -328,7 +328,7 @@ pub fn ask(uri: &Uri, id: u64, action: ResolveAction) -> Result<Resolution, Stri
         Ok(Record::Resolved(r)) => Ok(r),
         Ok(Record::Error(why)) => Err(format!("the destination answered: {why}")),
         Ok(other) => Err(format!("the destination answered {other:?}")),
-        Err(e) => Err(format!("no answer from the destination: {e}")),
+        Err(e) => Err(format!("no answer from the destination: {}", crate::report(&e))),
     };
     conn.shutdown();
     answer

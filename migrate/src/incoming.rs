@@ -188,10 +188,11 @@ fn screen(conn: Connection, handover: &Handover, taken: &AtomicBool, tx: &mpsc::
         }
         // Connect-and-close: a port scan, or a peer checking that we listen.
         Err(StreamError::Closed) => log::debug!("incoming: a connection closed before saying anything"),
-        Err(e) if e.is_link_failure() => log::info!("incoming: a connection dropped: {e}"),
+        Err(e) if e.is_link_failure() => log::info!("incoming: a connection dropped: {}", crate::report(&e)),
         Err(e) => {
-            eprintln!("emu: incoming: refused a connection: {e}; still listening");
-            refuse(conn, &e.to_string());
+            let why = crate::report(&e);
+            eprintln!("emu: incoming: refused a connection: {why}; still listening");
+            refuse(conn, &why);
         }
     }
 }

@@ -16,3 +16,17 @@ pub mod tracker;
 pub mod transport;
 pub mod uffd;
 pub mod vm;
+
+/// An error and its sources as one line: "message: source: source's source". Error messages in
+/// this crate do not repeat their sources (so that this and anyhow's `{:#}` print each once);
+/// whatever turns an error into text for a user or a peer goes through here.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}

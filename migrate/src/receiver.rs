@@ -22,21 +22,80 @@ use std::sync::Arc;
 use crate::bitmap::PageBitmap;
 use crate::handover::{self, Handover};
 use crate::incoming::Accepted;
-use crate::ram::{RamLayout, PAGE_SIZE};
+use crate::ram::{RamError, RamLayout, RamRegion, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
-use crate::vm::{MachineState, RestorableVm};
+use crate::vm::{MachineState, RestorableVm, VmError};
 
 /// Device states one stream may carry.
 pub const MAX_DEVICES: usize = 64;
 const READ_BUFFER: usize = 256 << 10;
 
+/// Why a destination refused a stream (sent back to the source as ERROR).
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("bad stream")]
+    Stream(#[from] StreamError),
+    #[error("the source closed the connection before the end of the stream")]
+    SourceClosed,
+    #[error("page size {0} (this emu uses {PAGE_SIZE})")]
+    PageSize(u32),
+    #[error("{0} vCPUs (1 to {MAX_VCPUS} supported)")]
+    VcpuCount(u32),
+    #[error("RAM layout")]
+    Layout(#[source] RamError),
+    /// The emulator would not build the VM the header describes (a mismatch with `--mem`, `--smp`).
+    #[error("{0}")]
+    Create(String),
+    #[error("RAM layout {stream:?} does not match this VM's {vm:?}")]
+    LayoutMismatch { stream: Vec<RamRegion>, vm: Vec<RamRegion> },
+    #[error("{stream} vCPUs in the stream, {vm} here")]
+    VcpuMismatch { stream: u32, vm: usize },
+    #[error("address {0:#x} is not guest RAM")]
+    NotRam(u64),
+    #[error("{count} pages at {gpa:#x} run past the end of its RAM region")]
+    PastRegion { gpa: u64, count: u64 },
+    #[error("ZERO_PAGES at unaligned address {0:#x}")]
+    Unaligned(u64),
+    #[error("PASS_END for pass {got} where pass {due} was due")]
+    PassOrder { got: u32, due: u32 },
+    #[error("state for vCPU {index}, but the VM has {count}")]
+    VcpuIndex { index: u32, count: usize },
+    #[error("second state for {0}")]
+    Duplicate(String),
+    #[error("more than {MAX_DEVICES} device states")]
+    TooManyDevices,
+    #[error("END before any vCPU or device state")]
+    EndBeforeState,
+    #[error("{0} record after the device state began")]
+    RamAfterState(&'static str),
+    #[error("unexpected {0} record")]
+    Unexpected(&'static str),
+    #[error("END, but {0} pages never arrived")]
+    MissingPages(usize),
+    #[error("END, but no state for vCPU {0}")]
+    MissingVcpu(usize),
+    #[error("END, but no VM state")]
+    MissingVmState,
+    #[error("END counts {end_vcpus} vCPU and {end_devices} device states, {vcpus} and {devices} arrived")]
+    EndCounts { end_vcpus: u32, end_devices: u32, vcpus: usize, devices: usize },
+    #[error("restoring the state")]
+    Restore(#[source] VmError),
+    #[error("the source gave the migration up (ABORT)")]
+    Aborted,
+    #[error("the guest was given up here: {0}")]
+    Discarded(String),
+    #[error("cannot answer the source")]
+    Reply(#[source] std::io::Error),
+}
+
 /// Where the receiver was, and what went wrong there.
 #[derive(Debug, thiserror::Error)]
-#[error("incoming migration, {phase}: {problem}")]
+#[error("incoming migration, {phase}")]
 pub struct ReceiveError {
     pub phase: String,
-    pub problem: String,
+    #[source]
+    pub problem: Refusal,
 }
 
 /// An incoming migration whose guest is restored and paused, READY sent; the handover decides what
@@ -99,7 +158,7 @@ pub fn receive<V: RestorableVm>(
     handover: &Arc<Handover>,
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
-    let start_err = |e: std::io::Error| ReceiveError { phase: "starting".into(), problem: e.to_string() };
+    let start_err = |e: std::io::Error| ReceiveError { phase: "starting".into(), problem: Refusal::Reply(e) };
     let Accepted { conn, header, bytes_so_far } = accepted;
     handover.begin(header.migration_id, conn.try_clone().ok());
     conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(start_err)?;
@@ -111,8 +170,8 @@ pub fn receive<V: RestorableVm>(
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase, header, create).and_then(|(vm, passes, guest_running)| {
         // The operator may have given the incoming guest up meanwhile.
-        handover.ready(guest_running)?;
-        rx.replies.ready().and_then(|_| rx.replies.flush()).map_err(|e| format!("cannot send READY: {e}"))?;
+        handover.ready(guest_running).map_err(Refusal::Discarded)?;
+        rx.replies.ready().and_then(|_| rx.replies.flush()).map_err(Refusal::Reply)?;
         Ok((vm, passes))
     });
     match result {
@@ -128,13 +187,14 @@ pub fn receive<V: RestorableVm>(
         }
         Err(problem) => {
             let err = ReceiveError { phase: phase.describe(), problem };
+            let why = crate::report(&err);
             // Best effort: tell the source why, and keep reading until it hangs up, so that it reads
             // our reason rather than a connection reset.
-            let _ = rx.replies.error(&err.to_string());
+            let _ = rx.replies.error(&why);
             let _ = rx.replies.flush();
             crate::transport::drain_and_close(conn);
             // Never to run here, whatever comes later.
-            handover.abort(&err.to_string());
+            handover.abort(&why);
             Err(err)
         }
     }
@@ -153,12 +213,12 @@ impl<R: std::io::Read> Receiver<R> {
         phase: &mut Phase<V>,
         header: StreamHeader,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
-    ) -> Result<(Arc<V>, u32, bool), String> {
+    ) -> Result<(Arc<V>, u32, bool), Refusal> {
         *phase = Phase::Ram(Box::new(self.accept_header(header, create)?));
         loop {
             let frame = self.dec.next_frame().map_err(|e| match e {
-                StreamError::Closed => "the source closed the connection before the end of the stream".to_string(),
-                e => e.to_string(),
+                StreamError::Closed => Refusal::SourceClosed,
+                e => Refusal::Stream(e),
             })?;
             let current = std::mem::replace(phase, Phase::AwaitHeader);
             match self.step(current, frame) {
@@ -172,7 +232,7 @@ impl<R: std::io::Read> Receiver<R> {
         }
     }
 
-    fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, String)> {
+    fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, Refusal)> {
         match (phase, frame.kind) {
             (Phase::AwaitHeader, _) => unreachable!("the header is checked before the first step"),
             (Phase::Ram(mut t), RecordType::Pages) => match self.read_pages(&mut t, &frame) {
@@ -185,8 +245,8 @@ impl<R: std::io::Read> Receiver<R> {
                 let answered = self
                     .dec
                     .read_record(&frame)
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| self.replies.synced().map_err(|e| format!("cannot answer SYNC: {e}")));
+                    .map_err(Refusal::Stream)
+                    .and_then(|_| self.replies.synced().map_err(Refusal::Reply));
                 match answered {
                     Ok(()) => Ok(Step::Next(Phase::Ram(t))),
                     Err(e) => Err((Phase::Ram(t), e)),
@@ -209,16 +269,14 @@ impl<R: std::io::Read> Receiver<R> {
                 }
             }
             (Phase::State(t), RecordType::End) => self.finish(t, &frame),
-            (p @ (Phase::Ram(_) | Phase::State(_)), RecordType::Abort) => {
-                Err((p, "the source gave the migration up (ABORT)".to_string()))
-            }
+            (p @ (Phase::Ram(_) | Phase::State(_)), RecordType::Abort) => Err((p, Refusal::Aborted)),
             (p @ (Phase::Ram(_) | Phase::State(_)), kind) => {
                 let why = match (&p, kind) {
-                    (Phase::Ram(_), RecordType::End) => "END before any vCPU or device state".to_string(),
+                    (Phase::Ram(_), RecordType::End) => Refusal::EndBeforeState,
                     (Phase::State(_), RecordType::Pages | RecordType::ZeroPages | RecordType::PassEnd) => {
-                        format!("{} record after the device state began", kind.name())
+                        Refusal::RamAfterState(kind.name())
                     }
-                    _ => format!("unexpected {} record", kind.name()),
+                    _ => Refusal::Unexpected(kind.name()),
                 };
                 Err((p, why))
             }
@@ -229,24 +287,23 @@ impl<R: std::io::Read> Receiver<R> {
         &mut self,
         h: StreamHeader,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
-    ) -> Result<Target<V>, String> {
+    ) -> Result<Target<V>, Refusal> {
         if h.page_size != PAGE_SIZE as u32 {
-            return Err(format!("page size {} (this emu uses {PAGE_SIZE})", h.page_size));
+            return Err(Refusal::PageSize(h.page_size));
         }
         if h.vcpu_count == 0 || h.vcpu_count > MAX_VCPUS {
-            return Err(format!("{} vCPUs (1 to {MAX_VCPUS} supported)", h.vcpu_count));
+            return Err(Refusal::VcpuCount(h.vcpu_count));
         }
-        let layout = RamLayout::new(h.regions.clone()).map_err(|e| format!("RAM layout: {e}"))?;
-        let vm = create(&h)?;
+        let layout = RamLayout::new(h.regions.clone()).map_err(Refusal::Layout)?;
+        let vm = create(&h).map_err(Refusal::Create)?;
         if vm.ram().layout() != &layout {
-            return Err(format!(
-                "RAM layout {:?} does not match this VM's {:?}",
-                layout.regions(),
-                vm.ram().layout().regions()
-            ));
+            return Err(Refusal::LayoutMismatch {
+                stream: layout.regions().to_vec(),
+                vm: vm.ram().layout().regions().to_vec(),
+            });
         }
         if vm.vcpu_count() != h.vcpu_count as usize {
-            return Err(format!("{} vCPUs in the stream, {} here", h.vcpu_count, vm.vcpu_count()));
+            return Err(Refusal::VcpuMismatch { stream: h.vcpu_count, vm: vm.vcpu_count() });
         }
         let pages = layout.page_count();
         Ok(Target {
@@ -262,15 +319,15 @@ impl<R: std::io::Read> Receiver<R> {
     }
 
     /// The page range of a record, checked to be RAM and inside one region.
-    fn page_range(layout: &RamLayout, gpa: u64, count: u64) -> Result<usize, String> {
-        let first = layout.page_of(gpa).ok_or_else(|| format!("address {gpa:#x} is not guest RAM"))?;
+    fn page_range(layout: &RamLayout, gpa: u64, count: u64) -> Result<usize, Refusal> {
+        let first = layout.page_of(gpa).ok_or(Refusal::NotRam(gpa))?;
         if count == 0 || !usize::try_from(count).is_ok_and(|c| layout.is_contiguous(first, c)) {
-            return Err(format!("{count} pages at {gpa:#x} run past the end of its RAM region"));
+            return Err(Refusal::PastRegion { gpa, count });
         }
         Ok(first)
     }
 
-    fn read_pages<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
+    fn read_pages<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
         let ram = t.vm.ram().clone();
         let layout = &t.layout;
         let nonzero = &t.nonzero;
@@ -283,20 +340,20 @@ impl<R: std::io::Read> Receiver<R> {
             }
             // SAFETY: the destination's vCPUs have not run and nothing else touches its RAM until the
             // receiver returns; the slice is used only for this record's read.
-            Ok::<_, String>(unsafe { ram.pages_mut(first, count) })
+            Ok::<_, Refusal>(unsafe { ram.pages_mut(first, count) })
         });
-        let (gpa, count) = r.map_err(|e| e.to_string())??;
+        let (gpa, count) = r??;
         let first = t.layout.page_of(gpa).expect("checked in page_range");
         t.received.set_range(first, count);
         t.nonzero.set_range(first, count);
         Ok(())
     }
 
-    fn read_ram_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
-        match self.dec.read_record(frame).map_err(|e| e.to_string())? {
+    fn read_ram_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
+        match self.dec.read_record(frame)? {
             Record::ZeroPages { gpa, count } => {
                 if gpa % PAGE_SIZE as u64 != 0 {
-                    return Err(format!("ZERO_PAGES at unaligned address {gpa:#x}"));
+                    return Err(Refusal::Unaligned(gpa));
                 }
                 let first = Self::page_range(&t.layout, gpa, count)?;
                 let count = count as usize;
@@ -313,7 +370,7 @@ impl<R: std::io::Read> Receiver<R> {
             Record::PassEnd { pass, .. } => {
                 let expected = t.last_pass.map_or(0, |p| p + 1);
                 if pass != expected {
-                    return Err(format!("PASS_END for pass {pass} where pass {expected} was due"));
+                    return Err(Refusal::PassOrder { got: pass, due: expected });
                 }
                 t.last_pass = Some(pass);
                 Ok(())
@@ -322,30 +379,28 @@ impl<R: std::io::Read> Receiver<R> {
         }
     }
 
-    fn read_state_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), String> {
-        match self.dec.read_record(frame).map_err(|e| e.to_string())? {
+    fn read_state_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
+        let count = t.vm.vcpu_count();
+        match self.dec.read_record(frame)? {
             Record::VcpuState { index, blob } => {
-                let slot = t
-                    .vcpus
-                    .get_mut(index as usize)
-                    .ok_or_else(|| format!("state for vCPU {index}, but the VM has {}", t.vm.vcpu_count()))?;
+                let slot = t.vcpus.get_mut(index as usize).ok_or(Refusal::VcpuIndex { index, count })?;
                 if slot.is_some() {
-                    return Err(format!("second state for vCPU {index}"));
+                    return Err(Refusal::Duplicate(format!("vCPU {index}")));
                 }
                 *slot = Some(blob.to_vec());
             }
             Record::VmState(blob) => {
                 if t.vm_state.is_some() {
-                    return Err("second VM state".into());
+                    return Err(Refusal::Duplicate("the VM".into()));
                 }
                 t.vm_state = Some(blob.to_vec());
             }
             Record::DeviceState { name, blob } => {
                 if t.devices.iter().any(|(n, _)| n == name) {
-                    return Err(format!("second state for device {name}"));
+                    return Err(Refusal::Duplicate(format!("device {name}")));
                 }
                 if t.devices.len() == MAX_DEVICES {
-                    return Err(format!("more than {MAX_DEVICES} device states"));
+                    return Err(Refusal::TooManyDevices);
                 }
                 t.devices.push((name.to_string(), blob.to_vec()));
             }
@@ -355,27 +410,32 @@ impl<R: std::io::Read> Receiver<R> {
     }
 
     /// END: everything must be here; then the state goes into the VM.
-    fn finish<V: RestorableVm>(&mut self, mut t: Box<Target<V>>, frame: &Frame) -> Result<Step<V>, (Phase<V>, String)> {
+    fn finish<V: RestorableVm>(
+        &mut self,
+        mut t: Box<Target<V>>,
+        frame: &Frame,
+    ) -> Result<Step<V>, (Phase<V>, Refusal)> {
         let (vcpu_states, device_states, guest_running) = match self.dec.read_record(frame) {
             Ok(Record::End { vcpu_states, device_states, guest_running }) => {
                 (vcpu_states, device_states, guest_running)
             }
             Ok(_) => unreachable!("an END frame decodes to END"),
-            Err(e) => return Err((Phase::State(t), e.to_string())),
+            Err(e) => return Err((Phase::State(t), e.into())),
         };
         let missing_pages = t.layout.page_count() - t.received.count();
         let problem = if missing_pages > 0 {
-            Some(format!("END, but {missing_pages} pages never arrived"))
+            Some(Refusal::MissingPages(missing_pages))
         } else if let Some(i) = t.vcpus.iter().position(Option::is_none) {
-            Some(format!("END, but no state for vCPU {i}"))
+            Some(Refusal::MissingVcpu(i))
         } else if t.vm_state.is_none() {
-            Some("END, but no VM state".to_string())
+            Some(Refusal::MissingVmState)
         } else if vcpu_states as usize != t.vcpus.len() || device_states as usize != t.devices.len() {
-            Some(format!(
-                "END counts {vcpu_states} vCPU and {device_states} device states, {} and {} arrived",
-                t.vcpus.len(),
-                t.devices.len()
-            ))
+            Some(Refusal::EndCounts {
+                end_vcpus: vcpu_states,
+                end_devices: device_states,
+                vcpus: t.vcpus.len(),
+                devices: t.devices.len(),
+            })
         } else {
             None
         };
@@ -388,7 +448,7 @@ impl<R: std::io::Read> Receiver<R> {
             devices: std::mem::take(&mut t.devices),
         };
         if let Err(e) = t.vm.restore_state(&state) {
-            return Err((Phase::State(t), format!("restoring the state: {e}")));
+            return Err((Phase::State(t), Refusal::Restore(e)));
         }
         let passes = t.last_pass.map_or(0, |p| p + 1);
         Ok(Step::Done(t.vm, passes, guest_running))

@@ -81,19 +81,29 @@ impl Default for MigrationParams {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("cannot connect to {uri}: {source}")]
-    Connect { uri: String, source: std::io::Error },
-    #[error("dirty tracking: {0}")]
+    #[error("cannot connect to {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dirty tracking")]
     Tracker(#[from] TrackerError),
-    #[error("sending: {}", send_error(.0))]
-    Send(#[from] std::io::Error),
+    #[error("sending")]
+    Send(#[source] std::io::Error),
+    #[error("the destination took no data in time (stalled or gone)")]
+    Stalled,
     /// The destination sent ERROR: it will never run the guest.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
     /// The connection broke, closed or stalled before GO.
-    #[error("lost the destination: {0}")]
-    Lost(String),
-    #[error("the VM: {0}")]
+    #[error("lost the destination {during}")]
+    Lost {
+        during: String,
+        #[source]
+        source: Option<StreamError>,
+    },
+    #[error("the VM")]
     Vm(#[from] VmError),
     #[error("cancelled")]
     Cancelled,
@@ -103,13 +113,17 @@ pub enum MigrationError {
     Unresolved(String),
 }
 
-fn send_error(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            format!("the destination took no data for {}s (stalled or gone)", transport::STALL_TIMEOUT.as_secs())
+impl From<std::io::Error> for MigrationError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => MigrationError::Stalled,
+            _ => MigrationError::Send(e),
         }
-        _ => e.to_string(),
     }
+}
+
+fn lost(during: impl Into<String>, source: Option<StreamError>) -> MigrationError {
+    MigrationError::Lost { during: during.into(), source }
 }
 
 /// Cancels a migration from another thread, also one blocked on the network; refused once the
@@ -219,7 +233,7 @@ pub fn start(
     vm: Arc<dyn MigratableVm>,
     uri: Uri,
     params: Arc<Mutex<MigrationParams>>,
-    trackers: Arc<TrackerFactory>,
+    trackers: Arc<dyn TrackerFactory>,
 ) -> std::io::Result<Outgoing> {
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
     let progress = Arc::new(ProgressCell::new(Progress::new(kind, vm.ram().layout().total_bytes())));
@@ -244,8 +258,9 @@ pub fn start(
                 // before the guest resumes.
                 vm.migration_failed();
                 let status = if c.is_cancelled() { Status::Cancelled } else { Status::Failed };
-                log::warn!("migration to {uri}: {e}");
-                finish(&p, status, Some(e.to_string()));
+                let why = crate::report(&e);
+                log::warn!("migration to {uri}: {why}");
+                finish(&p, status, Some(why));
             }
         }
     })?;
@@ -326,7 +341,7 @@ fn migrate(
     uri: &Uri,
     migration_id: u64,
     params: &Mutex<MigrationParams>,
-    trackers: &TrackerFactory,
+    trackers: &dyn TrackerFactory,
     progress: &ProgressCell,
     cancel: &Cancel,
 ) -> Result<(), MigrationError> {
@@ -337,7 +352,7 @@ fn migrate(
     cancel.check()?;
     let ram = vm.ram().clone();
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
-    let log = DirtyLog::start(trackers(kind, &ram)?, ram.clone())?;
+    let log = DirtyLog::start(trackers.build(kind)?, ram.clone())?;
     let mut sender = Sender {
         vm,
         uri,
@@ -518,7 +533,7 @@ impl Sender<'_> {
         // destination needs the complete, checksummed record), so that failure may still resume.
         let step = Instant::now();
         self.cancel.commit()?;
-        self.enc.go().and_then(|_| self.enc.flush()).map_err(|e| MigrationError::Lost(format!("sending GO: {e}")))?;
+        self.enc.go().and_then(|_| self.enc.flush()).map_err(|e| lost("sending GO", Some(e.into())))?;
         match read_reply(&self.conn) {
             Ok(Reply::Started) => {}
             // ERROR means the destination discarded the guest and never runs it.
@@ -526,18 +541,18 @@ impl Sender<'_> {
             Ok(other) => {
                 return Err(MigrationError::Unresolved(format!("{} instead of STARTED after GO", other.name())))
             }
-            Err(e) => return Err(MigrationError::Unresolved(format!("no STARTED after GO: {e}"))),
+            Err(e) => return Err(MigrationError::Unresolved(format!("no STARTED after GO: {}", crate::report(&e)))),
         }
         times.go_and_started = step.elapsed();
         let downtime = paused_at.elapsed();
         // Tell the destination we know, so it stops listening for RESOLVE (best effort: it keeps
         // answering if this is lost).
         if let Err(e) = self.enc.done().and_then(|_| self.enc.flush()) {
-            log::info!("cannot send DONE: {e}");
+            log::info!("cannot send DONE: {}", crate::report(&e));
         }
         // The destination runs the guest now; nothing may fail the migration any more.
         if let Err(e) = self.log.stop() {
-            log::error!("stopping the dirty tracker after the switchover: {e}");
+            log::error!("stopping the dirty tracker after the switchover: {}", crate::report(&e));
         }
         self.vm.migration_completed();
         let bytes = self.enc.bytes_written();
@@ -555,11 +570,8 @@ impl Sender<'_> {
         match read_reply(&self.conn) {
             Ok(r) if r == want => Ok(()),
             Ok(Reply::Refused(reason)) => Err(MigrationError::Refused(reason)),
-            Ok(other) => Err(MigrationError::Lost(format!("{} instead of {name}", other.name()))),
-            Err(StreamError::Closed) => {
-                Err(MigrationError::Lost(format!("the destination closed the connection before {name}")))
-            }
-            Err(e) => Err(MigrationError::Lost(format!("waiting for {name}: {e}"))),
+            Ok(other) => Err(lost(format!("waiting for {name}: {} came instead", other.name()), None)),
+            Err(e) => Err(lost(format!("waiting for {name}"), Some(e))),
         }
     }
 
@@ -583,7 +595,7 @@ impl Sender<'_> {
             return;
         }
         if let Err(e) = &on_stream {
-            log::info!("cannot send ABORT on the migration stream ({e}); trying new connections");
+            log::info!("cannot send ABORT on the migration stream ({}); trying new connections", crate::report(e));
         }
         let (uri, id) = (self.uri.clone(), self.migration_id);
         let _ = std::thread::Builder::new().name("migration-abort".into()).spawn(move || {
@@ -728,9 +740,8 @@ impl Sender<'_> {
         }
         Err(match read_reply(&self.conn) {
             Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
-            Ok(other) => MigrationError::Lost(format!("an unexpected {} from the destination", other.name())),
-            Err(StreamError::Closed) => MigrationError::Lost("the destination closed the connection".into()),
-            Err(e) => MigrationError::Lost(e.to_string()),
+            Ok(other) => lost(format!("while sending: an unexpected {} came", other.name()), None),
+            Err(e) => lost("while sending", Some(e)),
         })
     }
 
@@ -805,7 +816,7 @@ impl Drop for Sender<'_> {
         // Stop tracking before anything else happens to the guest (DirtyLog's drop does it too;
         // doing it here first keeps the order explicit), then close the stream.
         if let Err(e) = self.log.stop() {
-            log::error!("stopping the dirty tracker: {e}");
+            log::error!("stopping the dirty tracker: {}", crate::report(&e));
         }
         let _ = self.enc.get_mut().flush();
         self.conn.shutdown();

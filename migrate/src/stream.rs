@@ -203,7 +203,7 @@ pub enum StreamError {
     Closed,
     #[error("no data from the peer in time (stalled or gone)")]
     Stalled,
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[from] io::Error),
     #[error("not an emu migration stream (bad magic)")]
     BadMagic,

@@ -64,14 +64,20 @@ nix::ioctl_readwrite!(uffdio_writeprotect, 0xAA, 0x06, UffdioWriteprotect);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    #[error("cannot create a userfaultfd: {0}")]
-    Create(std::io::Error),
-    #[error("userfaultfd lacks features {0:#x}: {1}")]
-    Features(u64, nix::Error),
-    #[error("cannot {op} {len:#x} bytes at {start:#x}: {source}")]
-    Range { op: &'static str, start: u64, len: u64, source: nix::Error },
-    #[error("cannot read userfaultfd events: {0}")]
-    Read(std::io::Error),
+    #[error("cannot create a userfaultfd")]
+    Create(#[source] std::io::Error),
+    #[error("userfaultfd lacks features {0:#x}")]
+    Features(u64, #[source] nix::Error),
+    #[error("cannot {op} {len:#x} bytes at {start:#x}")]
+    Range {
+        op: &'static str,
+        start: u64,
+        len: u64,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot read userfaultfd events")]
+    Read(#[source] std::io::Error),
 }
 
 /// An open userfaultfd with its API handshake done.

@@ -5,11 +5,20 @@ use std::sync::Arc;
 
 use crate::ram::GuestRam;
 
-/// A failure inside the VM (a KVM ioctl, a device refusing its state), as text for the migration's
-/// error report.
+/// The emulator's own error, whatever it is, kept as the source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failure inside the VM (a KVM ioctl, a device refusing its state), with the emulator's error as
+/// its source.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct VmError(pub String);
+pub enum VmError {
+    #[error("cannot pause the guest")]
+    Pause(#[source] BoxError),
+    #[error("cannot save the machine state")]
+    Save(#[source] BoxError),
+    #[error("cannot restore the machine state")]
+    Restore(#[source] BoxError),
+}
 
 /// The machine's state other than RAM, as versioned blobs the emulator encodes and checks itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
 use super::PioDevice;
+use crate::events::VmEvent;
 use crate::state::{self, StateError, StateKind, Versioned};
-use crate::vm::VmEvent;
 
 /// The port, as for isa-debug-exit in QEMU's default configuration.
 pub const EXIT_PORT: u16 = 0xf4;

@@ -18,21 +18,34 @@ use std::time::{Duration, Instant};
 use crate::bitmap::PageBitmap;
 use crate::ram::GuestRam;
 use crate::uffd::UffdError;
+use kvm::KvmSlots;
+use kvm_ring::DirtyRings;
+use mprotect::{EventStacks, WriteFaultSlot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
-    #[error("userfaultfd: {0}")]
+    #[error("userfaultfd")]
     Uffd(#[from] UffdError),
-    #[error("cannot start the tracker's thread: {0}")]
-    Thread(std::io::Error),
+    #[error("cannot start the tracker's thread")]
+    Thread(#[source] std::io::Error),
     #[error("the tracker's fault thread failed: {0}")]
     FaultThread(String),
-    #[error("cannot populate guest RAM: {0}")]
-    Populate(std::io::Error),
+    #[error("cannot populate guest RAM")]
+    Populate(#[source] std::io::Error),
+    /// This tracker cannot be used with this VM or host (chosen at the wrong time, or missing a
+    /// kernel feature); another one can.
     #[error("{0}")]
-    Unsupported(String),
-    #[error("{what}: {source}")]
-    Io { what: &'static str, source: std::io::Error },
+    Unavailable(String),
+    /// The tracker could not keep tracking exactly and stopped (RAM is writable again); the
+    /// migration fails, the guest loses nothing.
+    #[error("{0}")]
+    GaveUp(String),
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Which tracker a migration uses.
@@ -104,16 +117,60 @@ pub trait DirtyTracker: Send {
     fn stop(&mut self) -> Result<(), TrackerError>;
 }
 
-/// Builds a tracker of the given kind for `ram` (the emulator supplies one that also knows KVM).
-pub type TrackerFactory =
-    dyn Fn(TrackerKind, &Arc<GuestRam>) -> Result<Box<dyn DirtyTracker>, TrackerError> + Send + Sync;
+/// Builds a tracker for each migration (the sender asks for the kind its parameters name). Tests
+/// supply scripted ones; a VM supplies its [`TrackerSources`].
+pub trait TrackerFactory: Send + Sync {
+    fn build(&self, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError>;
+}
 
-/// The trackers this crate can build from guest RAM alone (KVM's need the VM: see the emulator).
-pub fn ram_tracker(kind: TrackerKind, ram: &Arc<GuestRam>) -> Option<Box<dyn DirtyTracker>> {
-    match kind {
-        TrackerKind::UffdWp => Some(Box::new(uffd_wp::UffdWpTracker::new(ram.clone()))),
-        TrackerKind::UffdWpAsync => Some(Box::new(uffd_async::UffdWpAsyncTracker::new(ram.clone()))),
-        TrackerKind::KvmDirtyLog | TrackerKind::KvmDirtyRing | TrackerKind::Mprotect => None,
+/// Everything the trackers of one VM are built from: guest RAM, and what the emulator's KVM VM and
+/// vCPU loop provide. The emulator fills it once, when it creates the VM; [`TrackerSources::build`]
+/// is the one place where a tracker's name becomes a tracker.
+pub struct TrackerSources {
+    pub ram: Arc<GuestRam>,
+    /// The VM's KVM memory slots (kvm-dirty-log); `None` outside a KVM VM.
+    pub kvm_slots: Option<Arc<KvmSlots>>,
+    /// KVM's per-vCPU dirty rings, if the VM was created with them (KVM's bitmap is then off).
+    pub dirty_rings: Option<Arc<DirtyRings>>,
+    /// The vCPU loop's half of the mprotect tracker: where write faults are resolved, and the
+    /// vCPUs' event-stack pages (never protected; see `mprotect.rs`).
+    pub mprotect: Option<(Arc<WriteFaultSlot>, Arc<EventStacks>)>,
+}
+
+impl TrackerSources {
+    /// Sources for trackers that need guest RAM alone (the userfaultfd ones).
+    pub fn ram_only(ram: Arc<GuestRam>) -> Self {
+        TrackerSources { ram, kvm_slots: None, dirty_rings: None, mprotect: None }
+    }
+}
+
+impl TrackerFactory for TrackerSources {
+    fn build(&self, kind: TrackerKind) -> Result<Box<dyn DirtyTracker>, TrackerError> {
+        let unavailable =
+            |why: &str| Err(TrackerError::Unavailable(format!("{} is not available: {why}", kind.name())));
+        match kind {
+            TrackerKind::UffdWp => Ok(Box::new(uffd_wp::UffdWpTracker::new(self.ram.clone()))),
+            TrackerKind::UffdWpAsync => Ok(Box::new(uffd_async::UffdWpAsyncTracker::new(self.ram.clone()))),
+            TrackerKind::KvmDirtyLog => match (&self.kvm_slots, &self.dirty_rings) {
+                (Some(slots), None) => Ok(Box::new(kvm_log::KvmDirtyLogTracker::new(slots.clone()))),
+                (Some(_), Some(_)) => {
+                    unavailable("this VM uses KVM's dirty rings instead (--dirty-tracker kvm-dirty-ring)")
+                }
+                (None, _) => unavailable("not a KVM VM"),
+            },
+            TrackerKind::KvmDirtyRing => match &self.dirty_rings {
+                Some(rings) => Ok(Box::new(kvm_ring::KvmDirtyRingTracker::new(rings.clone()))),
+                None => unavailable(
+                    "KVM's dirty rings must be set up before the vCPUs exist: start emu with --dirty-tracker kvm-dirty-ring",
+                ),
+            },
+            TrackerKind::Mprotect => match &self.mprotect {
+                Some((slot, stacks)) => {
+                    Ok(Box::new(mprotect::MprotectTracker::new(self.ram.clone(), slot.clone(), stacks.clone())))
+                }
+                None => unavailable("it needs the vCPU loop to resolve write faults"),
+            },
+        }
     }
 }
 
@@ -166,7 +223,7 @@ impl DirtyLog {
 impl Drop for DirtyLog {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            log::error!("stopping the dirty tracker: {e}");
+            log::error!("stopping the dirty tracker: {}", crate::report(&e));
         }
     }
 }

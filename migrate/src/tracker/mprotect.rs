@@ -127,7 +127,7 @@ impl MprotectTracker {
 
     /// The event-stack pages now, as a bitmap.
     fn read_event_stacks(&self) -> Result<PageBitmap, TrackerError> {
-        let pages = (self.event_stacks)().map_err(|e| TrackerError::Unsupported(format!("mprotect tracker: {e}")))?;
+        let pages = (self.event_stacks)().map_err(|e| TrackerError::GaveUp(format!("mprotect tracker: {e}")))?;
         let mut b = PageBitmap::new(self.ram.page_count());
         pages.into_iter().for_each(|p| b.set(p));
         Ok(b)
@@ -151,7 +151,7 @@ impl MprotectTracker {
                 format!("cannot write-protect guest RAM: {e}")
             };
             f.give_up(&why);
-            TrackerError::Unsupported(format!("mprotect tracker: {why}"))
+            TrackerError::GaveUp(format!("mprotect tracker: {why}"))
         })
     }
 }
@@ -187,14 +187,14 @@ impl DirtyTracker for MprotectTracker {
     fn collect(&mut self, into: &mut PageBitmap) -> Result<(), TrackerError> {
         let Some(f) = self.running.clone() else { return Ok(()) };
         if let Some(why) = f.failed.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Err(TrackerError::Unsupported(format!("mprotect tracker gave up: {why}")));
+            return Err(TrackerError::GaveUp(format!("mprotect tracker gave up: {why}")));
         }
         // A guest that moves its ring-0 stacks (a kernel with per-task stacks) cannot be tracked
         // this way: refuse rather than risk a protected page under an interrupt frame.
         if self.read_event_stacks()? != self.exempt {
             let why = "a vCPU's ring-0 or IST stack moved; mprotect cannot track this guest";
             f.give_up(why);
-            return Err(TrackerError::Unsupported(format!("mprotect tracker: {why}")));
+            return Err(TrackerError::GaveUp(format!("mprotect tracker: {why}")));
         }
         let guard = f.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut taken = PageBitmap::new(self.ram.page_count());

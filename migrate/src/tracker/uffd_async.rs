@@ -33,8 +33,9 @@ impl DirtyTracker for UffdWpAsyncTracker {
     fn start(&mut self) -> Result<(), TrackerError> {
         self.stop()?;
         let uffd = Uffd::open(uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED).map_err(|e| {
-            TrackerError::Unsupported(format!(
-                "uffd-wp-async needs userfaultfd WP_ASYNC and WP_UNPOPULATED (Linux 6.7): {e}"
+            TrackerError::Unavailable(format!(
+                "uffd-wp-async needs userfaultfd WP_ASYNC and WP_UNPOPULATED (Linux 6.7): {}",
+                crate::report(&e)
             ))
         })?;
         let scanner =

@@ -160,7 +160,7 @@ impl DirtyTracker for UffdWpTracker {
         if r.thread.as_ref().is_some_and(|t| t.is_finished()) {
             let result = r.thread.take().map(|t| t.join());
             let why = match result {
-                Some(Ok(Err(e))) => e.to_string(),
+                Some(Ok(Err(e))) => crate::report(&e),
                 _ => "it stopped".to_string(),
             };
             return Err(TrackerError::FaultThread(why));
@@ -185,7 +185,7 @@ impl DirtyTracker for UffdWpTracker {
         let joined = r.thread.take().map(|t| t.join());
         unprotected?;
         match joined {
-            Some(Ok(Err(e))) => Err(TrackerError::FaultThread(e.to_string())),
+            Some(Ok(Err(e))) => Err(TrackerError::FaultThread(crate::report(&e))),
             Some(Err(_)) => Err(TrackerError::FaultThread("it panicked".into())),
             _ => Ok(()),
         }
