@@ -80,7 +80,7 @@ fn strangers_are_refused_and_the_destination_keeps_listening() {
     v7.extend_from_slice(&7u32.to_le_bytes());
     assert!(error_reply(&uri, &v7).contains("stream version 7"));
     let v1 = [&migrate::stream::MAGIC[..], &1u32.to_le_bytes()].concat();
-    assert!(error_reply(&uri, &v1).contains("stream version 1; this emu speaks version 2"));
+    assert!(error_reply(&uri, &v1).contains("stream version 1 cannot keep the one-running-copy promise"));
     assert!(error_reply(&uri, &stream(|e| e.zero_pages(0, 1).unwrap())).contains("must open with HEADER or RESOLVE"));
     // connect and close, and a silent client holding a connection open
     drop(connect(&uri));

@@ -373,11 +373,23 @@ impl VcpuHandle {
     }
 }
 
+/// How long dropping a vCPU waits for its thread to end. A thread stuck in the kernel (a KVM_RUN
+/// that ignores the kick) must not hang emu's exit; it is left behind instead, which is safe: it owns
+/// its vCPU fd and holds its own references to RAM and the bus.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
         let _ = self.send(VcpuRequest::Exit);
-        if let Some(t) = self.thread.take() {
+        let Some(t) = self.thread.take() else { return };
+        let deadline = std::time::Instant::now() + JOIN_TIMEOUT;
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if t.is_finished() {
             let _ = t.join();
+        } else {
+            log::error!("vCPU {}: its thread did not stop within {JOIN_TIMEOUT:?}; leaving it", self.index);
         }
     }
 }

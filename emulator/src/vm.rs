@@ -448,6 +448,12 @@ impl Vm {
         if let Some((n, _)) = st.devices.iter().find(|(n, _)| !names.contains(&n.as_str())) {
             return Err(VmError::StateMismatch(format!("state for unknown device {n}")));
         }
+        for d in self.bus.devices() {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, blob)) = st.devices.iter().find(|(n, _)| n == d.name()) {
+                d.check_state(blob)?;
+            }
+        }
 
         for (id, chip) in [
             (KVM_IRQCHIP_PIC_MASTER, &vm_state.pic_master),

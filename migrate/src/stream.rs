@@ -39,6 +39,16 @@
 //!
 //! State blobs are opaque here: the emulator versions and checks them (`emulator/src/state.rs`).
 //!
+//! # Compatibility
+//!
+//! A source writes [`VERSION`] only. A destination reads its own version and the one before it, so
+//! that destinations can be upgraded first and still take guests from sources one release behind
+//! (Cloud Hypervisor's rule), unless the older version cannot keep a promise this one makes; then
+//! it is refused with an error that says which. Version 1 is such a case: without the frame
+//! checksum and the READY/GO handover, a destination reading it would resume the guest on its own,
+//! which can leave two running copies. So version 2 reads version 2 only. Each version bump
+//! extends the test `older_versions_follow_the_policy`.
+//!
 //! # Sequence
 //!
 //! ```text
@@ -207,8 +217,12 @@ pub enum StreamError {
     Io(#[from] io::Error),
     #[error("not an emu migration stream (bad magic)")]
     BadMagic,
-    #[error("stream version {0}; this emu speaks version {VERSION}")]
+    #[error("stream version {0}; this emu reads version {VERSION}")]
     Version(u32),
+    #[error(
+        "stream version {0} cannot keep the one-running-copy promise (it has no READY/GO handover); upgrade the source"
+    )]
+    Unsafe(u32),
     #[error("a record frame fails its checksum (corrupt stream)")]
     FrameChecksum,
     #[error("unknown record type {0:#04x}")]
@@ -616,11 +630,11 @@ impl<R: Read> Decoder<R> {
         }
         read_full(&mut self.r, &mut p[8..], "the preamble", false)?;
         self.bytes += PREAMBLE_LEN as u64;
-        let version = u32_le(&p, 8);
-        if version != VERSION {
-            return Err(StreamError::Version(version));
+        match u32_le(&p, 8) {
+            VERSION => Ok(()),
+            1 => Err(StreamError::Unsafe(1)),
+            other => Err(StreamError::Version(other)),
         }
-        Ok(())
     }
 
     /// Reads the next frame. `Err(Closed)` if the peer closed cleanly between records.
@@ -921,14 +935,23 @@ mod tests {
     fn refuses_bad_preamble_and_version() {
         let mut d = Decoder::new(Cursor::new(b"GET / HTTP/1.1\r\n".to_vec()));
         assert!(matches!(d.preamble(), Err(StreamError::BadMagic)));
-        // Version 1 (no frame checksum, no READY/GO handover) is refused, as is any other.
-        for v in [1u32, 3] {
-            let mut other = MAGIC.to_vec();
-            other.extend_from_slice(&v.to_le_bytes());
-            assert!(matches!(Decoder::new(Cursor::new(other)).preamble(), Err(StreamError::Version(x)) if x == v));
-        }
+        let mut v3 = MAGIC.to_vec();
+        v3.extend_from_slice(&3u32.to_le_bytes());
+        assert!(matches!(Decoder::new(Cursor::new(v3)).preamble(), Err(StreamError::Version(3))));
         assert!(matches!(Decoder::new(Cursor::new(MAGIC[..5].to_vec())).preamble(), Err(StreamError::Truncated(_))));
         assert!(matches!(Decoder::new(Cursor::new(Vec::new())).preamble(), Err(StreamError::Closed)));
+    }
+
+    /// The compatibility rule at the top of this file: this version, and the one before unless it
+    /// cannot keep this version's promises.
+    #[test]
+    fn older_versions_follow_the_policy() {
+        let preamble = |v: u32| [&MAGIC[..], &v.to_le_bytes()].concat();
+        assert!(Decoder::new(Cursor::new(preamble(VERSION))).preamble().is_ok());
+        // Version 1 resumed the destination without GO: refused, and the error says why.
+        let e = Decoder::new(Cursor::new(preamble(1))).preamble().unwrap_err();
+        assert!(matches!(e, StreamError::Unsafe(1)));
+        assert!(e.to_string().contains("one-running-copy"), "{e}");
     }
 
     #[test]

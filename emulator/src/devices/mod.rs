@@ -19,6 +19,9 @@ pub trait PioDevice: Send {
     fn read(&mut self, offset: u16, data: &mut [u8]);
     fn write(&mut self, offset: u16, data: &[u8]);
     fn save_state(&self) -> Result<Vec<u8>, StateError>;
+    /// Decodes and validates a saved state without applying it: a restore checks every blob
+    /// before it changes anything.
+    fn check_state(&self, blob: &[u8]) -> Result<(), StateError>;
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), StateError>;
 }
 

@@ -157,14 +157,12 @@ impl PioDevice for SerialDevice {
         state::encode(&SerialDeviceState(uart.state()))
     }
 
+    fn check_state(&self, blob: &[u8]) -> Result<(), StateError> {
+        decode_checked(blob).map(|_| ())
+    }
+
     fn restore_state(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        let SerialDeviceState(state) = state::decode(blob)?;
-        if state.in_buffer.len() > FIFO_SIZE {
-            return Err(StateError::Invalid(format!(
-                "serial FIFO of {} bytes (at most {FIFO_SIZE})",
-                state.in_buffer.len()
-            )));
-        }
+        let SerialDeviceState(state) = decode_checked(blob)?;
         let old = self.uart.take().expect("serial model present outside restore");
         let trigger = match old.interrupt_evt().try_clone() {
             Ok(t) => t,
@@ -180,6 +178,14 @@ impl PioDevice for SerialDevice {
         self.uart = Some(uart);
         Ok(())
     }
+}
+
+fn decode_checked(blob: &[u8]) -> Result<SerialDeviceState, StateError> {
+    let s: SerialDeviceState = state::decode(blob)?;
+    if s.0.in_buffer.len() > FIFO_SIZE {
+        return Err(StateError::Invalid(format!("serial FIFO of {} bytes (at most {FIFO_SIZE})", s.0.in_buffer.len())));
+    }
+    Ok(s)
 }
 
 /// Feeds stdin to the UART's receiver until stdin ends. Bytes wait while the guest's FIFO is full.
