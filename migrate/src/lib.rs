@@ -1,12 +1,24 @@
 //! The migration path of emu: guest RAM and its dirty trackers, the stream format, transports, and
 //! the precopy sender and receiver. It knows nothing of KVM vCPUs or devices: the emulator plugs in
-//! through the [`vm::MigratableVm`] trait.
+//! through the [`vm::MigratableVm`] and [`vm::RestorableVm`] traits and fills a
+//! [`tracker::TrackerSources`] for its trackers.
+//!
+//! The public surface, by the order a migration uses it:
+//! - [`ram`]: guest RAM, the one owner of the mapping;
+//! - [`tracker`]: the [`tracker::DirtyTracker`] trait, its five trackers, and how they are built;
+//! - [`sender`]: an outgoing migration ([`sender::start`]), its parameters, cancel and resolve;
+//! - [`incoming`] and [`receiver`]: the destination's listener and the stream's receiver;
+//! - [`handover`]: who owns the guest at the end (READY, GO, RESOLVE, the operator's choice);
+//! - [`stream`], [`transport`]: the wire format and the byte streams it travels on;
+//! - [`progress`]: what `query-migrate` reports.
+//!
+//! Internal: the page bitmaps, the stop rule, pagemap and userfaultfd plumbing.
 
-pub mod bitmap;
-pub mod convergence;
+mod bitmap;
+mod convergence;
 pub mod handover;
 pub mod incoming;
-pub mod pagemap;
+mod pagemap;
 pub mod progress;
 pub mod ram;
 pub mod receiver;
@@ -14,8 +26,11 @@ pub mod sender;
 pub mod stream;
 pub mod tracker;
 pub mod transport;
-pub mod uffd;
+mod uffd;
 pub mod vm;
+
+pub use bitmap::PageBitmap;
+pub use uffd::UffdError;
 
 /// An error and its sources as one line: "message: source: source's source". Error messages in
 /// this crate do not repeat their sources (so that this and anyhow's `{:#}` print each once);

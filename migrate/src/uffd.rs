@@ -83,7 +83,6 @@ pub enum UffdError {
 /// An open userfaultfd with its API handshake done.
 pub struct Uffd {
     fd: OwnedFd,
-    features: u64,
 }
 
 impl Uffd {
@@ -93,11 +92,7 @@ impl Uffd {
         let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
         // SAFETY: `api` is a valid UffdioApi for the ioctl to read and fill; the fd is a userfaultfd.
         unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }.map_err(|e| UffdError::Features(features, e))?;
-        Ok(Uffd { fd, features: api.features })
-    }
-
-    pub fn features(&self) -> u64 {
-        self.features
+        Ok(Uffd { fd })
     }
 
     /// Registers `[start, start + len)` for write-protect tracking.

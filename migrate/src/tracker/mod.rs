@@ -5,11 +5,11 @@
 //! which tracker it has.
 
 pub mod kvm;
-pub mod kvm_log;
+mod kvm_log;
 pub mod kvm_ring;
 pub mod mprotect;
-pub mod uffd_async;
-pub mod uffd_wp;
+mod uffd_async;
+mod uffd_wp;
 
 use std::str::FromStr;
 use std::sync::Arc;
