@@ -530,10 +530,17 @@ impl Sender<'_> {
 
         // GO: from the moment its bytes are handed to the kernel the destination may run the guest,
         // and the source must not. A GO that failed to go out whole cannot be acted on (the
-        // destination needs the complete, checksummed record), so that failure may still resume.
+        // destination needs the complete, checksummed record), so that failure may still resume,
+        // provided no byte of it can follow later: it is written straight to the socket (nothing
+        // of it left in a buffer that a later flush could complete), and on failure the socket is
+        // shut down before anything else happens.
         let step = Instant::now();
         self.cancel.commit()?;
-        self.enc.go().and_then(|_| self.enc.flush()).map_err(|e| lost("sending GO", Some(e.into())))?;
+        self.enc.flush()?;
+        if let Err(e) = Encoder::new(&self.conn).go() {
+            self.conn.shutdown();
+            return Err(lost("sending GO", Some(e.into())));
+        }
         match read_reply(&self.conn) {
             Ok(Reply::Started) => {}
             // ERROR means the destination discarded the guest and never runs it.
