@@ -49,6 +49,13 @@ while :; do
         echo "migration $status: $(q query-migrate --get error-desc)" >&2
         exit 1
         ;;
+    unresolved)
+        # GO went out and STARTED did not come back: emu keeps asking the destination; until it
+        # answers (or an operator runs migrate-resolve) both copies stay paused.
+        echo "migration unresolved: $(q query-migrate --get error-desc)" >&2
+        sleep 1
+        continue
+        ;;
     esac
     # Share of RAM covered so far (pages sent with data or as zero markers; later passes resend).
     covered=$(( (normal + zero) * 4096 * 100 / total ))
