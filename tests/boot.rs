@@ -168,6 +168,46 @@ fn bad_images_are_refused_clearly() {
     refused(&["--guest", &image, "--mem", "64K"], "larger than guest RAM");
 }
 
+/// A refusal whose reason is both in an error's message and its `source()` is printed twice by
+/// `{:#}` (the whole chain): each of these says `reason` exactly once, on one line.
+#[test]
+fn refusals_say_their_reason_once() {
+    require_kvm!();
+    let dir = common::ScratchDir::new();
+    let text = dir.path("text.img");
+    std::fs::write(&text, "this is not a kernel\n".repeat(100)).unwrap();
+    let elf = std::fs::read(guest_image("emu-guest.elf")).unwrap();
+    let truncated_elf = dir.path("truncated.elf");
+    std::fs::write(&truncated_elf, &elf[..8192]).unwrap();
+    let p = |p: &std::path::PathBuf| p.to_str().unwrap().to_string();
+    let once = |err: &str, reason: &str, what: &str| {
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line expected: {err}");
+        assert_eq!(err.matches(reason).count(), 1, "{what}: {reason:?} once expected: {err}");
+    };
+    for (args, reason) in [
+        (vec!["--guest", &p(&text)], "no Multiboot header in the first 8 KiB"),
+        (vec!["--guest", &p(&truncated_elf)], "truncated image: "),
+        (vec!["--guest", &p(&truncated_elf)], "the file has 0x2000"),
+        // RAM the layout refuses (more than emu supports)
+        (vec!["--mem", "2T"], "is more than the"),
+    ] {
+        let (code, out, err) = run_to_exit(&args, T);
+        assert!(matches!(code, Some(c) if c != 0), "{args:?} should fail: {code:?} {out} {err}");
+        once(&err, reason, &format!("{args:?}"));
+    }
+    // RAM that cannot be mapped: 2 GiB of guest RAM under a 1 GB address-space limit.
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -v 1000000 && exec \"$0\" --mem 2G --serial none --append wl=exit:0"])
+        .arg(common::emu_bin())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run emu under sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "emu mapped 2 GiB under a 1 GB limit: {err}");
+    assert!(err.contains("cannot map 2147483648 bytes of guest RAM"), "{err}");
+    once(&err, "Cannot allocate memory", "--mem 2G under ulimit -v");
+}
+
 #[test]
 fn bad_options_are_refused_clearly() {
     for (args, expect) in [

@@ -1,11 +1,11 @@
-//! The QMP-shaped monitor: every command, malformed input, clients that come and go, and the
-//! `emu qmp` client.
+//! The QMP-shaped monitor: every command, malformed input (bad JSON, not UTF-8), clients that come
+//! and go, the cap on clients at once, and the `emu qmp` client.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::Emu;
 use serde_json::{json, Value};
@@ -55,20 +55,75 @@ fn quit_ends_emu_with_status_zero() {
     assert!(!sock.exists(), "the monitor socket is left behind");
 }
 
+/// A raw monitor connection, for tests that need more than one line on one connection, or bytes
+/// that are not a well-formed request.
+struct Client {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Client {
+    fn connect(emu: &Emu) -> Client {
+        let conn = UnixStream::connect(emu.dir.path("monitor.sock")).expect("connect to the monitor");
+        // A monitor that stops answering fails the test instead of hanging it.
+        conn.set_read_timeout(Some(T)).unwrap();
+        Client { w: conn.try_clone().unwrap(), r: BufReader::new(conn) }
+    }
+
+    /// Connects and reads the greeting.
+    fn greeted(emu: &Emu) -> Client {
+        let mut c = Client::connect(emu);
+        let greeting = c.reply();
+        assert!(greeting["QMP"].is_object(), "greeting: {greeting}");
+        c
+    }
+
+    /// One line as sent ("" at the end of the connection).
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap_or_else(|e| panic!("no line from the monitor: {e}"));
+        l
+    }
+
+    fn reply(&mut self) -> Value {
+        let l = self.line();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON from the monitor: {l:?}: {e}"))
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).expect("write to the monitor");
+    }
+
+    fn request(&mut self, request: Value) -> Value {
+        self.send(format!("{request}\n").as_bytes());
+        self.reply()
+    }
+}
+
+/// The monitor's client threads in `emu` (one per connected client).
+fn client_threads(emu: &Emu) -> usize {
+    emu.thread_names().iter().filter(|n| *n == "monitor-client").count()
+}
+
+/// Waits until `emu` has `n` monitor client threads; fails the test with the count if it does not.
+fn wait_client_threads(emu: &Emu, n: usize) {
+    let deadline = Instant::now() + T;
+    while client_threads(emu) != n {
+        assert!(Instant::now() < deadline, "{} monitor client threads, {n} expected", client_threads(emu));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn task_count(emu: &Emu) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", emu.pid())).expect("emu's /proc/PID/task").count()
+}
+
 #[test]
 fn malformed_requests_get_errors_and_the_connection_stays() {
     require_kvm!();
-    let emu = Emu::boot(&["--append", "wl=idle"]);
-    let conn = UnixStream::connect(emu.dir.path("monitor.sock")).unwrap();
-    conn.set_read_timeout(Some(T)).unwrap();
-    let mut w = conn.try_clone().unwrap();
-    let mut r = BufReader::new(conn);
-    let mut read = || {
-        let mut l = String::new();
-        r.read_line(&mut l).unwrap();
-        serde_json::from_str::<Value>(&l).unwrap()
-    };
-    assert!(read()["QMP"].is_object(), "greeting");
+    // 128 MiB: a RAM digest with every page's CRC is a reply of about 330 KB, more than a socket buffer
+    let emu = Emu::boot(&["--mem", "128M", "--append", "wl=idle"]);
+    let mut c = Client::greeted(&emu);
     for bad in [
         "garbage",
         "{\"execute\": 5}",
@@ -76,20 +131,105 @@ fn malformed_requests_get_errors_and_the_connection_stays() {
         "{\"execute\": \"stop\", \"arguments\": 3}",
         "{\"execute\": \"no-such-command\"}",
     ] {
-        writeln!(w, "{bad}").unwrap();
-        let reply = read();
+        c.send(format!("{bad}\n").as_bytes());
+        let reply = c.reply();
         assert!(reply["error"]["desc"].is_string(), "{bad}: {reply}");
     }
-    writeln!(w, "{}", json!({"execute": "no-such-command"})).unwrap();
-    assert_eq!(read()["error"]["class"], "CommandNotFound");
-    writeln!(w, "{}", json!({"execute": "query-status", "id": "x7"})).unwrap();
-    let reply = read();
+    assert_eq!(c.request(json!({"execute": "no-such-command"}))["error"]["class"], "CommandNotFound");
+    let reply = c.request(json!({"execute": "query-status", "id": "x7"}));
     assert_eq!((reply["id"].clone(), reply["return"]["status"].clone()), (json!("x7"), json!("running")));
-    // clients come and go; others keep working
-    drop(w);
-    for _ in 0..5 {
-        assert_eq!(emu.status(), "running");
+
+    // Clients come and go, several times, and the monitor goes on serving the others (`c`, and
+    // `emu.status()`'s own connections).
+    let sock = emu.dir.path("monitor.sock");
+    for round in 0..3 {
+        // gone before reading the greeting
+        drop(UnixStream::connect(&sock).unwrap());
+        // gone in the middle of a request line
+        let mut half = Client::greeted(&emu);
+        half.send(b"{\"execute\": \"query-");
+        drop(half);
+        // gone after a request, without reading its reply: the reply is larger than the socket
+        // buffer, so the monitor's write fails part way
+        let mut impatient = Client::greeted(&emu);
+        impatient
+            .send(format!("{}\n", json!({"execute": "query-ram-digest", "arguments": {"pages": true}})).as_bytes());
+        drop(impatient);
+        assert_eq!(emu.status(), "running", "round {round}");
+        let reply = c.request(json!({"execute": "query-status", "id": round}));
+        assert_eq!((reply["id"].clone(), reply["return"]["running"].clone()), (json!(round), json!(true)));
     }
+    // They really went: only `c`'s thread is left, and once `c` goes too, none.
+    wait_client_threads(&emu, 1);
+    drop(c);
+    wait_client_threads(&emu, 0);
+    assert_eq!(emu.status(), "running");
+}
+
+#[test]
+fn invalid_utf8_gets_an_error_and_the_connection_stays() {
+    require_kvm!();
+    let emu = Emu::boot(&["--append", "wl=idle"]);
+    let mut c = Client::greeted(&emu);
+    let not_utf8: [&[u8]; 3] = [
+        b"\xff\xfe\n",
+        // a request that would be fine but for one invalid sequence inside a string
+        b"{\"execute\": \"query-status\", \"id\": \"\xc3\x28\"}\n",
+        // a sequence cut short by the end of the line
+        b"{\"execute\": \"query-status\"} \xe2\x82\n",
+    ];
+    for bad in not_utf8 {
+        c.send(bad);
+        let reply = c.reply();
+        assert_eq!(
+            reply,
+            json!({"error": {"class": "GenericError", "desc": "request is not UTF-8"}}),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // the same connection goes on, and UTF-8 beyond ASCII is still fine
+    let reply = c.request(json!({"execute": "query-status", "id": "ünï"}));
+    assert_eq!((reply["id"].clone(), reply["return"]["status"].clone()), (json!("ünï"), json!("running")));
+}
+
+/// `MAX_CLIENTS` in emulator/src/qmp.rs.
+const MAX_CLIENTS: usize = 128;
+
+#[test]
+fn clients_over_the_cap_are_refused_and_threads_stay_bounded() {
+    require_kvm!();
+    let emu = Emu::boot(&["--append", "wl=idle"]);
+    assert_eq!(emu.status(), "running");
+    // No client connected (boot's and status's connections have gone): the baseline.
+    wait_client_threads(&emu, 0);
+    let base = task_count(&emu);
+    let mut idle: Vec<Client> = (0..MAX_CLIENTS).map(|_| Client::greeted(&emu)).collect();
+    let refusal = json!({"error": {"class": "GenericError", "desc": "too many monitor clients (at most 128)"}});
+    const EXTRA: usize = 72;
+    for i in 0..EXTRA {
+        let mut c = Client::connect(&emu);
+        assert_eq!(c.reply(), refusal, "client {} of {}", MAX_CLIENTS + i + 1, MAX_CLIENTS + EXTRA);
+        assert_eq!(c.line(), "", "a refused client is closed");
+    }
+    // One thread per accepted client and none for the refused ones. A little slack for threads that
+    // come and go on their own; without the cap there would be EXTRA more.
+    assert_eq!(client_threads(&emu), MAX_CLIENTS);
+    let tasks = task_count(&emu);
+    assert!(tasks <= base + MAX_CLIENTS + 2, "{tasks} threads with {MAX_CLIENTS} clients, {base} with none");
+    // the clients in the monitor are served
+    let reply = idle[MAX_CLIENTS - 1].request(json!({"execute": "query-status"}));
+    assert_eq!(reply["return"]["status"], "running", "{reply}");
+    // Some leave; as many new clients are served, and the one after them is refused again.
+    idle.truncate(MAX_CLIENTS - 10);
+    wait_client_threads(&emu, MAX_CLIENTS - 10);
+    assert_eq!(emu.status(), "running");
+    idle.extend((0..10).map(|_| Client::greeted(&emu)));
+    let mut over = Client::connect(&emu);
+    assert_eq!(over.reply(), refusal);
+    drop(idle);
+    wait_client_threads(&emu, 0);
+    assert_eq!(emu.status(), "running");
 }
 
 #[test]

@@ -56,8 +56,16 @@ pub enum LoadError {
     TooLow(u64),
     #[error("the kernel command line is {0} bytes; at most {max} fit", max = MBI_END - MBI_CMDLINE - 1)]
     CmdlineTooLong(usize),
+    // The RAM error's text is part of this message, so it is not also the `source()` (which `{:#}`
+    // would print again); hence no #[from], and the From impl below.
     #[error("guest RAM: {0}")]
-    Ram(#[from] migrate::ram::RamError),
+    Ram(migrate::ram::RamError),
+}
+
+impl From<migrate::ram::RamError> for LoadError {
+    fn from(e: migrate::ram::RamError) -> Self {
+        LoadError::Ram(e)
+    }
 }
 
 /// Where the kernel starts: EIP and the address of the Multiboot information (EBX).

@@ -9,15 +9,18 @@
 //! <- {"error": {"class": "CommandNotFound", "desc": "..."}}
 //! ```
 //!
-//! `qmp_capabilities` is accepted but not required. Each client has its own thread; a malformed line
-//! gets an error reply and the connection stays open. The monitor maps commands onto the VM and the
-//! migration controller and has no logic of its own.
+//! `qmp_capabilities` is accepted but not required. Each client has its own thread, up to
+//! [`MAX_CLIENTS`] at once; a malformed line (bad JSON, or not UTF-8) gets an error reply and the
+//! connection stays open. The monitor maps commands onto the VM and the migration controller and
+//! has no logic of its own.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use crossbeam_channel::Sender;
@@ -33,6 +36,12 @@ use migrate::tracker::TrackerKind;
 /// A line longer than this is refused (and the connection closed): a client cannot make the monitor
 /// buffer without bound.
 const MAX_LINE: u64 = 1 << 20;
+
+/// At most this many monitor clients at once; the next one gets an error line and is closed. Each
+/// client holds a thread (and two descriptors) for as long as it stays connected, so without a cap
+/// anything that can reach the socket could make emu create threads until thread or descriptor
+/// limits break the VM itself. 128 is far more than scripts, tests and people use at once.
+const MAX_CLIENTS: usize = 128;
 
 /// A command's failure, as QMP reports it.
 #[derive(Debug)]
@@ -237,18 +246,68 @@ pub fn serve(addr: &UnixAddr, commands: Arc<Commands>) -> Result<Monitor> {
         std::fs::remove_file(&path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::thread::Builder::new().name("monitor".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let commands = commands.clone();
-            let _ = std::thread::Builder::new().name("monitor-client".into()).spawn(move || {
-                if let Err(e) = serve_client(conn, &commands) {
-                    log::debug!("monitor client: {e}");
-                }
-            });
-        }
-    })?;
+    std::thread::Builder::new().name("monitor".into()).spawn(move || accept_clients(listener, commands))?;
     Ok(Monitor { path })
+}
+
+/// One client's place among the [`MAX_CLIENTS`]; dropping it (the client's thread ends, however it
+/// ends, or never starts) frees the place.
+struct ClientSlot(Arc<AtomicUsize>);
+
+impl ClientSlot {
+    /// A place, if fewer than `MAX_CLIENTS` are taken. Only the accepting thread takes places, so
+    /// the count cannot pass the cap between the check and the increment.
+    fn take(clients: &Arc<AtomicUsize>) -> Option<ClientSlot> {
+        if clients.load(Ordering::Acquire) >= MAX_CLIENTS {
+            return None;
+        }
+        clients.fetch_add(1, Ordering::AcqRel);
+        Some(ClientSlot(clients.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn accept_clients(listener: UnixListener, commands: Arc<Commands>) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, most likely: pause instead of spinning on the same error.
+                log::warn!("monitor: cannot accept a client: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Some(slot) = ClientSlot::take(&clients) else {
+            refuse_client(conn);
+            continue;
+        };
+        let commands = commands.clone();
+        // If the thread cannot start, the closure (and the slot in it) is dropped: the place frees.
+        let spawned = std::thread::Builder::new().name("monitor-client".into()).spawn(move || {
+            let _slot = slot;
+            if let Err(e) = serve_client(conn, &commands) {
+                log::debug!("monitor client: {e}");
+            }
+        });
+        if let Err(e) = spawned {
+            log::warn!("monitor: cannot start a client thread: {e}");
+        }
+    }
+}
+
+/// Tells a client over the cap why it is closed. Non-blocking, so a client that never reads cannot
+/// hold up the accepting thread (one short line fits a fresh socket's buffer anyway).
+fn refuse_client(mut conn: UnixStream) {
+    let e = QmpError::generic(format!("too many monitor clients (at most {MAX_CLIENTS})"));
+    let _ = conn.set_nonblocking(true);
+    let _ = writeln!(conn, "{}", error_reply(e, None));
 }
 
 fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
@@ -257,21 +316,28 @@ fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
         json!({"QMP": {"version": {"package": "emu", "emu": env!("CARGO_PKG_VERSION")}, "capabilities": []}});
     writeln!(out, "{greeting}")?;
     let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
     loop {
-        let mut line = String::new();
-        let n = (&mut reader).take(MAX_LINE).read_line(&mut line)?;
+        line.clear();
+        // Bytes, not `read_line`: that fails on invalid UTF-8 and would end the connection without
+        // a word, where a malformed line is promised an error reply.
+        let n = (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
-        if !line.ends_with('\n') && n as u64 == MAX_LINE {
+        if line.last() != Some(&b'\n') && n as u64 == MAX_LINE {
             let e = QmpError::generic(format!("request longer than {MAX_LINE} bytes"));
             writeln!(out, "{}", error_reply(e, None))?;
             return Ok(());
         }
-        if line.trim().is_empty() {
+        let Ok(text) = std::str::from_utf8(&line) else {
+            writeln!(out, "{}", error_reply(QmpError::generic("request is not UTF-8"), None))?;
+            continue;
+        };
+        if text.trim().is_empty() {
             continue;
         }
-        let (reply, quit) = commands.reply(line.trim());
+        let (reply, quit) = commands.reply(text.trim());
         writeln!(out, "{reply}")?;
         if quit {
             let _ = commands.events.send(VmEvent::Quit);

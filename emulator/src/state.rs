@@ -34,10 +34,11 @@ pub enum StateError {
     WrongKind { expected: StateKind, found: u8 },
     #[error("saved {kind:?} state has version {found}; this emu reads version {supported}")]
     Version { kind: StateKind, found: u16, supported: u16 },
-    #[error("saved {kind:?} state does not decode: {source}")]
-    Decode { kind: StateKind, source: postcard::Error },
-    #[error("cannot encode {kind:?} state: {source}")]
-    Encode { kind: StateKind, source: postcard::Error },
+    // `error`, not `source`: a field named `source` would also be the cause, printed twice by `{:#}`.
+    #[error("saved {kind:?} state does not decode: {error}")]
+    Decode { kind: StateKind, error: postcard::Error },
+    #[error("cannot encode {kind:?} state: {error}")]
+    Encode { kind: StateKind, error: postcard::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -54,7 +55,7 @@ pub fn encode<T: Versioned>(state: &T) -> Result<Vec<u8>, StateError> {
     out.extend_from_slice(MAGIC);
     out.push(T::KIND as u8);
     out.extend_from_slice(&T::VERSION.to_le_bytes());
-    postcard::to_io(state, &mut out).map_err(|source| StateError::Encode { kind: T::KIND, source })?;
+    postcard::to_io(state, &mut out).map_err(|error| StateError::Encode { kind: T::KIND, error })?;
     Ok(out)
 }
 
@@ -69,8 +70,8 @@ pub fn decode<T: Versioned>(blob: &[u8]) -> Result<T, StateError> {
     if version != T::VERSION {
         return Err(StateError::Version { kind: T::KIND, found: version, supported: T::VERSION });
     }
-    let (value, rest) = postcard::take_from_bytes(&blob[HEADER_LEN..])
-        .map_err(|source| StateError::Decode { kind: T::KIND, source })?;
+    let (value, rest) =
+        postcard::take_from_bytes(&blob[HEADER_LEN..]).map_err(|error| StateError::Decode { kind: T::KIND, error })?;
     if !rest.is_empty() {
         return Err(StateError::Invalid(format!("{} trailing bytes after {:?} state", rest.len(), T::KIND)));
     }

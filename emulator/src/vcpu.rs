@@ -32,8 +32,9 @@ use crate::write_fault::{self, FaultHistory};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("vCPU {index}: cannot {op}: {source}")]
-    Kvm { index: usize, op: &'static str, source: kvm_ioctls::Error },
+    // `error`, not `source`: a field named `source` would also be the cause, printed twice by `{:#}`.
+    #[error("vCPU {index}: cannot {op}: {error}")]
+    Kvm { index: usize, op: &'static str, error: kvm_ioctls::Error },
     #[error("vCPU {index}: MSR {msr:#x} {what}")]
     Msr { index: usize, msr: u32, what: &'static str },
     #[error("vCPU {0}: its thread is gone")]
@@ -139,14 +140,14 @@ pub fn cpuid_for(supported: &CpuId, index: usize, tsc_khz: u32) -> Vec<kvm_cpuid
 }
 
 fn kvm_err(index: usize, op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
-    move |source| VcpuError::Kvm { index, op, source }
+    move |error| VcpuError::Kvm { index, op, error }
 }
 
 pub fn set_cpuid(vcpu: &VcpuFd, index: usize, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
     let cpuid = CpuId::from_entries(entries).map_err(|_| VcpuError::Kvm {
         index,
         op: "build the CPUID table",
-        source: kvm_ioctls::Error::new(libc::E2BIG),
+        error: kvm_ioctls::Error::new(libc::E2BIG),
     })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err(index, "set CPUID"))
 }

@@ -41,21 +41,26 @@ const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// How long a vCPU may take to stop before the VM calls it stuck.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Messages are complete on their own: the monitor reports a `VmError` with `{}`, and `main` prints
+/// the whole chain with `{:#}`. So a variant either wraps another error transparently or says its
+/// cause in its message without also returning it from `source()`; doing both printed it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open it?)")]
     NoKvm(kvm_ioctls::Error),
     #[error("KVM lacks {0}, which emu needs")]
     MissingCap(&'static str),
-    #[error("cannot {op}: {source}")]
-    Kvm { op: &'static str, source: kvm_ioctls::Error },
-    #[error("{0}")]
+    // `error`, not `source`: thiserror would make a field named `source` the cause as well.
+    #[error("cannot {op}: {error}")]
+    Kvm { op: &'static str, error: kvm_ioctls::Error },
+    #[error(transparent)]
     Ram(#[from] migrate::ram::RamError),
+    // No #[from] (it implies #[source]); the From impl below.
     #[error("cannot load the guest: {0}")]
-    Load(#[from] loader::LoadError),
-    #[error("{0}")]
+    Load(loader::LoadError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("{0}")]
+    #[error(transparent)]
     State(#[from] StateError),
     #[error("serial device: {0}")]
     Serial(std::io::Error),
@@ -145,8 +150,14 @@ pub struct Vm {
     lifecycle: Mutex<Lifecycle>,
 }
 
+impl From<loader::LoadError> for VmError {
+    fn from(e: loader::LoadError) -> Self {
+        VmError::Load(e)
+    }
+}
+
 fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Kvm { op, source }
+    move |error| VmError::Kvm { op, error }
 }
 
 /// Enables per-vCPU dirty rings (acquire/release flavour where KVM has it).
@@ -250,7 +261,7 @@ impl Vm {
         let dirty_rings = if config.dirty_ring {
             let raw: Vec<_> = vcpu_fds.iter().map(|v| v.as_raw_fd()).collect();
             let rings = DirtyRings::new(kvm_slots.clone(), &raw, DIRTY_RING_BYTES, ram.page_count())
-                .map_err(|e| VmError::Kvm { op: "map the dirty rings", source: e.into() })?;
+                .map_err(|e| VmError::Kvm { op: "map the dirty rings", error: e.into() })?;
             Some(Arc::new(rings))
         } else {
             None

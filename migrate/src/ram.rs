@@ -25,6 +25,8 @@ pub const HIGH_RAM_START: u64 = 4 << 30;
 /// The largest guest emu accepts (also the bound a migration stream's header is checked against).
 pub const MAX_RAM_BYTES: u64 = 1 << 40;
 
+/// Each message is complete on its own (the monitor and the migration report them with `{}`), so no
+/// variant also exposes its cause through `source()`: printed as a chain (`{:#}`), it would repeat.
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
     #[error("guest RAM size {0} is not a positive multiple of 4 KiB")]
@@ -35,8 +37,9 @@ pub enum RamError {
     BadRegion { index: usize, gpa: u64, size: u64 },
     #[error("guest range {gpa:#x}+{len:#x} is not inside one RAM region")]
     OutOfRange { gpa: u64, len: usize },
-    #[error("cannot map {size} bytes of guest RAM: {source}")]
-    Map { size: u64, source: std::io::Error },
+    // `error`, not `source`: thiserror would make a field named `source` the cause as well.
+    #[error("cannot map {size} bytes of guest RAM: {error}")]
+    Map { size: u64, error: std::io::Error },
 }
 
 /// One contiguous range of guest-physical RAM.
@@ -120,6 +123,15 @@ impl RamLayout {
         self.first_page[region]
     }
 
+    /// Panics unless `page` is a page of this layout. The page accessors of [`GuestRam`] are safe
+    /// functions that turn a page index into a pointer, so this check is what keeps an index that
+    /// is out of range (a bug, or a peer's stream not checked well enough) from touching memory
+    /// outside guest RAM; it is one compare per page, so it stays in release builds too.
+    #[track_caller]
+    fn check_page(&self, page: usize) {
+        assert!(page < self.pages, "page {page} is outside guest RAM ({} pages)", self.pages);
+    }
+
     /// (region index, byte offset) of `gpa`, if it is RAM.
     fn locate(&self, gpa: u64) -> Option<(usize, u64)> {
         let i = self.regions.partition_point(|r| r.end() <= gpa);
@@ -133,15 +145,17 @@ impl RamLayout {
         Some(self.first_page[i] + (off >> PAGE_SHIFT) as usize)
     }
 
-    /// Guest-physical address of page `page` (which must be below `page_count()`).
+    /// Guest-physical address of page `page`; panics if `page` is not below `page_count()`.
     pub fn gpa_of(&self, page: usize) -> u64 {
+        self.check_page(page);
         let i = self.first_page.partition_point(|&f| f <= page) - 1;
         self.regions[i].gpa + (((page - self.first_page[i]) as u64) << PAGE_SHIFT)
     }
 
     /// Whether pages `first..first + count` are contiguous in guest-physical space (one region).
     pub fn is_contiguous(&self, first: usize, count: usize) -> bool {
-        if count == 0 || first + count > self.pages {
+        // checked: `first + count` wrapping around would otherwise pass the bound below
+        if count == 0 || first.checked_add(count).is_none_or(|end| end > self.pages) {
             return count == 0;
         }
         let i = self.first_page.partition_point(|&f| f <= first) - 1;
@@ -189,7 +203,7 @@ impl GuestRam {
                 .len(len)
                 .no_reserve_swap()
                 .map_anon()
-                .map_err(|source| RamError::Map { size: r.size, source })?;
+                .map_err(|error| RamError::Map { size: r.size, error })?;
             let host = mmap.as_mut_ptr();
             maps.push(Mapping { _mmap: mmap, host, len });
         }
@@ -215,12 +229,15 @@ impl GuestRam {
         self.maps.iter().map(|m| (m.host as u64, m.len as u64)).collect()
     }
 
-    /// Host address of page `page`.
+    /// Host address of page `page`; panics if `page` is not below `page_count()` (see
+    /// `RamLayout::check_page`), which every safe accessor taking a page index relies on.
+    #[track_caller]
     pub fn page_host_addr(&self, page: usize) -> *mut u8 {
+        self.layout.check_page(page);
         let i = self.layout.first_page.partition_point(|&f| f <= page) - 1;
         let off = (page - self.layout.first_page[i]) << PAGE_SHIFT;
-        debug_assert!(off < self.maps[i].len);
-        // SAFETY: `off` is inside region i's mapping because page < page_count.
+        // SAFETY: page < page_count (checked above), so page lies in region i, the last region whose
+        // first page is at or below it, and `off` is inside that region's mapping.
         unsafe { self.maps[i].host.add(off) }
     }
 
@@ -342,27 +359,32 @@ impl GuestRam {
         }
     }
 
-    /// Copies page `page` into `buf` (`PAGE_SIZE` bytes).
+    /// Copies page `page` into `buf` (`PAGE_SIZE` bytes); panics if there is no such page.
+    #[track_caller]
     pub fn read_page(&self, page: usize, buf: &mut [u8]) {
         assert_eq!(buf.len(), PAGE_SIZE);
         let src = self.page_host_addr(page);
-        // SAFETY: a page of mapped guest RAM, copied into a distinct emulator buffer.
+        // SAFETY: a page of mapped guest RAM (page_host_addr checked the index), copied into a
+        // distinct emulator buffer of PAGE_SIZE bytes (asserted above).
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), PAGE_SIZE) };
     }
 
     /// Stores a received page. Used by the migration receiver before the guest runs, so it does not
-    /// go through the VMM dirty log.
+    /// go through the VMM dirty log. Panics if there is no such page.
+    #[track_caller]
     pub fn write_page(&self, page: usize, data: &[u8]) {
         assert_eq!(data.len(), PAGE_SIZE);
         let dst = self.page_host_addr(page);
-        // SAFETY: a page of mapped guest RAM, written from a distinct emulator buffer.
+        // SAFETY: a page of mapped guest RAM (page_host_addr checked the index), written from a
+        // distinct emulator buffer of PAGE_SIZE bytes (asserted above).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) };
     }
 
-    /// Zeroes page `page` (receiver side, like `write_page`).
+    /// Zeroes page `page` (receiver side, like `write_page`); panics if there is no such page.
+    #[track_caller]
     pub fn zero_page(&self, page: usize) {
         let dst = self.page_host_addr(page);
-        // SAFETY: a page of mapped guest RAM.
+        // SAFETY: a page of mapped guest RAM (page_host_addr checked the index).
         unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) };
     }
 
@@ -433,11 +455,110 @@ mod tests {
 
     #[test]
     fn bad_layouts_are_refused() {
-        assert!(RamLayout::pc(0).is_err());
-        assert!(RamLayout::pc(4097).is_err());
-        assert!(RamLayout::new(vec![RamRegion { gpa: 0, size: 8192 }, RamRegion { gpa: 4096, size: 4096 }]).is_err());
-        assert!(RamLayout::new(vec![RamRegion { gpa: 1, size: 4096 }]).is_err());
-        assert!(RamLayout::pc(MAX_RAM_BYTES + 4096).is_err());
+        // Each with its own reason: a layout refused for the wrong one would hide a broken check.
+        assert!(matches!(RamLayout::pc(0), Err(RamError::BadSize(0))));
+        assert!(matches!(RamLayout::pc(4097), Err(RamError::BadSize(4097))));
+        let overlapping = vec![RamRegion { gpa: 0, size: 8192 }, RamRegion { gpa: 4096, size: 4096 }];
+        assert!(matches!(RamLayout::new(overlapping), Err(RamError::BadRegion { index: 1, .. })));
+        assert!(matches!(
+            RamLayout::new(vec![RamRegion { gpa: 1, size: 4096 }]),
+            Err(RamError::BadRegion { index: 0, .. })
+        ));
+        assert!(matches!(RamLayout::pc(MAX_RAM_BYTES + 4096), Err(RamError::TooLarge(_))));
+    }
+
+    #[test]
+    fn contiguity_does_not_wrap() {
+        let l = RamLayout::pc(1 << 20).unwrap();
+        assert!(l.is_contiguous(0, 256));
+        assert!(!l.is_contiguous(1, 256));
+        // first + count wraps to 1: must not pass as inside RAM
+        assert!(!l.is_contiguous(usize::MAX, 2));
+        assert!(!l.is_contiguous(255, usize::MAX));
+    }
+
+    /// Two regions (as above 3 GiB), so the checks below cover the index mapping across regions:
+    /// 4 pages at 0 and 4 at 4 GiB. Nothing is populated, so this costs no memory.
+    fn two_region_ram() -> GuestRam {
+        let layout = RamLayout::new(vec![
+            RamRegion { gpa: 0, size: 4 * PAGE_SIZE as u64 },
+            RamRegion { gpa: HIGH_RAM_START, size: 4 * PAGE_SIZE as u64 },
+        ])
+        .unwrap();
+        GuestRam::new(layout).unwrap()
+    }
+
+    #[test]
+    fn every_page_index_in_range_reaches_its_own_page() {
+        let ram = two_region_ram();
+        for p in 0..ram.page_count() {
+            ram.write_page(p, &[p as u8 + 1; PAGE_SIZE]);
+        }
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for p in 0..ram.page_count() {
+            ram.read_page(p, &mut buf);
+            assert!(buf.iter().all(|&b| b == p as u8 + 1), "page {p}");
+            let mut one = [0u8];
+            ram.read(ram.layout().gpa_of(p), &mut one).unwrap();
+            assert_eq!(one[0], p as u8 + 1, "page {p} through its gpa");
+        }
+        ram.zero_page(7);
+        ram.read_page(7, &mut buf);
+        assert!(is_zero_page(&buf));
+    }
+
+    // An index one past the end must panic with the range check's message, in release builds as in
+    // debug ones, rather than compute a pointer past the mapping. The expected text is the check's
+    // own, so a panic from somewhere else (a debug-only assertion) would not pass for it.
+    #[test]
+    #[should_panic(expected = "page 8 is outside guest RAM (8 pages)")]
+    fn read_page_out_of_range_panics() {
+        let ram = two_region_ram();
+        ram.read_page(8, &mut [0u8; PAGE_SIZE]);
+    }
+
+    #[test]
+    #[should_panic(expected = "page 8 is outside guest RAM (8 pages)")]
+    fn write_page_out_of_range_panics() {
+        let ram = two_region_ram();
+        ram.write_page(8, &[0u8; PAGE_SIZE]);
+    }
+
+    #[test]
+    #[should_panic(expected = "is outside guest RAM (8 pages)")]
+    fn zero_page_far_out_of_range_panics() {
+        let ram = two_region_ram();
+        ram.zero_page(usize::MAX);
+    }
+
+    #[test]
+    #[should_panic(expected = "page 8 is outside guest RAM (8 pages)")]
+    fn page_host_addr_out_of_range_panics() {
+        let ram = two_region_ram();
+        let _ = ram.page_host_addr(8);
+    }
+
+    #[test]
+    #[should_panic(expected = "page 8 is outside guest RAM (8 pages)")]
+    fn host_runs_of_a_bitmap_larger_than_ram_panics() {
+        let ram = two_region_ram();
+        let mut pages = PageBitmap::new(9);
+        pages.set(8);
+        let _ = ram.host_runs(&pages).count();
+    }
+
+    #[test]
+    #[should_panic(expected = "page 8 is outside guest RAM (8 pages)")]
+    fn gpa_of_out_of_range_panics() {
+        let _ = two_region_ram().layout().gpa_of(8);
+    }
+
+    #[test]
+    fn map_error_says_why_once() {
+        let e = RamError::Map { size: 4096, error: std::io::Error::from_raw_os_error(libc::ENOMEM) };
+        assert!(std::error::Error::source(&e).is_none(), "the cause is in the message; a source would repeat it");
+        let text = e.to_string();
+        assert_eq!(text.matches("Cannot allocate memory").count(), 1, "{text}");
     }
 
     #[test]
@@ -452,8 +573,10 @@ mod tests {
         let mut dirty = PageBitmap::new(ram.page_count());
         ram.drain_vmm_dirty(&mut dirty);
         assert_eq!(dirty.iter_ones().collect::<Vec<_>>(), vec![3, 4]);
-        assert!(ram.write(1 << 20, &[0]).is_err());
-        assert!(ram.read((1 << 20) - 2, &mut buf).is_err());
+        assert!(matches!(ram.write(1 << 20, &[0]), Err(RamError::OutOfRange { gpa: 0x10_0000, len: 1 })));
+        assert!(matches!(ram.read((1 << 20) - 2, &mut buf), Err(RamError::OutOfRange { len: 4, .. })));
+        // a range whose end wraps around the address space
+        assert!(matches!(ram.read(u64::MAX - 1, &mut buf), Err(RamError::OutOfRange { .. })));
     }
 
     #[test]
