@@ -8,6 +8,8 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use migrate::tracker::TrackerKind;
 
+use crate::qmp::UnixAddr;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "emu",
@@ -93,20 +95,6 @@ impl FromStr for SerialArg {
                 Some(p) if !p.is_empty() => Ok(SerialArg::File(PathBuf::from(p))),
                 _ => Err(format!("'{s}' is not stdio, file:PATH or none")),
             },
-        }
-    }
-}
-
-/// A Unix socket address, written `unix:PATH`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnixAddr(pub PathBuf);
-
-impl FromStr for UnixAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.strip_prefix("unix:") {
-            Some(p) if !p.is_empty() => Ok(UnixAddr(PathBuf::from(p))),
-            _ => Err(format!("'{s}' is not unix:PATH")),
         }
     }
 }

@@ -5,6 +5,7 @@ mod devices;
 mod events;
 mod loader;
 mod migration;
+mod monitor;
 mod mptable;
 mod qmp;
 mod state;
@@ -79,7 +80,7 @@ fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn start_monitor(args: &RunArgs, commands: &Arc<qmp::Commands>) -> Result<Option<qmp::Monitor>> {
+fn start_monitor(args: &RunArgs, commands: &Arc<monitor::Commands>) -> Result<Option<qmp::Monitor>> {
     args.monitor.as_ref().map(|addr| qmp::serve(addr, commands.clone())).transpose()
 }
 
@@ -98,7 +99,7 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     let server = IncomingServer::bind(&uri).with_context(|| format!("cannot listen on {uri}"))?;
     eprintln!("emu: waiting for an incoming migration on {}", server.local_uri());
     let handover = server.handover().clone();
-    let commands = Arc::new(qmp::Commands::new(events_tx.clone(), Some(handover.clone())));
+    let commands = Arc::new(monitor::Commands::new(events_tx.clone(), Some(handover.clone())));
     let _monitor = start_monitor(&args, &commands)?;
 
     let serial = serial_sink(&args.serial)?;
@@ -155,7 +156,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx.clone(), Some((&image, &cmdline)))?;
-    let commands = Arc::new(qmp::Commands::new(events_tx, None));
+    let commands = Arc::new(monitor::Commands::new(events_tx, None));
     commands.attach(vm.clone(), args.dirty_tracker);
     let _monitor = start_monitor(&args, &commands)?;
     if !args.paused {

@@ -1,6 +1,7 @@
 //! Migration as the monitor drives it (`migrate`, `query-migrate`, `migrate-cancel`,
-//! `migrate-set-parameters`, `query-migrate-parameters`) and as `--incoming` receives it. The work
-//! itself is in the `migrate` crate; this maps commands and JSON onto it.
+//! `migrate-set-parameters`, `query-migrate-parameters`, `migrate-resolve`) and as `--incoming`
+//! receives it. The work itself is in the `migrate` crate; this maps arguments and JSON onto it
+//! (the monitor dispatches to the methods here).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,16 +26,6 @@ const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 const MAX_SWITCHOVER_TIMEOUT_MS: u64 = 600_000;
 /// How long `migrate-resolve` waits for the migration thread to act on the choice.
 const RESOLVE_WAIT: Duration = Duration::from_secs(10);
-
-/// The commands this module answers (the monitor refuses them clearly before a guest exists).
-pub const COMMANDS: &[&str] = &[
-    "migrate",
-    "query-migrate",
-    "migrate-cancel",
-    "migrate-set-parameters",
-    "query-migrate-parameters",
-    "x-dirty-tracking",
-];
 
 pub struct MigrationController {
     vm: Arc<Vm>,
@@ -83,28 +74,30 @@ impl MigrationController {
         }
     }
 
-    pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        match name {
-            "migrate" => self.migrate(args),
-            "query-migrate" => Ok(self.current().as_ref().map_or(json!({}), |o| progress_json(&o.progress.snapshot()))),
-            "migrate-cancel" => {
-                if let Some(o) = self.current().as_ref() {
-                    if !o.progress.snapshot().status.is_finished() && !o.cancel.cancel() {
-                        return Err(QmpError::generic(
-                            "too late to cancel: GO has gone out and the destination may be running the guest",
-                        ));
-                    }
-                }
-                Ok(json!({}))
-            }
-            "migrate-set-parameters" => self.set_parameters(args),
-            "query-migrate-parameters" => Ok(params_json(&self.params.lock().unwrap_or_else(|e| e.into_inner()))),
-            "x-dirty-tracking" => self.dirty_tracking(args),
-            _ => Err(QmpError::not_found(name)),
-        }
+    /// `query-migrate`: the last outgoing migration (`{}` if none).
+    pub fn query(&self) -> Value {
+        self.current().as_ref().map_or(json!({}), |o| progress_json(&o.progress.snapshot()))
     }
 
-    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    /// `migrate-cancel`: refused once GO has gone out.
+    pub fn cancel(&self) -> Result<Value, QmpError> {
+        if let Some(o) = self.current().as_ref() {
+            if !o.progress.snapshot().status.is_finished() && !o.cancel.cancel() {
+                return Err(QmpError::generic(
+                    "too late to cancel: GO has gone out and the destination may be running the guest",
+                ));
+            }
+        }
+        Ok(json!({}))
+    }
+
+    /// `query-migrate-parameters`.
+    pub fn parameters(&self) -> Value {
+        params_json(&self.params.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `migrate {"uri"}`: starts an outgoing migration in the background.
+    pub fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
         let uri: Uri = uri.parse()?;
         let mut current = self.current();
@@ -128,7 +121,7 @@ impl MigrationController {
     /// `x-dirty-tracking {"tracker"?, "duration-ms"?, "interval-ms"?}`: runs a tracker on the live
     /// guest without migrating, collecting at an interval, and reports what each step cost. For the
     /// tracker benchmark; it answers when done.
-    fn dirty_tracking(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    pub fn dirty_tracking(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let current = self.current();
         if current.as_ref().is_some_and(|o| !o.progress.snapshot().status.is_finished()) {
             return Err(QmpError::generic("a migration is running"));
@@ -163,7 +156,8 @@ impl MigrationController {
         }))
     }
 
-    fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    /// `migrate-set-parameters`: checks every argument before changing any.
+    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         // Check everything before changing anything.
         let mut p = self.params.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (key, value) in args {

@@ -11,27 +11,34 @@
 //!
 //! `qmp_capabilities` is accepted but not required. Each client has its own thread, up to
 //! [`MAX_CLIENTS`] at once; a malformed line (bad JSON, or not UTF-8) gets an error reply and the
-//! connection stays open. The monitor maps commands onto the VM and the migration controller and
-//! has no logic of its own.
+//! connection stays open. This module is the protocol only: the commands are a [`Handler`]
+//! (`monitor.rs`), so it depends on nothing else in emu.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use crossbeam_channel::Sender;
 use serde_json::{json, Map, Value};
 
-use crate::cli::UnixAddr;
-use crate::events::VmEvent;
-use crate::migration::MigrationController;
-use crate::vm::Vm;
-use migrate::handover::{DestPhase, Handover, Side};
-use migrate::tracker::TrackerKind;
+/// A Unix socket address, written `unix:PATH` (the monitor's address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixAddr(pub PathBuf);
+
+impl FromStr for UnixAddr {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some(p) if !p.is_empty() => Ok(UnixAddr(PathBuf::from(p))),
+            _ => Err(format!("'{s}' is not unix:PATH")),
+        }
+    }
+}
 
 /// A line longer than this is refused (and the connection closed): a client cannot make the monitor
 /// buffer without bound.
@@ -66,153 +73,39 @@ impl<E: std::error::Error + 'static> From<E> for QmpError {
     }
 }
 
-/// What the monitor's commands act on. On a destination the monitor is up before the guest
-/// exists: `vm` and `migration` are set once the incoming state is restored.
-pub struct Commands {
-    vm: OnceLock<Arc<Vm>>,
-    migration: OnceLock<MigrationController>,
-    /// The destination's handover, on an emu started with `--incoming`.
-    incoming: Option<Arc<Handover>>,
-    pub events: Sender<VmEvent>,
+/// What the monitor serves: one call per command. The monitor knows the protocol, not the
+/// commands (`monitor.rs` has those).
+pub trait Handler: Send + Sync {
+    fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
+    /// A `quit` was answered: end emu.
+    fn quit(&self);
 }
 
-fn no_guest_yet() -> QmpError {
-    QmpError::generic("no guest here yet: an incoming migration is in progress")
-}
-
-impl Commands {
-    pub fn new(events: Sender<VmEvent>, incoming: Option<Arc<Handover>>) -> Self {
-        Commands { vm: OnceLock::new(), migration: OnceLock::new(), incoming, events }
-    }
-
-    /// The VM the commands act on from now on; `tracker` is its default dirty tracker.
-    pub fn attach(&self, vm: Arc<Vm>, tracker: TrackerKind) {
-        let _ = self.migration.set(MigrationController::new(vm.clone(), tracker));
-        let _ = self.vm.set(vm);
-    }
-
-    fn vm(&self) -> Result<&Arc<Vm>, QmpError> {
-        self.vm.get().ok_or_else(no_guest_yet)
-    }
-
-    /// The handover, while it is still undecided here (a destination before GO).
-    fn pending_incoming(&self) -> Option<&Arc<Handover>> {
-        self.incoming.as_ref().filter(|h| !matches!(h.phase(), DestPhase::Taken { .. }))
-    }
-
-    pub fn execute(&self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        match name {
-            "qmp_capabilities" => Ok(json!({})),
-            "query-status" => {
-                if let Some(h) = self.pending_incoming() {
-                    return Ok(json!({"status": h.phase().status_name(), "running": false}));
-                }
-                let state = self.vm()?.run_state();
-                Ok(json!({"status": state.name(), "running": state == crate::vm::RunState::Running}))
+/// The reply to one request line, and whether it was a successful `quit`.
+fn reply(handler: &dyn Handler, line: &str) -> (Value, bool) {
+    let request: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return (error_reply(QmpError::generic(format!("JSON parse error: {e}")), None), false),
+    };
+    let id = request.get("id").cloned();
+    let Some(name) = request.get("execute").and_then(Value::as_str) else {
+        return (error_reply(QmpError::generic("expected an object with \"execute\""), id), false);
+    };
+    let empty = Map::new();
+    let args = match request.get("arguments") {
+        None => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => return (error_reply(QmpError::generic("\"arguments\" must be an object"), id), false),
+    };
+    match handler.execute(name, args) {
+        Ok(v) => {
+            let mut r = json!({"return": v});
+            if let Some(id) = id {
+                r["id"] = id;
             }
-            "stop" => {
-                self.vm()?.stop()?;
-                Ok(json!({}))
-            }
-            "cont" => {
-                if let Some(h) = self.pending_incoming() {
-                    return Err(QmpError::generic(format!(
-                        "the incoming guest is not this emu's yet ({}): it runs once the source says GO, or after migrate-resolve",
-                        h.phase().status_name()
-                    )));
-                }
-                let force = match args.get("force") {
-                    None => false,
-                    Some(v) => v.as_bool().ok_or_else(|| QmpError::generic("force must be true or false"))?,
-                };
-                self.vm()?.cont(force)?;
-                Ok(json!({}))
-            }
-            // The VM ends once the reply is out (see `serve_client`).
-            "quit" => Ok(json!({})),
-            "query-vcpus" => Ok(Value::Array(
-                self.vm()?
-                    .vcpus()
-                    .iter()
-                    .map(|v| json!({"cpu-index": v.index(), "thread-id": v.thread_id()}))
-                    .collect(),
-            )),
-            "query-ram-digest" => self.ram_digest(args),
-            "migrate-resolve" => self.resolve(args),
-            "query-migrate" => match (self.migration.get(), self.incoming.as_ref()) {
-                (Some(m), _) if m.has_outgoing() => m.execute(name, args),
-                (_, Some(h)) => Ok(crate::migration::incoming_json(h)),
-                (Some(m), None) => m.execute(name, args),
-                (None, None) => Err(no_guest_yet()),
-            },
-            _ => match self.migration.get() {
-                Some(m) => m.execute(name, args),
-                None if crate::migration::COMMANDS.contains(&name) => Err(no_guest_yet()),
-                None => Err(QmpError::not_found(name)),
-            },
+            (r, name == "quit")
         }
-    }
-
-    /// `migrate-resolve {"keep": "source"|"destination"}`: decides an unresolved migration, on
-    /// whichever side this emu is.
-    fn resolve(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let keep: Side = args
-            .get("keep")
-            .and_then(Value::as_str)
-            .ok_or_else(|| QmpError::generic("migrate-resolve needs \"keep\": \"source\" or \"destination\""))?
-            .parse()
-            .map_err(QmpError::generic)?;
-        if let Some(m) = self.migration.get().filter(|m| m.has_outgoing()) {
-            return m.resolve(keep);
-        }
-        match self.pending_incoming() {
-            Some(h) => {
-                h.operator(keep).map_err(QmpError::generic)?;
-                Ok(json!({"status": h.phase().status_name()}))
-            }
-            None => Err(QmpError::generic("no migration to resolve here")),
-        }
-    }
-
-    /// A CRC-32 of every page and one over all of them, to compare two guests' RAM page for page
-    /// (with `{"pages": true}` the per-page list too). Meaningful while the guest is paused.
-    fn ram_digest(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        use migrate::vm::MigratableVm;
-        let digests = self.vm()?.ram().page_digests();
-        let all = migrate::ram::combined_digest(&digests);
-        let mut out = json!({"page-count": digests.len(), "digest": format!("{all:08x}")});
-        if args.get("pages").and_then(Value::as_bool) == Some(true) {
-            out["pages"] = Value::Array(digests.iter().map(|d| json!(d)).collect());
-        }
-        Ok(out)
-    }
-
-    /// The reply to one request line, and whether it was a successful `quit`.
-    fn reply(&self, line: &str) -> (Value, bool) {
-        let request: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => return (error_reply(QmpError::generic(format!("JSON parse error: {e}")), None), false),
-        };
-        let id = request.get("id").cloned();
-        let Some(name) = request.get("execute").and_then(Value::as_str) else {
-            return (error_reply(QmpError::generic("expected an object with \"execute\""), id), false);
-        };
-        let empty = Map::new();
-        let args = match request.get("arguments") {
-            None => &empty,
-            Some(Value::Object(m)) => m,
-            Some(_) => return (error_reply(QmpError::generic("\"arguments\" must be an object"), id), false),
-        };
-        match self.execute(name, args) {
-            Ok(v) => {
-                let mut r = json!({"return": v});
-                if let Some(id) = id {
-                    r["id"] = id;
-                }
-                (r, name == "quit")
-            }
-            Err(e) => (error_reply(e, id), false),
-        }
+        Err(e) => (error_reply(e, id), false),
     }
 }
 
@@ -236,7 +129,7 @@ impl Drop for Monitor {
 }
 
 /// Starts serving `commands` on `addr`.
-pub fn serve(addr: &UnixAddr, commands: Arc<Commands>) -> Result<Monitor> {
+pub fn serve(addr: &UnixAddr, commands: Arc<dyn Handler>) -> Result<Monitor> {
     let path = addr.0.clone();
     if path.exists() {
         // A socket left by an emu that is gone; refuse to take one that something still serves.
@@ -272,7 +165,7 @@ impl Drop for ClientSlot {
     }
 }
 
-fn accept_clients(listener: UnixListener, commands: Arc<Commands>) {
+fn accept_clients(listener: UnixListener, commands: Arc<dyn Handler>) {
     let clients = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let conn = match conn {
@@ -292,7 +185,7 @@ fn accept_clients(listener: UnixListener, commands: Arc<Commands>) {
         // If the thread cannot start, the closure (and the slot in it) is dropped: the place frees.
         let spawned = std::thread::Builder::new().name("monitor-client".into()).spawn(move || {
             let _slot = slot;
-            if let Err(e) = serve_client(conn, &commands) {
+            if let Err(e) = serve_client(conn, &*commands) {
                 log::debug!("monitor client: {e}");
             }
         });
@@ -310,7 +203,7 @@ fn refuse_client(mut conn: UnixStream) {
     let _ = writeln!(conn, "{}", error_reply(e, None));
 }
 
-fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
+fn serve_client(conn: UnixStream, commands: &dyn Handler) -> std::io::Result<()> {
     let mut out = conn.try_clone()?;
     let greeting =
         json!({"QMP": {"version": {"package": "emu", "emu": env!("CARGO_PKG_VERSION")}, "capabilities": []}});
@@ -337,10 +230,10 @@ fn serve_client(conn: UnixStream, commands: &Commands) -> std::io::Result<()> {
         if text.trim().is_empty() {
             continue;
         }
-        let (reply, quit) = commands.reply(text.trim());
+        let (reply, quit) = reply(commands, text.trim());
         writeln!(out, "{reply}")?;
         if quit {
-            let _ = commands.events.send(VmEvent::Quit);
+            commands.quit();
         }
     }
 }
