@@ -135,19 +135,31 @@ mod tests {
         assert_eq!(parse_size("2g"), Ok(2 << 30));
         assert_eq!(parse_size("64K"), Ok(64 << 10));
         assert_eq!(parse_size("8192"), Ok(8192));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("100").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("").is_err());
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        // Each refusal for its own reason: the message is what the user sees (one line on stderr).
+        let err = |s: &str| parse_size(s).expect_err(s);
+        assert!(err("0").contains("not a positive multiple of 4 KiB"), "{}", err("0"));
+        assert!(err("100").contains("not a positive multiple of 4 KiB"), "{}", err("100"));
+        assert!(err("12X").contains("not a size"), "{}", err("12X"));
+        assert!(err("M").contains("not a size"), "{}", err("M"));
+        assert!(err("-4K").contains("not a size"), "{}", err("-4K"));
+        // overflows of the shift, not of the parse: a bad check there would wrap to a small size
+        assert!(err("99999999999T").contains("too large"), "{}", err("99999999999T"));
+        assert!(err("17179869184G").contains("too large"), "{}", err("17179869184G"));
+        assert!(err("").contains("not a size"), "{}", err(""));
     }
 
     #[test]
     fn serial_and_unix_args() {
         assert_eq!("file:/tmp/x".parse(), Ok(SerialArg::File("/tmp/x".into())));
-        assert!("file:".parse::<SerialArg>().is_err());
-        assert!("tcp:1".parse::<SerialArg>().is_err());
+        assert_eq!("none".parse(), Ok(SerialArg::None));
+        for bad in ["file:", "tcp:1", "stdio:"] {
+            let e = bad.parse::<SerialArg>().expect_err(bad);
+            assert_eq!(e, format!("'{bad}' is not stdio, file:PATH or none"));
+        }
         assert_eq!("unix:/a".parse(), Ok(UnixAddr("/a".into())));
-        assert!("/a".parse::<UnixAddr>().is_err());
+        for bad in ["/a", "unix:"] {
+            assert_eq!(bad.parse::<UnixAddr>().expect_err(bad), format!("'{bad}' is not unix:PATH"));
+        }
     }
 }

@@ -234,10 +234,15 @@ mod tests {
     #[test]
     fn write_protected_untouched_pages_stay_zero() {
         let hints = ZeroHints::get();
-        let Some(_) = hints.uffd_wp_marker else {
-            eprintln!("no userfaultfd marker details here (needs CAP_SYS_ADMIN and WP_UNPOPULATED)");
+        if hints.uffd_wp_marker.is_none() {
+            // As for /dev/kvm in the end-to-end tests (tests/common `kvm_or_skip`): CI must run
+            // where this is checked, so a quiet pass there would hide that it never was.
+            let why = "no userfaultfd marker details in pagemap here (needs CAP_SYS_ADMIN and \
+                       userfaultfd WP_UNPOPULATED, Linux 6.4)";
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}; CI must run where they are available");
+            eprintln!("SKIPPED write_protected_untouched_pages_stay_zero: {why}");
             return;
-        };
+        }
         let ram = GuestRam::new(RamLayout::pc(16 << 12).unwrap()).unwrap();
         ram.write(0, &[1]).unwrap();
         let (_, host, len) = ram.host_regions().next().unwrap();

@@ -291,8 +291,19 @@ mod tests {
         assert_eq!("tcp:127.0.0.1:1".parse::<Uri>().unwrap(), Uri::Tcp { host: "127.0.0.1".into(), port: 1 });
         assert_eq!("tcp:[::1]:5".parse::<Uri>().unwrap(), Uri::Tcp { host: "::1".into(), port: 5 });
         assert_eq!("unix:/tmp/s".parse::<Uri>().unwrap(), Uri::Unix("/tmp/s".into()));
-        for bad in ["tcp:host", "tcp:h:99999", "udp:1:2", "unix:", "", "exec:cat"] {
-            assert!(bad.parse::<Uri>().is_err(), "{bad}");
+        // Each refused for its own reason: the reason is what the monitor reports.
+        for (bad, why) in [
+            ("tcp:host", "no port"),
+            ("tcp:h:99999", "bad port"),
+            ("tcp:h:", "bad port"),
+            ("udp:1:2", "unknown scheme"),
+            ("unix:", "empty path"),
+            ("", "unknown scheme"),
+            ("exec:cat", "unknown scheme"),
+        ] {
+            let e = bad.parse::<Uri>().expect_err(bad);
+            assert_eq!(e.why, why, "{bad}");
+            assert!(e.to_string().starts_with(&format!("'{bad}' is not a migration URI ({why})")), "{e}");
         }
         assert_eq!("tcp:[::1]:5".parse::<Uri>().unwrap().to_string(), "tcp:[::1]:5");
     }

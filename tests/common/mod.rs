@@ -315,3 +315,143 @@ pub fn number_after(line: &str, key: &str) -> Option<u64> {
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
     digits.parse().ok()
 }
+
+/// One mapping of a process, from /proc/PID/smaps.
+#[derive(Clone, Debug)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// `rw-p`, `r--p`, ...
+    pub perms: String,
+    /// The path or `[heap]`-style name; empty for anonymous memory.
+    pub name: String,
+    /// The `VmFlags:` line's two-letter flags (`rd wr mr mw me nr uw ...`).
+    pub flags: Vec<String>,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+}
+
+impl std::fmt::Display for Vma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:x}-{:x} {} {} [{}]", self.start, self.end, self.perms, self.name, self.flags.join(" "))
+    }
+}
+
+/// Every mapping of process `pid`.
+pub fn vmas(pid: u32) -> Vec<Vma> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/smaps: {e}"));
+    let mut out: Vec<Vma> = Vec::new();
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(v) = out.last_mut() {
+                v.flags = flags.split_whitespace().map(str::to_string).collect();
+            }
+            continue;
+        }
+        // A mapping's header: "start-end perms offset dev inode [name]"; other lines are "Key: value".
+        let mut fields = line.split_whitespace();
+        let Some((start, end)) = fields.next().and_then(|r| r.split_once('-')) else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
+        let perms = fields.next().unwrap_or("").to_string();
+        let name = fields.nth(3).unwrap_or("").to_string();
+        out.push(Vma { start, end, perms, name, flags: Vec::new() });
+    }
+    out
+}
+
+/// The mappings that hold the guest RAM of emu process `pid`, whose guest has `ram_bytes` of RAM
+/// below 3 GiB (one region).
+///
+/// migrate/src/ram.rs maps each region as anonymous memory with MAP_NORESERVE: smaps shows it
+/// without a name and with VmFlags `nr`. mprotect (the mprotect tracker) splits it into several
+/// mappings, readable throughout; the C library's own MAP_NORESERVE mappings (malloc arenas) are
+/// partly inaccessible (`---p`) and smaller. So guest RAM is the one run of adjacent, readable,
+/// anonymous `nr` mappings that adds up to exactly `ram_bytes`; finding none or several fails the
+/// test with the candidates, rather than checking the wrong memory.
+pub fn guest_ram_vmas(pid: u32, ram_bytes: u64) -> Vec<Vma> {
+    let all = vmas(pid);
+    let candidate = |v: &Vma| v.name.is_empty() && v.has_flag("nr") && v.perms.starts_with('r');
+    let mut runs: Vec<Vec<Vma>> = Vec::new();
+    for v in all.iter().filter(|v| candidate(v)) {
+        match runs.last_mut() {
+            Some(run) if run.last().is_some_and(|last| last.end == v.start) => run.push(v.clone()),
+            _ => runs.push(vec![v.clone()]),
+        }
+    }
+    let total = |run: &[Vma]| run.iter().map(Vma::len).sum::<u64>();
+    let mut ram: Vec<Vec<Vma>> = runs.iter().filter(|r| total(r) == ram_bytes).cloned().collect();
+    if ram.len() != 1 {
+        let listed: Vec<String> =
+            runs.iter().map(|r| r.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" + ")).collect();
+        panic!(
+            "{} runs of anonymous MAP_NORESERVE mappings of {ram_bytes} bytes in emu {pid}, 1 expected; \
+             candidates:\n{}",
+            ram.len(),
+            listed.join("\n")
+        );
+    }
+    ram.remove(0)
+}
+
+/// PM_UFFD_WP in a /proc/PID/pagemap entry: the page (present, swapped or a never-populated page's
+/// marker) is write-protected by userfaultfd.
+pub const PM_UFFD_WP: u64 = 1 << 57;
+
+/// Addresses of the pages in [start, end) of process `pid` whose pagemap entry has PM_UFFD_WP.
+pub fn uffd_wp_pages(pid: u32, start: u64, end: u64) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .unwrap_or_else(|e| panic!("cannot open /proc/{pid}/pagemap: {e}"));
+    let mut protected = Vec::new();
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = start >> 12;
+    while page < end >> 12 {
+        let n = (buf.len() as u64 / 8).min((end >> 12) - page) as usize;
+        pagemap
+            .read_exact_at(&mut buf[..n * 8], page * 8)
+            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/pagemap at page {page:#x}: {e}"));
+        for (i, entry) in buf[..n * 8].chunks_exact(8).enumerate() {
+            let entry = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+            if entry & PM_UFFD_WP != 0 {
+                protected.push((page + i as u64) << 12);
+            }
+        }
+        page += n as u64;
+    }
+    protected
+}
+
+/// What is left write-protected of the guest RAM (`ram_bytes`) of emu process `pid`: mappings of
+/// it that are not writable (mprotect) or still registered with a userfaultfd, and pages with the
+/// userfaultfd write-protect bit. Empty when nothing is.
+pub fn ram_protection_left(pid: u32, ram_bytes: u64) -> Vec<String> {
+    let mut problems = Vec::new();
+    for v in guest_ram_vmas(pid, ram_bytes) {
+        if !v.perms.starts_with("rw") {
+            problems.push(format!("guest RAM mapping not writable: {v}"));
+        }
+        // `uw`: still registered for userfaultfd write-protect faults, so a tracker was left behind
+        // (a stopped one unregisters; closing its userfaultfd would too).
+        if v.has_flag("uw") {
+            problems.push(format!("guest RAM mapping still registered with a userfaultfd: {v}"));
+        }
+        let wp = uffd_wp_pages(pid, v.start, v.end);
+        if !wp.is_empty() {
+            problems.push(format!(
+                "{} pages of guest RAM mapping {v} are uffd write-protected, the first at {:#x}",
+                wp.len(),
+                wp[0]
+            ));
+        }
+    }
+    problems
+}
