@@ -266,7 +266,13 @@ pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>, get: &[
         let line = lines.next().context("the monitor closed the connection")??;
         Ok(serde_json::from_str(&line)?)
     };
-    next()?; // greeting
+    // The greeting, or a refusal (a monitor with all its client places taken).
+    let greeting = next()?;
+    if let Some(e) = greeting.get("error") {
+        let desc = e.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+        eprintln!("emu qmp: the monitor refused the connection: {desc}");
+        return Ok(ExitCode::from(1));
+    }
     writeln!(out, "{}", json!({"execute": command, "arguments": args}))?;
     loop {
         let reply = next()?;
