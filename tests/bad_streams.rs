@@ -1,7 +1,8 @@
 //! Hostile and broken migration streams sent to `emu --incoming`: each is refused with a clear error,
 //! answered with an ERROR record, and no guest ever runs.
 
-mod common;
+use emu_harness as common;
+use emu_harness::require_kvm;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

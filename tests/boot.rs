@@ -1,7 +1,8 @@
 //! Booting: each workload of emu-guest on real KVM, several vCPUs, the three image containers, the
 //! exit device, and the refusal of bad images and options.
 
-mod common;
+use emu_harness as common;
+use emu_harness::require_kvm;
 
 use std::time::Duration;
 

@@ -2,7 +2,8 @@
 //! page for page before the destination resumes, and the guest must go on there as if nothing
 //! happened. Failures (cancel, a killed destination, a refused stream) must leave the source running.
 
-mod common;
+use emu_harness as common;
+use emu_harness::require_kvm;
 
 use std::time::Duration;
 
@@ -343,7 +344,6 @@ macro_rules! per_tracker {
     ($($module:ident => $tracker:literal),* $(,)?) => {$(
         mod $module {
             const TRACKER: &str = $tracker;
-            use super::common;
 
             suite! {
                 idle_guest_migrates_and_ticks_on => |t| super::idle_guest_migrates_and_ticks_on(t);

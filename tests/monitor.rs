@@ -1,7 +1,8 @@
 //! The QMP-shaped monitor: every command, malformed input (bad JSON, not UTF-8), clients that come
 //! and go, the cap on clients at once, and the `emu qmp` client.
 
-mod common;
+use emu_harness as common;
+use emu_harness::require_kvm;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -4,15 +4,14 @@
 //! guest, and never zero without a clear status and a way out (`migrate-resolve`). Also: the run
 //! state travels with the guest, and a migrated-away source refuses to run again.
 
-mod common;
-#[path = "common/proxy.rs"]
-mod proxy;
+use emu_harness as common;
+use emu_harness::require_kvm;
 
 use std::time::{Duration, Instant};
 
 use common::Emu;
+use emu_harness::proxy::{Action, Dir, Proxy, Release};
 use migrate::stream::RecordType;
-use proxy::{Action, Dir, Proxy, Release};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);

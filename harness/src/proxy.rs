@@ -3,7 +3,6 @@
 //! hold one record, as a broken network or a dying peer would. Only the first connection is
 //! tampered with; later ones (a source asking again with RESOLVE) pass untouched, as when a link
 //! comes back.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

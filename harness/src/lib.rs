@@ -1,6 +1,8 @@
-//! Test harness: runs real `emu` processes (real KVM, real sockets) and talks to their monitors.
-//! Each test file uses part of it.
-#![allow(dead_code)]
+//! The harness the end-to-end tests (`tests/`) and the benchmarks (`emu-bench`) share: runs real
+//! `emu` processes (real KVM, real sockets), talks to their monitors, and reads what the kernel
+//! says about them (/proc). `proxy` sits between a migration's two ends and breaks things.
+
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -12,12 +14,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// The emu binary under test (the bench binary finds it beside itself).
+/// The emu binary: `$EMU` if set, else the one cargo built beside the running executable
+/// (`target/*/emu` next to `emu-bench`, or one directory up from a test in `target/*/deps`).
 pub fn emu_bin() -> PathBuf {
-    match option_env!("CARGO_BIN_EXE_emu") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::current_exe().expect("current exe").with_file_name("emu"),
+    if let Some(p) = std::env::var_os("EMU") {
+        return PathBuf::from(p);
     }
+    let exe = std::env::current_exe().expect("the path of the running executable");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    [dir.join("emu"), dir.join("../emu")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no emu binary beside {} (cargo build, or set EMU)", exe.display()))
 }
 
 /// The guest images the build made.
@@ -43,7 +51,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
 #[macro_export]
 macro_rules! require_kvm {
     () => {
-        if !common::kvm_or_skip(concat!(module_path!(), ":", line!())) {
+        if !$crate::kvm_or_skip(concat!(module_path!(), ":", line!())) {
             return;
         }
     };
@@ -51,6 +59,12 @@ macro_rules! require_kvm {
 
 /// A scratch directory removed when dropped.
 pub struct ScratchDir(pub PathBuf);
+
+impl Default for ScratchDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl ScratchDir {
     pub fn new() -> Self {
@@ -330,7 +344,8 @@ pub struct Vma {
 }
 
 impl Vma {
-    pub fn len(&self) -> u64 {
+    /// Bytes mapped.
+    pub fn size(&self) -> u64 {
         self.end - self.start
     }
 
@@ -387,7 +402,7 @@ pub fn guest_ram_vmas(pid: u32, ram_bytes: u64) -> Vec<Vma> {
             _ => runs.push(vec![v.clone()]),
         }
     }
-    let total = |run: &[Vma]| run.iter().map(Vma::len).sum::<u64>();
+    let total = |run: &[Vma]| run.iter().map(Vma::size).sum::<u64>();
     let mut ram: Vec<Vec<Vma>> = runs.iter().filter(|r| total(r) == ram_bytes).cloned().collect();
     if ram.len() != 1 {
         let listed: Vec<String> =

@@ -9,8 +9,7 @@
 //!                       collect a pass per GiB, and the precopy scenarios; writes docs/trackers.md
 //!                       and docs/trackers-dirty-per-pass.svg
 
-#[path = "../../../tests/common/mod.rs"]
-mod common;
+use emu_harness as common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
