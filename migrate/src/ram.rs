@@ -5,8 +5,9 @@
 //! log while a migration runs, whatever tracker is in use (KVM's dirty log never sees them, and the
 //! write-protect trackers would see them only as faults of the emulator's own threads).
 //!
-//! Guest memory is only ever touched through raw-pointer copies, never through Rust references: the
-//! guest writes it concurrently, and a `&[u8]` over it would promise the compiler otherwise.
+//! Guest memory is touched through raw-pointer copies, not Rust references: the guest writes it
+//! concurrently, and a `&[u8]` over it would promise the compiler otherwise. The one exception is
+//! the `unsafe` [`GuestRam::pages_mut`], for a destination whose guest has not run yet.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -334,7 +335,7 @@ impl GuestRam {
     /// recording the pages in the VMM dirty log while one is active.
     ///
     /// Under a write-protect tracker the copy may fault; that fault is resolved by the tracker's own
-    /// thread, never by the writer, so the caller must not be that thread (see `tracker::uffd`).
+    /// thread, never by the writer, so the caller must not be that thread (see `tracker/uffd_wp.rs`: its fault thread never writes guest RAM).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
         let dst = self.host_range(gpa, data.len())?;
         // SAFETY: dst..dst+len is mapped guest RAM (checked above), disjoint from `data`.
