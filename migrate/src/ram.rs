@@ -335,7 +335,8 @@ impl GuestRam {
     /// recording the pages in the VMM dirty log while one is active.
     ///
     /// Under a write-protect tracker the copy may fault; that fault is resolved by the tracker's own
-    /// thread, never by the writer, so the caller must not be that thread (see `tracker/uffd_wp.rs`: its fault thread never writes guest RAM).
+    /// thread, never by the writer, so the caller must not be that thread (`tracker/uffd_wp.rs`:
+    /// its fault thread never writes guest RAM).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
         let dst = self.host_range(gpa, data.len())?;
         // SAFETY: dst..dst+len is mapped guest RAM (checked above), disjoint from `data`.
