@@ -265,6 +265,9 @@ fn run_scenario(s: &Scenario, loopback: Loopback, tracker: Option<&str>) -> Valu
         "total-ms": total_ms,
         "setup-ms": info["setup-time"],
         "downtime-ms": info["downtime-us"].as_f64().map(|us| us / 1e3),
+        // Where the downtime went; go-and-started is the handover's extra round trip (GO out,
+        // STARTED back), which keeps a single running copy.
+        "downtime-breakdown-us": info["downtime-breakdown-us"],
         "bytes": bytes,
         "passes": passes.len(),
         "throughput-MBps": if total_ms > 0.0 { bytes / total_ms / 1e3 } else { 0.0 },
