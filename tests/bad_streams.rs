@@ -212,7 +212,7 @@ fn incomplete_state_is_refused() {
             e.device_state("exit", b"exit").unwrap();
             e.end(1, 2, true).unwrap();
         }),
-        "restoring the state",
+        "cannot restore the machine state",
     );
 }
 

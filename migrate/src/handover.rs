@@ -115,10 +115,16 @@ impl Handover {
 
     fn set(&self, inner: &mut Inner, phase: DestPhase) {
         log::info!("incoming migration: {:?} -> {phase:?}", inner.phase);
-        if let DestPhase::Discarded(_) = phase {
-            if let Some(c) = inner.conn.take() {
-                c.shutdown();
+        match phase {
+            DestPhase::Discarded(_) => {
+                if let Some(c) = inner.conn.take() {
+                    c.shutdown();
+                }
             }
+            // Decided: nothing will need to stop the receiver any more; let the socket close when
+            // its other users are done with it.
+            DestPhase::Taken { .. } => inner.conn = None,
+            _ => {}
         }
         inner.phase = phase;
         self.changed.notify_all();

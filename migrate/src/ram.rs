@@ -155,13 +155,15 @@ impl RamLayout {
 
     /// Whether pages `first..first + count` are contiguous in guest-physical space (one region).
     pub fn is_contiguous(&self, first: usize, count: usize) -> bool {
-        // checked: `first + count` wrapping around would otherwise pass the bound below
-        if count == 0 || first.checked_add(count).is_none_or(|end| end > self.pages) {
-            return count == 0;
-        }
+        // Checked: `count` may come from a peer (a ZERO_PAGES record), and a sum that wraps would
+        // pass for a short range.
+        let end = match first.checked_add(count) {
+            Some(end) if count > 0 && end <= self.pages => end,
+            _ => return count == 0,
+        };
         let i = self.first_page.partition_point(|&f| f <= first) - 1;
         let region_pages = (self.regions[i].size >> PAGE_SHIFT) as usize;
-        first + count <= self.first_page[i] + region_pages
+        end <= self.first_page[i] + region_pages
     }
 }
 

@@ -79,8 +79,8 @@ pub enum Refusal {
     MissingVmState,
     #[error("END counts {end_vcpus} vCPU and {end_devices} device states, {vcpus} and {devices} arrived")]
     EndCounts { end_vcpus: u32, end_devices: u32, vcpus: usize, devices: usize },
-    #[error("restoring the state")]
-    Restore(#[source] VmError),
+    #[error(transparent)]
+    Restore(VmError),
     #[error("the source gave the migration up (ABORT)")]
     Aborted,
     #[error("the guest was given up here: {0}")]

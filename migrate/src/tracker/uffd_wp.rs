@@ -174,6 +174,26 @@ impl DirtyTracker for UffdWpTracker {
         Ok(())
     }
 
+    /// The fault thread marks a page just after letting its write through, so it is stopped and
+    /// joined first (it finishes the batch it read), and whatever is still queued is resolved here:
+    /// every completed write is marked before the marks are taken (see the module comment). The
+    /// guest is paused; the fault thread stays stopped until `stop` or the next `start`.
+    fn collect_final(&mut self, into: &mut PageBitmap) -> Result<(), TrackerError> {
+        let Some(r) = &mut self.running else {
+            return Ok(());
+        };
+        if let Some(t) = r.thread.take() {
+            signal(&r.stop);
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(TrackerError::FaultThread(e.to_string())),
+                Err(_) => return Err(TrackerError::FaultThread("it panicked".into())),
+            }
+        }
+        resolve_pending(&r.uffd, &self.ram, &r.dirty)?;
+        self.collect(into)
+    }
+
     fn stop(&mut self) -> Result<(), TrackerError> {
         let Some(mut r) = self.running.take() else {
             return Ok(());
