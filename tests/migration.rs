@@ -264,7 +264,10 @@ fn migration_parameters_are_checked() {
     let defaults = src.qmp_ok("query-migrate-parameters", json!({}));
     assert_eq!(
         defaults,
-        json!({"downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "kvm-dirty-log"})
+        json!({
+            "downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "kvm-dirty-log",
+            "switchover-timeout": 1000,
+        })
     );
     // Each refused for its own reason, named in the error (a refusal for another reason would hide
     // a check that does not work).
@@ -277,6 +280,8 @@ fn migration_parameters_are_checked() {
         (json!({"dirty-tracker": "magic"}), "unknown dirty tracker 'magic'"),
         (json!({"dirty-tracker": 3}), "dirty-tracker must be a string"),
         (json!({"bogus": 1}), "unknown migration parameter bogus"),
+        (json!({"switchover-timeout": 0}), "switchover-timeout is 1 to 600000 ms"),
+        (json!({"switchover-timeout": "1s"}), "switchover-timeout must be a non-negative integer"),
         // A good change before a bad one (parameters are checked in key order): refused as a
         // whole, checked below by nothing having changed.
         (json!({"max-passes": 3, "x-unknown": 1}), "unknown migration parameter x-unknown"),
