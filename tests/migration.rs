@@ -374,3 +374,53 @@ per_tracker!(
     kvm_dirty_ring => "kvm-dirty-ring",
     mprotect => "mprotect",
 );
+
+/// A guest that rewrites 32 MiB as fast as it can, over a link held to 32 MiB/s: the dirty set
+/// never shrinks.
+fn writer_over_a_slow_link(params: Value) -> (Emu, Emu, Value) {
+    let src = Emu::boot(&["--mem", "128M", "--append", "wl=dirty:32:0"]);
+    src.expect_line("dirty: rate=", T);
+    let mut all = json!({"max-bandwidth": 32 << 20});
+    all.as_object_mut().unwrap().extend(params.as_object().unwrap().clone());
+    src.qmp_ok("migrate-set-parameters", all);
+    let (dst, uri) = Emu::incoming(&[]);
+    let info = common::migrate(&src, &uri, T);
+    (src, dst, info)
+}
+
+/// Stall policy `fail`: the migration gives up once its passes stop paying, says why, and the
+/// guest runs on at the source at full speed.
+#[test]
+fn a_migration_that_cannot_converge_fails_when_told_and_the_source_runs_on() {
+    require_kvm!();
+    let (src, mut dst, info) = writer_over_a_slow_link(json!({"stall-policy": "fail"}));
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("not converging") && why.contains("stopped shrinking"), "{why}");
+    assert_eq!(info["converging"], false, "{info}");
+    assert!(info["stall-reason"].as_str().is_some(), "{info}");
+    assert_eq!(src.status(), "running");
+    let n = src.line_count();
+    src.wait_line_from(n, |l| l.contains("dirty: rate="), T).expect("the guest runs on");
+    assert!(matches!(dst.wait_exit(T), Some(c) if c != 0), "the destination gives up too");
+    assert!(dst.lines().is_empty(), "the destination ran a guest: {}", dst.output());
+}
+
+/// Stall policy `throttle` (auto-converge): once the passes stop paying the vCPUs are throttled
+/// (here in big steps, to keep the test short), the guest slows down, and the migration converges
+/// within the downtime limit; the guest runs at the destination, unthrottled.
+#[test]
+fn auto_converge_throttles_a_writer_until_it_converges() {
+    require_kvm!();
+    let (src, dst, info) = writer_over_a_slow_link(json!({"cpu-throttle-initial": 90, "cpu-throttle-increment": 9}));
+    assert_eq!(info["status"], "completed", "{info}\nsource: {}", src.stderr());
+    assert_eq!(info["converged"], true, "{info}");
+    assert!(info["cpu-throttle-percentage"].as_u64().is_some_and(|t| t >= 90), "{info}");
+    assert!(info["stall-reason"].as_str().is_some(), "{info}");
+    // The guest's rate while throttled was far below its rate before.
+    let rates: Vec<u64> =
+        src.lines().iter().filter(|l| l.contains("dirty: rate=")).filter_map(|l| number_after(l, "rate=")).collect();
+    let (first, min) = (rates[0], *rates.iter().min().unwrap());
+    assert!(min * 3 < first, "the guest was not slowed down: rates {rates:?}");
+    dst.wait_line(|l| l.contains("dirty: rate="), T).expect("the guest runs on at the destination");
+}

@@ -10,7 +10,7 @@ use migrate::handover::{DestPhase, Handover, Side};
 use migrate::incoming::Accepted;
 use migrate::progress::{Progress, Status};
 use migrate::receiver::{self, ReceiveError, Received};
-use migrate::sender::{self, MigrationParams, Outgoing};
+use migrate::sender::{self, MigrationParams, Outgoing, StallPolicy, MAX_THROTTLE};
 use migrate::stream::StreamHeader;
 use migrate::tracker::{self, TrackerKind};
 use migrate::transport::Uri;
@@ -192,6 +192,22 @@ impl MigrationController {
                     let s = value.as_str().ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
                     p.tracker = s.parse::<TrackerKind>().map_err(QmpError::generic)?;
                 }
+                "stall-policy" => {
+                    let s = value.as_str().ok_or_else(|| QmpError::generic("stall-policy must be a string"))?;
+                    p.stall_policy = s.parse::<StallPolicy>().map_err(QmpError::generic)?;
+                }
+                "cpu-throttle-initial" | "cpu-throttle-increment" => {
+                    let v = number()?;
+                    let v = u8::try_from(v)
+                        .ok()
+                        .filter(|v| (1..=MAX_THROTTLE).contains(v))
+                        .ok_or_else(|| QmpError::generic(format!("{key} is 1 to {MAX_THROTTLE} (percent)")))?;
+                    if key == "cpu-throttle-initial" {
+                        p.throttle_initial = v;
+                    } else {
+                        p.throttle_increment = v;
+                    }
+                }
                 other => return Err(QmpError::generic(format!("unknown migration parameter {other}"))),
             }
         }
@@ -207,6 +223,9 @@ fn params_json(p: &MigrationParams) -> Value {
         "max-passes": p.max_passes,
         "dirty-tracker": p.tracker.name(),
         "switchover-timeout": ms(p.switchover_timeout),
+        "stall-policy": p.stall_policy.name(),
+        "cpu-throttle-initial": p.throttle_initial,
+        "cpu-throttle-increment": p.throttle_increment,
     })
 }
 
@@ -262,7 +281,19 @@ pub fn progress_json(p: &Progress) -> Value {
     }
     if let Some(r) = p.stop_reason {
         v["stop-reason"] = json!(r);
-        v["converged"] = json!(r != "max-passes");
+    }
+    if let Some(c) = p.converged {
+        v["converged"] = json!(c);
+    }
+    if let Some(c) = p.converging {
+        v["converging"] = json!(c);
+    }
+    if let Some(r) = &p.stall_reason {
+        v["stall-reason"] = json!(r);
+    }
+    // QEMU's name; present, as in QEMU, once auto-converge has throttled.
+    if p.throttle_percent > 0 || p.stall_reason.is_some() {
+        v["cpu-throttle-percentage"] = json!(p.throttle_percent);
     }
     v
 }

@@ -5,6 +5,7 @@
 //! before the first run. A VM is created with its vCPUs paused; `boot` or a restore from a
 //! migration stream decides what they run, and `start` lets them go.
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -148,6 +149,55 @@ pub struct Vm {
     bus: Arc<PioBus>,
     serial: Arc<Mutex<SerialDevice>>,
     lifecycle: Mutex<Lifecycle>,
+    /// Auto-converge's thread, while one runs.
+    throttle: Mutex<Option<Throttle>>,
+    /// This VM, for threads it starts (they must not keep it alive).
+    me: Weak<Vm>,
+}
+
+/// Auto-converge as QEMU does it: in every [`THROTTLE_PERIOD`] the vCPUs are paused for `percent`
+/// of it. A thread of its own does it, and only while the guest is running: a guest stopped by the
+/// user, or paused for the switchover, is left alone (the lifecycle lock is held across each step,
+/// so neither can happen in the middle of one).
+struct Throttle {
+    percent: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+}
+
+/// QEMU's slice, too: short enough that the guest's timer ticks still come, long enough that a
+/// pause and resume (tens of microseconds) are a small part of it.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+impl Throttle {
+    fn start(vm: Weak<Vm>, percent: u8) -> std::io::Result<Throttle> {
+        let t = Throttle { percent: Arc::new(AtomicU8::new(percent)), stop: Arc::new(AtomicBool::new(false)) };
+        let (pct, stop) = (t.percent.clone(), t.stop.clone());
+        std::thread::Builder::new().name("throttle".into()).spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let Some(vm) = vm.upgrade() else { return };
+                let off = THROTTLE_PERIOD * u32::from(pct.load(Ordering::Acquire)) / 100;
+                {
+                    let l = vm.lifecycle();
+                    if l.state == RunState::Running && vm.pause_vcpus().is_ok() {
+                        std::thread::sleep(off);
+                        if let Err(e) = vm.resume_vcpus() {
+                            log::error!("auto-converge: cannot resume the vCPUs: {e}");
+                        }
+                    }
+                }
+                drop(vm);
+                std::thread::sleep(THROTTLE_PERIOD.saturating_sub(off));
+            }
+        })?;
+        Ok(t)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        // The thread sees it within one period; it holds no lock between steps.
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 impl From<loader::LoadError> for VmError {
@@ -282,6 +332,7 @@ impl Vm {
         }
         let state = if boot.is_some() { RunState::Paused } else { RunState::InMigrate };
         Ok(Arc::new_cyclic(|me: &Weak<Vm>| {
+            let me_for_vm = me.clone();
             // Weak: the tracker must not keep the VM alive.
             let me = me.clone();
             let event_stacks: Arc<EventStacks> = Arc::new(move || {
@@ -307,6 +358,8 @@ impl Vm {
                 bus,
                 serial,
                 lifecycle: Mutex::new(Lifecycle { state, running_at_switchover: false }),
+                throttle: Mutex::new(None),
+                me: me_for_vm,
             }
         }))
     }
@@ -514,6 +567,7 @@ impl MigratableVm for Vm {
     }
 
     fn pause_for_switchover(&self) -> Result<bool, MigrateVmError> {
+        self.set_throttle(0);
         let mut l = self.lifecycle();
         let running = l.state == RunState::Running;
         if running {
@@ -530,6 +584,18 @@ impl MigratableVm for Vm {
 
     fn migration_completed(&self) {
         self.lifecycle().state = RunState::PostMigrate;
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        let mut t = self.throttle.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*t, percent) {
+            (_, 0) => *t = None,
+            (Some(running), _) => running.percent.store(percent, Ordering::Release),
+            (None, _) => match Throttle::start(self.me.clone(), percent) {
+                Ok(started) => *t = Some(started),
+                Err(e) => log::error!("auto-converge: cannot start its thread: {e}"),
+            },
+        }
     }
 
     fn migration_unresolved(&self) {

@@ -23,6 +23,9 @@ pub enum Decision {
     Converged,
     /// Stop although it does not fit: `max_passes` passes are done.
     MaxPasses,
+    /// Stop although it does not fit: passes stopped paying ([`stalled`]) and the stall policy says
+    /// to switch over rather than go on.
+    Stalled,
 }
 
 impl Decision {
@@ -36,8 +39,41 @@ impl Decision {
             Decision::NothingLeft => "nothing-left",
             Decision::Converged => "converged",
             Decision::MaxPasses => "max-passes",
+            Decision::Stalled => "stalled",
         }
     }
+
+    /// Whether what is left fit the downtime limit when precopy stopped.
+    pub fn converged(self) -> bool {
+        matches!(self, Decision::NothingLeft | Decision::Converged)
+    }
+}
+
+/// A pass "pays" if it leaves at most this share of the dirty pages the previous one left: at 0.9
+/// a guest still converges, slowly (22 passes per tenfold shrink); above it, more passes mostly
+/// resend what the guest rewrites meanwhile.
+pub const PAYING_SHRINK: f64 = 0.9;
+/// Passes in a row that did not pay before precopy is called stalled (one can be bad luck: the guest
+/// changed phase, or the host took the CPU away).
+pub const STALL_PASSES: usize = 2;
+
+/// Whether precopy has stopped paying: the last [`STALL_PASSES`] passes each left more than
+/// [`PAYING_SHRINK`] of the dirty pages the pass before them left. `dirty_after[i]` is what was
+/// dirty when pass i ended (pass 0, the full one, first). Returns why, in words, if so.
+pub fn stalled(dirty_after: &[u64]) -> Option<String> {
+    if dirty_after.len() < STALL_PASSES + 1 {
+        return None;
+    }
+    let recent = &dirty_after[dirty_after.len() - STALL_PASSES - 1..];
+    let paying = recent.windows(2).any(|w| (w[1] as f64) <= PAYING_SHRINK * w[0] as f64);
+    if paying {
+        return None;
+    }
+    let shown: Vec<String> = recent.iter().map(u64::to_string).collect();
+    Some(format!(
+        "the dirty set stopped shrinking: {} pages left after the last passes (the guest dirties memory about as fast as it is sent)",
+        shown.join(" -> ")
+    ))
 }
 
 /// How long sending `remaining_bytes` would take at `throughput`; None without a measurement.
@@ -94,6 +130,26 @@ mod tests {
     fn continues_without_a_measurement() {
         assert_eq!(decide(outcome(4096, 0.0, 1), LIMIT, 30), Decision::Continue);
         assert_eq!(expected_downtime(4096, 0.0), None);
+    }
+
+    #[test]
+    fn a_shrinking_dirty_set_is_not_stalled() {
+        assert_eq!(stalled(&[]), None);
+        assert_eq!(stalled(&[1000, 1000]), None, "too few passes to tell");
+        assert_eq!(stalled(&[1000, 800, 640, 512]), None);
+        // One pass that did not pay is not yet a stall.
+        assert_eq!(stalled(&[1000, 500, 495]), None);
+        // Exactly at the threshold still pays.
+        assert_eq!(stalled(&[1000, 900, 810]), None);
+    }
+
+    #[test]
+    fn a_dirty_set_that_stops_shrinking_is_stalled() {
+        let why = stalled(&[5000, 1000, 990, 1010]).expect("stalled");
+        assert!(why.contains("1000 -> 990 -> 1010"), "{why}");
+        assert!(stalled(&[1000, 2000, 4000]).is_some(), "growing");
+        // It recovers as soon as one of the last passes pays again.
+        assert_eq!(stalled(&[1000, 990, 1010, 500]), None);
     }
 
     #[test]

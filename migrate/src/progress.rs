@@ -94,8 +94,17 @@ pub struct Progress {
     /// How an unresolved migration was resolved.
     pub resolution: Option<String>,
     pub passes: Vec<PassRecord>,
-    /// Why precopy stopped iterating (once it has): "nothing-left", "converged" or "max-passes".
+    /// Why precopy stopped iterating (once it has): "nothing-left", "converged", "max-passes" or
+    /// "stalled".
     pub stop_reason: Option<&'static str>,
+    /// Whether what was left fit the downtime limit when precopy stopped.
+    pub converged: Option<bool>,
+    /// Whether the passes still pay (the dirty set shrinks); `None` before there are enough.
+    pub converging: Option<bool>,
+    /// Why they stopped paying, once they did.
+    pub stall_reason: Option<String>,
+    /// Auto-converge: percent of vCPU time taken away now (0: none).
+    pub throttle_percent: u8,
     pub switchover: Option<SwitchoverTimes>,
 }
 
@@ -121,6 +130,10 @@ impl Progress {
             resolution: None,
             passes: Vec::new(),
             stop_reason: None,
+            converged: None,
+            converging: None,
+            stall_reason: None,
+            throttle_percent: 0,
             switchover: None,
         }
     }

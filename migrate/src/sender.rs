@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
-use crate::convergence::{self, PassOutcome};
+use crate::convergence::{self, Decision, PassOutcome};
 use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
 use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
@@ -61,9 +61,58 @@ pub struct MigrationParams {
     /// microseconds to milliseconds, and a paused guest is an outage, so a stalled or corrupt
     /// stream must cost about a second, not the 60 s a running guest can afford.
     pub switchover_timeout: Duration,
+    /// What precopy does once passes stop paying (`convergence::stalled`).
+    pub stall_policy: StallPolicy,
+    /// Auto-converge (the `throttle` policy): the first throttle step and each further one, in
+    /// percent of vCPU time taken away, as QEMU's cpu-throttle-initial (20) and
+    /// cpu-throttle-increment (10).
+    pub throttle_initial: u8,
+    pub throttle_increment: u8,
     /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
     /// destination's RAM is known to differ. Never set outside tests.
     pub drop_final_pages: u32,
+}
+
+/// The most vCPU time auto-converge takes away (QEMU's cpu-throttle maximum).
+pub const MAX_THROTTLE: u8 = 99;
+
+/// What a migration does when its passes stop paying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallPolicy {
+    /// Slow the vCPUs down in growing steps until it converges (auto-converge). The default: the
+    /// downtime limit holds, and only a guest that writes faster than the link pays for it.
+    Throttle,
+    /// Go on passing (until `max_passes`); the guest may calm down by itself.
+    KeepGoing,
+    /// Switch over now, over the downtime limit: more passes would not make it smaller.
+    Switchover,
+    /// Give the migration up; the guest runs on at the source.
+    Fail,
+}
+
+impl StallPolicy {
+    pub const ALL: [StallPolicy; 4] =
+        [StallPolicy::Throttle, StallPolicy::KeepGoing, StallPolicy::Switchover, StallPolicy::Fail];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StallPolicy::Throttle => "throttle",
+            StallPolicy::KeepGoing => "keep-going",
+            StallPolicy::Switchover => "switchover",
+            StallPolicy::Fail => "fail",
+        }
+    }
+}
+
+impl std::str::FromStr for StallPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        StallPolicy::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            let names: Vec<_> = StallPolicy::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown stall policy '{s}' (one of: {})", names.join(", "))
+        })
+    }
 }
 
 impl Default for MigrationParams {
@@ -74,6 +123,9 @@ impl Default for MigrationParams {
             max_passes: 30,
             tracker: DEFAULT_TRACKER,
             switchover_timeout: Duration::from_secs(1),
+            stall_policy: StallPolicy::Throttle,
+            throttle_initial: 20,
+            throttle_increment: 10,
             drop_final_pages: 0,
         }
     }
@@ -111,6 +163,9 @@ pub enum MigrationError {
     /// source stays paused; never resume on this error.
     #[error("unresolved: {0}")]
     Unresolved(String),
+    /// Precopy stopped paying and the stall policy is `fail`.
+    #[error("not converging ({0}); the stall policy is fail")]
+    NotConverging(String),
 }
 
 impl From<std::io::Error> for MigrationError {
@@ -242,7 +297,12 @@ pub fn start(
     let (p, c, r) = (progress.clone(), cancel.clone(), resolve.clone());
     let thread = std::thread::Builder::new().name("migration".into()).spawn(move || {
         let id = migration_id();
-        match migrate(&*vm, &uri, id, &params, &*trackers, &p, &c) {
+        let result = migrate(&*vm, &uri, id, &params, &*trackers, &p, &c);
+        // Whatever happened, the guest (here, or resumed later) runs at full speed again.
+        if p.snapshot().throttle_percent > 0 {
+            vm.set_throttle(0);
+        }
+        match result {
             Ok(()) => {}
             Err(MigrationError::Unresolved(why)) => {
                 log::warn!("migration to {uri}: {why}; the guest stays paused until resolved");
@@ -454,6 +514,8 @@ impl Sender<'_> {
         let mut pass = 0;
         let mut synced = false;
         let mut last_collect = Instant::now();
+        // Dirty pages left after each pass since the last throttle step: what the stall rule sees.
+        let mut since_step: Vec<u64> = Vec::new();
         loop {
             let left = self.collect(&mut dirty, &mut last_collect)?;
             let params = self.params();
@@ -462,20 +524,29 @@ impl Sender<'_> {
                 throughput: self.throughput.bytes_per_sec(),
                 passes_done: pass,
             };
-            let decision = convergence::decide(outcome, params.downtime_limit, params.max_passes);
+            let mut decision = convergence::decide(outcome, params.downtime_limit, params.max_passes);
             self.progress.update(|p| {
                 p.expected_downtime = convergence::expected_downtime(outcome.remaining_bytes, outcome.throughput);
                 if let Some(last) = p.passes.last_mut() {
                     last.dirty_after = left as u64;
                 }
             });
+            if !synced {
+                since_step.push(left as u64);
+            }
+            if !decision.stops() {
+                decision = self.on_stall(&params, &mut since_step)?;
+            }
             if decision.stops() && !synced {
                 self.sync_with_destination()?;
                 synced = true;
                 continue;
             }
             if decision.stops() {
-                self.progress.update(|p| p.stop_reason = Some(decision.name()));
+                self.progress.update(|p| {
+                    p.stop_reason = Some(decision.name());
+                    p.converged = Some(decision.converged());
+                });
                 log::info!("precopy stops after pass {pass}: {decision:?}, {left} pages left");
                 break;
             }
@@ -486,6 +557,40 @@ impl Sender<'_> {
         }
 
         self.switchover(pass + 1, &mut dirty)
+    }
+
+    /// Precopy goes on; if it has stopped paying, says so and applies the stall policy: returns
+    /// `Stalled` to switch over now, or `Continue`.
+    fn on_stall(&mut self, params: &MigrationParams, since_step: &mut Vec<u64>) -> Result<Decision, MigrationError> {
+        let Some(why) = convergence::stalled(since_step) else {
+            // Paying again (or never stalled); `stall_reason` keeps the last stall for the record.
+            self.progress.update(|p| p.converging = Some(true));
+            return Ok(Decision::Continue);
+        };
+        log::info!("precopy is not converging: {why}");
+        self.progress.update(|p| {
+            p.converging = Some(false);
+            p.stall_reason = Some(why.clone());
+        });
+        match params.stall_policy {
+            StallPolicy::KeepGoing => Ok(Decision::Continue),
+            StallPolicy::Switchover => Ok(Decision::Stalled),
+            StallPolicy::Fail => Err(MigrationError::NotConverging(why)),
+            StallPolicy::Throttle => {
+                let now = self.progress.snapshot().throttle_percent;
+                let next =
+                    if now == 0 { params.throttle_initial } else { now.saturating_add(params.throttle_increment) }
+                        .min(MAX_THROTTLE);
+                if next != now {
+                    log::info!("auto-converge: vCPUs throttled to {next}%");
+                    self.vm.set_throttle(next);
+                    self.progress.update(|p| p.throttle_percent = next);
+                }
+                // Judge the new step on passes made under it.
+                since_step.drain(..since_step.len().saturating_sub(1));
+                Ok(Decision::Continue)
+            }
+        }
     }
 
     /// Pause, final pages, state, READY, GO, STARTED.

@@ -142,17 +142,21 @@ struct Run {
 }
 
 fn run(pages: usize, script: Script, downtime_limit: Duration, max_passes: u32) -> Run {
+    run_with(pages, script, |p| {
+        p.downtime_limit = downtime_limit;
+        p.max_passes = max_passes;
+    })
+}
+
+/// [`run`], with the parameters as `set` leaves them.
+fn run_with(pages: usize, script: Script, set: impl FnOnce(&mut sender::MigrationParams)) -> Run {
     let dir = TempDir::new("passes");
     let ram = flat_ram(pages);
     fill(&ram);
     let (trackers, log) = scripted(&ram, script);
     let src = Arc::new(FakeSource::new(ram, machine_state(1), true));
     let (uri, fake) = fake_destination(dir.path("dst.sock"), AtEnd::Ready(AfterGo::Started));
-    let params = params(|p| {
-        p.downtime_limit = downtime_limit;
-        p.max_passes = max_passes;
-    });
-    let progress = join(sender::start(src.clone(), uri, params, trackers).expect("start the migration"));
+    let progress = join(sender::start(src.clone(), uri, params(set), trackers).expect("start the migration"));
     let (seen, _) = fake.join().expect("the fake destination panicked");
     assert_eq!(seen.stopped, None, "the fake destination stopped reading: {seen:?}");
     assert_completed(&progress);
@@ -260,4 +264,69 @@ fn a_few_dirty_pages_converge() {
     assert_eq!(r.seen.passes.len(), 2);
     assert_eq!(r.seen.passes[1].data, vec![(7, crc(&pattern(7, 1)))], "the switchover sends what was left");
     assert!(r.src.events().contains(&SrcEvent::Completed));
+}
+
+/// A guest that rewrites the same 64 of 512 pages before every collect: its dirty set never
+/// shrinks, and a downtime limit of 0 is never met.
+fn hot_pages_script() -> Script {
+    let hot = (0..64).map(|i| (i * 3, Fill::Data)).collect();
+    Script { rounds: vec![hot], repeat_last: true, ..Script::default() }
+}
+
+/// Stall policy `switchover`: once two passes in a row have not paid, precopy stops there (over
+/// the limit) instead of passing on until max-passes.
+#[test]
+fn a_stalled_migration_switches_over_when_the_policy_says_so() {
+    let r = run_with(512, hot_pages_script(), |p| {
+        p.downtime_limit = Duration::ZERO;
+        p.max_passes = 30;
+        p.stall_policy = sender::StallPolicy::Switchover;
+    });
+    assert_eq!(r.progress.stop_reason, Some("stalled"));
+    assert_eq!((r.progress.converged, r.progress.converging), (Some(false), Some(false)));
+    let why = r.progress.stall_reason.clone().unwrap_or_default();
+    assert!(why.contains("64 -> 64 -> 64"), "{why}");
+    // Passes 0, 1 and 2 (after which the stall shows), then the final one.
+    assert_eq!(r.seen.passes.iter().map(|p| p.pass).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert!(r.src.throttles().is_empty(), "no throttling under this policy");
+}
+
+/// Stall policy `throttle` (the default): auto-converge in QEMU's steps, one step per two passes
+/// that did not pay, until max-passes here (the scripted guest ignores the throttle); the guest
+/// runs at full speed again afterwards.
+#[test]
+fn auto_converge_throttles_in_growing_steps() {
+    let r = run_with(512, hot_pages_script(), |p| {
+        p.downtime_limit = Duration::ZERO;
+        p.max_passes = 8;
+    });
+    assert_eq!(r.progress.stop_reason, Some("max-passes"));
+    assert_eq!(r.src.throttles(), vec![20, 30, 40, 0], "steps after passes 2, 4 and 6, and off at the end");
+    assert_eq!(r.progress.throttle_percent, 40);
+    assert_eq!(r.progress.converging, Some(false));
+}
+
+/// Stall policy `fail`: the migration gives up with the reason, and the guest, never paused, runs
+/// on at the source.
+#[test]
+fn a_stalled_migration_fails_when_the_policy_says_so() {
+    let dir = TempDir::new("stall-fail");
+    let ram = flat_ram(512);
+    fill(&ram);
+    let (trackers, _) = scripted(&ram, hot_pages_script());
+    let src = Arc::new(FakeSource::new(ram, machine_state(1), true));
+    let (uri, fake) = fake_destination(dir.path("dst.sock"), AtEnd::Ready(AfterGo::Started));
+    let params = params(|p| {
+        p.downtime_limit = Duration::ZERO;
+        p.stall_policy = sender::StallPolicy::Fail;
+    });
+    let progress = join(sender::start(src.clone(), uri, params, trackers).expect("start the migration"));
+    assert_eq!(progress.status, Status::Failed, "{progress:?}");
+    let why = progress.error.clone().unwrap_or_default();
+    assert!(why.contains("not converging") && why.contains("stopped shrinking"), "{why}");
+    assert_eq!(progress.passes.len(), 3, "passes 0-2, then the stall");
+    assert_eq!(src.events(), vec![SrcEvent::Failed], "never paused");
+    assert!(src.is_running());
+    let (seen, _) = fake.join().expect("the fake destination panicked");
+    assert!(!seen.got_go, "{seen:?}");
 }

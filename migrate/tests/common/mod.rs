@@ -214,6 +214,8 @@ pub struct FakeSource {
     running_at_switchover: Mutex<Option<bool>>,
     writer: Mutex<Option<Writer>>,
     events: Mutex<Vec<SrcEvent>>,
+    /// Every auto-converge step asked for, in order.
+    throttles: Mutex<Vec<u8>>,
 }
 
 impl FakeSource {
@@ -226,7 +228,13 @@ impl FakeSource {
             running_at_switchover: Mutex::new(None),
             writer: Mutex::new(None),
             events: Mutex::new(Vec::new()),
+            throttles: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The auto-converge steps asked for so far.
+    pub fn throttles(&self) -> Vec<u8> {
+        lock(&self.throttles).clone()
     }
 
     /// The writer runs while the guest does, and stops at the switchover.
@@ -297,6 +305,10 @@ impl MigratableVm for FakeSource {
 
     fn migration_unresolved(&self) {
         self.event(SrcEvent::Unresolved);
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        lock(&self.throttles).push(percent);
     }
 }
 
