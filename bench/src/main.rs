@@ -9,6 +9,8 @@
 //!                       collect a pass per GiB, and the precopy scenarios; writes docs/trackers.md
 //!                       and docs/trackers-dirty-per-pass.svg
 
+mod vs_qemu;
+
 use emu_harness as common;
 
 use std::io::{Read, Write};
@@ -39,8 +41,9 @@ fn main() {
         Some("boot") => boot(),
         Some("migrate") => migrate(&args[1..]),
         Some("trackers") => trackers(&args[1..]),
+        Some("vs-qemu") => vs_qemu::vs_qemu(&args[1..]),
         _ => {
-            eprintln!("usage: emu-bench boot | migrate [SCENARIO...] | trackers [TRACKER...]");
+            eprintln!("usage: emu-bench boot | migrate [SCENARIO...] | trackers [TRACKER...] | vs-qemu [--rounds N] [SCENARIO...]");
             std::process::exit(2);
         }
     }

@@ -563,8 +563,11 @@ impl Sender<'_> {
     /// `Stalled` to switch over now, or `Continue`.
     fn on_stall(&mut self, params: &MigrationParams, since_step: &mut Vec<u64>) -> Result<Decision, MigrationError> {
         let Some(why) = convergence::stalled(since_step) else {
-            // Paying again (or never stalled); `stall_reason` keeps the last stall for the record.
-            self.progress.update(|p| p.converging = Some(true));
+            // Paying (again), once there are passes enough to tell; `stall_reason` keeps the last
+            // stall for the record.
+            if since_step.len() > convergence::STALL_PASSES {
+                self.progress.update(|p| p.converging = Some(true));
+            }
             return Ok(Decision::Continue);
         };
         log::info!("precopy is not converging: {why}");
