@@ -1,0 +1,827 @@
+//! `emu-bench vs-qemu`: the same migrations under emu and under QEMU, side by side, in one run.
+//!
+//! Both VMMs boot the same guest (`target/guest-images/emu-guest32.elf`, QEMU through `-kernel`),
+//! a 1 GiB guest migrating over TCP on 127.0.0.1 with a 50 ms downtime limit and no bandwidth
+//! limit. QEMU is driven through its QMP socket (plain JSON lines), emu through its monitor. Per
+//! scenario the VMMs alternate (the order reversed in the second round, so that a host getting
+//! slower or faster during the run does not favour one), and every total time is also given as a
+//! ratio to QEMU multifd-4's in the same round: the host's speed varies by 2x between days, the
+//! ratios much less. Single-stream TCP loopback throughput is measured before and after, as the
+//! reference of the run.
+//!
+//! One JSON line per run on stdout; `docs/vs-qemu.md` (tables) and `docs/vs-qemu-dirty-per-pass.svg`
+//! (emu's dirty pages left per pass; QEMU does not report per pass).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use emu_harness::{self as common, number_after, Emu, ScratchDir};
+use serde_json::{json, Value};
+
+use super::{emit, machine, measure_loopback, median, Loopback};
+
+const QEMU: &str = "qemu-system-x86_64";
+const IMAGE: &str = "emu-guest32.elf";
+const MEM: &str = "1G";
+/// The same on both VMMs; emu's default.
+const DOWNTIME_LIMIT_MS: u64 = 50;
+const MULTIFD_CHANNELS: u64 = 4;
+/// A migration still running after this is cancelled and reported as not converged.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(50);
+const ROUNDS: usize = 2;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Idle,
+    Dirty,
+    Verify,
+}
+
+struct Scenario {
+    name: &'static str,
+    kind: Kind,
+}
+
+impl Scenario {
+    fn append(&self) -> String {
+        format!("wl={}", self.name)
+    }
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "idle", kind: Kind::Idle },
+    Scenario { name: "dirty:256:25000", kind: Kind::Dirty },
+    Scenario { name: "dirty:256:250000", kind: Kind::Dirty },
+    Scenario { name: "dirty:256:0", kind: Kind::Dirty },
+    Scenario { name: "verify:256:0", kind: Kind::Verify },
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Vmm {
+    QemuPrecopy,
+    QemuMultifd4,
+    Emu,
+    EmuUffdWpAsync,
+}
+
+const VMMS: &[Vmm] = &[Vmm::QemuPrecopy, Vmm::QemuMultifd4, Vmm::Emu, Vmm::EmuUffdWpAsync];
+/// What every total time is divided by.
+const REFERENCE: Vmm = Vmm::QemuMultifd4;
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::QemuPrecopy => "qemu-precopy",
+            Vmm::QemuMultifd4 => "qemu-multifd4",
+            Vmm::Emu => "emu",
+            Vmm::EmuUffdWpAsync => "emu-uffd-wp-async",
+        }
+    }
+
+    fn is_qemu(self) -> bool {
+        matches!(self, Vmm::QemuPrecopy | Vmm::QemuMultifd4)
+    }
+
+    fn multifd(self) -> bool {
+        self == Vmm::QemuMultifd4
+    }
+}
+
+/// Copies of the emu binary and the guest image taken at the start, so that a build by someone else
+/// during the run (the target directory is shared) cannot change what is measured halfway.
+struct Frozen {
+    _dir: ScratchDir,
+    image: PathBuf,
+}
+
+static FROZEN: std::sync::OnceLock<Frozen> = std::sync::OnceLock::new();
+
+fn freeze() -> Result<(), String> {
+    let dir = ScratchDir::new();
+    let emu = dir.path("emu");
+    let image = dir.path(IMAGE);
+    std::fs::copy(common::emu_bin(), &emu).map_err(|e| format!("copy emu: {e}"))?;
+    std::fs::copy(common::guest_image(IMAGE), &image).map_err(|e| format!("copy {IMAGE}: {e}"))?;
+    // Read by the harness when it starts emu (no other thread runs yet).
+    std::env::set_var("EMU", &emu);
+    let _ = FROZEN.set(Frozen { _dir: dir, image });
+    Ok(())
+}
+
+fn guest_image() -> PathBuf {
+    FROZEN.get().map(|f| f.image.clone()).unwrap_or_else(|| common::guest_image(IMAGE))
+}
+
+/// The commit emu was built from, and whether the working tree had changes then.
+fn emu_revision() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "?".into());
+    let changed = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| s.lines().count()).unwrap_or(0);
+    if changed > 0 {
+        format!("{head} with uncommitted changes in {changed} tracked files")
+    } else {
+        head
+    }
+}
+
+// ---- the two kinds of VM ------------------------------------------------------------------------
+
+/// What a run needs of a VM, whichever VMM runs it.
+trait Vm {
+    /// The guest's serial lines so far.
+    fn lines(&self) -> Vec<String>;
+    fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String>;
+    /// For error messages: the VMM's stderr.
+    fn stderr(&self) -> String;
+}
+
+impl Vm for Emu {
+    fn lines(&self) -> Vec<String> {
+        Emu::lines(self)
+    }
+    fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
+        Emu::qmp(self, command, arguments)
+    }
+    fn stderr(&self) -> String {
+        Emu::stderr(self)
+    }
+}
+
+struct QmpConn {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+/// A QEMU process: serial to a file, QMP on a Unix socket (one connection, kept).
+struct Qemu {
+    child: Child,
+    dir: ScratchDir,
+    conn: Mutex<QmpConn>,
+}
+
+impl Qemu {
+    fn spawn(append: &str, incoming: bool) -> Result<Qemu, String> {
+        let dir = ScratchDir::new();
+        let (serial, qmp, log) = (dir.path("serial.txt"), dir.path("qmp.sock"), dir.path("qemu.log"));
+        let image = guest_image();
+        let mut cmd = Command::new(QEMU);
+        cmd.args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", MEM, "-nographic", "-monitor", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server,nowait", qmp.display()))
+            .arg("-kernel")
+            .arg(&image)
+            .arg("-append")
+            .arg(append);
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let out = std::fs::File::create(&log).map_err(|e| format!("create {}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {QEMU}: {e} (scripts/install-qemu.sh installs it)"))?;
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let sock = loop {
+            match UnixStream::connect(&qmp) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(format!("no QMP socket: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        let w = sock.try_clone().map_err(|e| e.to_string())?;
+        let q = Qemu { child, dir, conn: Mutex::new(QmpConn { r: BufReader::new(sock), w }) };
+        {
+            let mut c = q.conn.lock().unwrap();
+            let mut greeting = String::new();
+            c.r.read_line(&mut greeting).map_err(|e| format!("QMP greeting: {e}"))?;
+            if !greeting.contains("QMP") {
+                return Err(format!("not a QMP greeting: {greeting:?}"));
+            }
+        }
+        q.qmp("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn serial(&self) -> PathBuf {
+        self.dir.path("serial.txt")
+    }
+}
+
+impl Vm for Qemu {
+    fn lines(&self) -> Vec<String> {
+        let text = std::fs::read(self.serial()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        // Only whole lines: the last one may still be being written.
+        let whole = match text.rfind('\n') {
+            Some(i) => &text[..i],
+            None => "",
+        };
+        whole.split('\n').map(|l| l.trim_end_matches('\r').to_string()).collect()
+    }
+
+    /// One command; events that come before its answer are skipped.
+    fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
+        let mut c = self.conn.lock().unwrap();
+        writeln!(c.w, "{}", json!({"execute": command, "arguments": arguments}))
+            .map_err(|e| format!("{command}: {e}"))?;
+        loop {
+            let mut line = String::new();
+            let n = c.r.read_line(&mut line).map_err(|e| format!("{command}: {e}"))?;
+            if n == 0 {
+                return Err(format!("{command}: QMP connection closed"));
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| format!("{command}: bad QMP line {line:?}: {e}"))?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(format!("{command}: {}", e["desc"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path("qemu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- one run --------------------------------------------------------------------------------------
+
+/// The workload's rate per report: `rate=` of the dirty workload, the difference between
+/// consecutive `written=` of verify (both once a second). Empty for idle.
+fn rates(kind: Kind, lines: &[String]) -> Vec<f64> {
+    match kind {
+        Kind::Idle => Vec::new(),
+        Kind::Dirty => lines
+            .iter()
+            .filter(|l| l.contains("dirty: rate="))
+            .filter_map(|l| number_after(l, "rate=").map(|r| r as f64))
+            .collect(),
+        Kind::Verify => {
+            let w: Vec<f64> = lines
+                .iter()
+                .filter(|l| l.contains("verify: written="))
+                .filter_map(|l| number_after(l, "written=").map(|r| r as f64))
+                .collect();
+            w.windows(2).map(|p| p[1] - p[0]).collect()
+        }
+    }
+}
+
+/// A line that shows the workload runs.
+fn workload_line(l: &str) -> bool {
+    l.contains("dirty: rate=") || l.contains("verify: written=") || l.contains("tick ")
+}
+
+/// Waits until `enough` holds for the VM's serial lines; the lines then.
+fn wait_lines(vm: &dyn Vm, timeout: Duration, enough: impl Fn(&[String]) -> bool) -> Result<Vec<String>, Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines = vm.lines();
+        if enough(&lines) {
+            return Ok(lines);
+        }
+        if Instant::now() > deadline {
+            return Err(lines);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reports wanted in the steady state: the first is skipped (it straddles the start, or the
+/// migration), the rest are the figure.
+const RATE_REPORTS: usize = 3;
+
+fn steady(kind: Kind, lines: &[String]) -> bool {
+    match kind {
+        Kind::Idle => lines.iter().filter(|l| l.contains("tick ")).count() >= 2,
+        _ => rates(kind, lines).len() >= RATE_REPORTS,
+    }
+}
+
+fn rate_of(kind: Kind, lines: &[String]) -> Value {
+    let r = rates(kind, lines);
+    if r.len() < 2 {
+        return Value::Null;
+    }
+    json!(median(r[1..].to_vec()))
+}
+
+fn tail(lines: &[String], n: usize) -> String {
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+fn migration_params(vmm: Vmm) -> Value {
+    let mut p = json!({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 0});
+    if vmm.multifd() {
+        p["multifd-channels"] = json!(MULTIFD_CHANNELS);
+    }
+    p
+}
+
+fn set_multifd(vm: &dyn Vm) -> Result<(), String> {
+    vm.qmp("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]}))?;
+    vm.qmp("migrate-set-parameters", json!({"multifd-channels": MULTIFD_CHANNELS}))?;
+    Ok(())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn start_source(vmm: Vmm, s: &Scenario) -> Result<Box<dyn Vm>, String> {
+    let append = s.append();
+    if vmm.is_qemu() {
+        return Ok(Box::new(Qemu::spawn(&append, false)?));
+    }
+    let image = guest_image();
+    let image = image.to_str().ok_or("guest image path is not UTF-8")?;
+    let mut args = vec!["--guest", image, "--mem", MEM, "--append", &append];
+    if vmm == Vmm::EmuUffdWpAsync {
+        args.extend_from_slice(&["--dirty-tracker", "uffd-wp-async"]);
+    }
+    Ok(Box::new(Emu::boot(&args)))
+}
+
+/// A destination waiting for the migration, and the URI to send it to.
+fn start_destination(vmm: Vmm, s: &Scenario) -> Result<(Box<dyn Vm>, String), String> {
+    if !vmm.is_qemu() {
+        let (dst, uri) = Emu::incoming(&[]);
+        return Ok((Box::new(dst), uri));
+    }
+    let dst = Qemu::spawn(&s.append(), true)?;
+    if vmm.multifd() {
+        set_multifd(&dst)?;
+    }
+    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    dst.qmp("migrate-incoming", json!({"uri": uri}))?;
+    Ok((Box::new(dst), uri))
+}
+
+fn run(s: &Scenario, vmm: Vmm, round: usize, loopback: Loopback) -> Value {
+    let base = json!({"bench": "vs-qemu", "scenario": s.name, "vmm": vmm.name(), "round": round});
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(s, vmm, loopback)));
+    let mut out = match r {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => json!({"error": e}),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            json!({"error": msg})
+        }
+    };
+    for (k, v) in base.as_object().unwrap() {
+        out[k] = v.clone();
+    }
+    out
+}
+
+fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> {
+    let src = start_source(vmm, s)?;
+    wait_lines(src.as_ref(), BOOT_TIMEOUT, |l| steady(s.kind, l)).map_err(|l| {
+        format!(
+            "{}: the guest did not reach its steady state; serial: {}; stderr: {}",
+            vmm.name(),
+            tail(&l, 5),
+            src.stderr()
+        )
+    })?;
+    src.qmp("migrate-set-parameters", migration_params(vmm))?;
+    if vmm.multifd() {
+        set_multifd(src.as_ref())?;
+    }
+    // What the source will migrate with, as it says (the parameters this benchmark sets).
+    let all = src.qmp("query-migrate-parameters", json!({}))?;
+    let mut params = json!({});
+    for k in ["downtime-limit", "max-bandwidth", "multifd-channels", "dirty-tracker", "max-passes", "stall-policy"] {
+        if let Some(v) = all.get(k) {
+            params[k] = v.clone();
+        }
+    }
+    if vmm.is_qemu() {
+        let caps = src.qmp("query-migrate-capabilities", json!({}))?;
+        let on =
+            caps.as_array().into_iter().flatten().find(|c| c["capability"] == "multifd").map(|c| c["state"].clone());
+        params["multifd"] = on.unwrap_or(Value::Null);
+    }
+    let (dst, uri) = start_destination(vmm, s)?;
+    // The source's reports up to the start of the migration (its lines only grow).
+    let rate_before = rate_of(s.kind, &src.lines());
+
+    src.qmp("migrate", json!({"uri": uri}))?;
+    let t0 = Instant::now();
+    let info = loop {
+        let info = src.qmp("query-migrate", json!({}))?;
+        let status = info["status"].as_str().unwrap_or("");
+        if matches!(status, "completed" | "failed" | "cancelled") {
+            break info;
+        }
+        if t0.elapsed() > MIGRATION_TIMEOUT {
+            let last = info.clone();
+            let _ = src.qmp("migrate-cancel", json!({}));
+            // Wait for the cancel to land, keeping the last figures of the running migration.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let i = src.qmp("query-migrate", json!({}))?;
+                if matches!(i["status"].as_str(), Some("cancelled" | "failed" | "completed")) {
+                    break;
+                }
+                std::thread::sleep(POLL);
+            }
+            let mut last = last;
+            last["status"] = json!("cancelled-after-timeout");
+            break last;
+        }
+        std::thread::sleep(POLL);
+    };
+    let status = info["status"].as_str().unwrap_or("?").to_string();
+    let completed = status == "completed";
+
+    // The guest at the destination: goes on, and at what rate.
+    let (after_lines, goes_on, rate_after, dst_status) = if completed {
+        let got = wait_lines(dst.as_ref(), Duration::from_secs(15), |l| steady(s.kind, l));
+        let lines = match got {
+            Ok(l) | Err(l) => l,
+        };
+        let st = dst.qmp("query-status", json!({})).map(|v| v["status"].clone()).unwrap_or(Value::Null);
+        let on = lines.iter().any(|l| workload_line(l));
+        (lines.clone(), on, rate_of(s.kind, &lines), st)
+    } else {
+        (Vec::new(), false, Value::Null, Value::Null)
+    };
+    let verify_failures = if s.kind == Kind::Verify {
+        let last =
+            after_lines.iter().rev().find(|l| l.contains("failures=")).and_then(|l| number_after(l, "failures="));
+        json!({"failures": last, "fail-lines": after_lines.iter().filter(|l| l.contains("VERIFY-FAIL")).count()})
+    } else {
+        Value::Null
+    };
+
+    let num = |v: &Value| v.as_f64();
+    let total_ms = num(&info["total-time"]);
+    let downtime_ms = if vmm.is_qemu() { num(&info["downtime"]) } else { num(&info["downtime-us"]).map(|us| us / 1e3) };
+    let bytes = num(&info["ram"]["transferred"]);
+    let throughput = match (bytes, total_ms) {
+        (Some(b), Some(t)) if t > 0.0 => Some(b / t / 1e3),
+        _ => None,
+    };
+    let converged = completed && info["converged"].as_bool() != Some(false);
+    let mut out = json!({
+        "status": status,
+        "converged": converged,
+        "completed": completed,
+        "total-ms": total_ms,
+        "setup-ms": info["setup-time"],
+        "downtime-ms": downtime_ms,
+        "bytes": bytes,
+        "passes": info["ram"]["dirty-sync-count"],
+        "throughput-MBps": throughput,
+        "of-loopback": throughput.map(|t| t * 1e6 / loopback.hot),
+        "guest-rate-before": rate_before,
+        "guest-rate-after": rate_after,
+        "guest-goes-on": goes_on,
+        "destination-status": dst_status,
+        "guest-after": after_lines.iter().rev().find(|l| workload_line(l)),
+        "params": params,
+        "error-desc": info["error-desc"],
+    });
+    if s.kind == Kind::Verify {
+        out["verify"] = verify_failures;
+    }
+    if vmm.is_qemu() {
+        out["qemu"] = json!({
+            "expected-downtime": info["expected-downtime"],
+            "ram": info["ram"],
+        });
+    } else {
+        let passes = info["passes"].as_array().cloned().unwrap_or_default();
+        out["emu"] = json!({
+            "tracker": info["dirty-tracker"],
+            "stop-reason": info["stop-reason"],
+            "converging": info["converging"],
+            "stall-reason": info["stall-reason"],
+            "cpu-throttle-percentage": info["cpu-throttle-percentage"],
+            "downtime-breakdown-us": info["downtime-breakdown-us"],
+            "pass-dirty-pages": passes.iter().map(|p| p["dirty-after"].clone()).collect::<Vec<_>>(),
+            "pass-pages-sent": passes.iter().map(|p| p["pages"].clone()).collect::<Vec<_>>(),
+            "pass-time-us": passes.iter().map(|p| p["time-us"].clone()).collect::<Vec<_>>(),
+            "duplicate": info["ram"]["duplicate"],
+            "normal": info["ram"]["normal"],
+        });
+    }
+    let _ = dst.qmp("quit", json!({}));
+    let _ = src.qmp("quit", json!({}));
+    Ok(out)
+}
+
+// ---- the benchmark --------------------------------------------------------------------------------
+
+pub fn vs_qemu(args: &[String]) {
+    let mut rounds = ROUNDS;
+    let mut names: Vec<&str> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).unwrap_or(ROUNDS),
+            other => names.push(other),
+        }
+    }
+    let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| names.is_empty() || names.contains(&s.name)).collect();
+    if scenarios.is_empty() {
+        eprintln!("no scenario among {names:?}; scenarios: {:?}", SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>());
+        std::process::exit(2);
+    }
+    let version = Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_else(|e| format!("{QEMU}: {e}"));
+    if let Err(e) = freeze() {
+        eprintln!("vs-qemu: {e}");
+        std::process::exit(1);
+    }
+    let revision = emu_revision();
+    let started = Instant::now();
+    emit(json!({"bench": "vs-qemu", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let loop_before = measure_loopback("before");
+    let mut runs: Vec<Value> = Vec::new();
+    for s in &scenarios {
+        for round in 0..rounds {
+            let order: Vec<Vmm> = if round % 2 == 0 { VMMS.to_vec() } else { VMMS.iter().rev().copied().collect() };
+            let mut this: Vec<Value> = order.iter().map(|&v| run(s, v, round + 1, loop_before)).collect();
+            let reference = this
+                .iter()
+                .find(|r| r["vmm"] == REFERENCE.name() && r["completed"] == true)
+                .and_then(|r| r["total-ms"].as_f64());
+            for r in &mut this {
+                r["ratio-to-qemu-multifd4"] = match (r["completed"].as_bool(), r["total-ms"].as_f64(), reference) {
+                    (Some(true), Some(t), Some(q)) if q > 0.0 => json!(t / q),
+                    _ => Value::Null,
+                };
+                emit(r.clone());
+            }
+            runs.extend(this);
+        }
+    }
+    let loop_after = measure_loopback("after");
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    emit(json!({"bench": "vs-qemu", "done": true, "minutes": minutes}));
+
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let _ = std::fs::create_dir_all(&docs);
+    let run =
+        RunInfo { version: &version, revision: &revision, before: loop_before, after: loop_after, minutes, rounds };
+    let md = report(&run, &scenarios, &runs);
+    if let Err(e) = std::fs::write(docs.join("vs-qemu.md"), md) {
+        eprintln!("cannot write docs/vs-qemu.md: {e}");
+    }
+    if let Err(e) = plot_emu_dirty_per_pass(&runs, &docs.join("vs-qemu-dirty-per-pass.svg")) {
+        eprintln!("cannot write the plot: {e}");
+    }
+}
+
+// ---- the report -----------------------------------------------------------------------------------
+
+fn num(v: &Value, digits: usize) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "-".into(),
+    }
+}
+
+fn rate(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 1e6 => format!("{:.2}M", x / 1e6),
+        Some(x) if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        Some(x) => format!("{x:.0}"),
+        None => "-".into(),
+    }
+}
+
+fn converged_cell(r: &Value) -> String {
+    if r.get("error").is_some() {
+        return "error".into();
+    }
+    let status = r["status"].as_str().unwrap_or("?");
+    let throttle = match r["emu"]["cpu-throttle-percentage"].as_u64() {
+        Some(t) if t > 0 => format!(", throttled {t}%"),
+        _ => String::new(),
+    };
+    match (r["converged"].as_bool(), r["emu"]["stop-reason"].as_str()) {
+        (Some(true), _) => format!("yes{throttle}"),
+        (_, Some(why)) if status == "completed" => format!("no ({why}: forced switchover{throttle})"),
+        _ => format!("no ({status})"),
+    }
+}
+
+/// What the report says about the run as a whole.
+struct RunInfo<'a> {
+    version: &'a str,
+    revision: &'a str,
+    before: Loopback,
+    after: Loopback,
+    minutes: f64,
+    rounds: usize,
+}
+
+fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
+    let RunInfo { version, revision, before, after, minutes, rounds } = *run;
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let stall = runs.iter().find_map(|r| r["params"]["stall-policy"].as_str()).unwrap_or("?");
+    let mut md = String::from("# emu against QEMU, measured\n\n");
+    md += &format!(
+        "Made by `scripts/bench-vs-qemu.sh` (`emu-bench vs-qemu`) on {date}, in {minutes:.1} minutes: {}. {version}; \
+         emu {revision}.\n\n",
+        machine()
+    );
+    md += &format!(
+        "Reference of this run, single-stream TCP loopback: {:.0} MB/s before, {:.0} MB/s after (into fresh memory, as a \
+         destination receives: {:.0} / {:.0} MB/s). The host's speed varies by 2x between days and by tens of percent \
+         within an hour, so compare the ratios (last column: total time over QEMU multifd-4's in the same round), not \
+         the milliseconds, with other days. Another engineer builds and tests on this 2-core machine at times; a \
+         compile during a run slows whatever migration runs then, which is one reason for the {rounds} round(s), the \
+         order of the VMMs reversed in every second one.\n\n",
+        before.hot / 1e6,
+        after.hot / 1e6,
+        before.fresh / 1e6,
+        after.fresh / 1e6
+    );
+    md += &format!(
+        "Setup, the same for every VMM: the guest `target/guest-images/emu-guest32.elf` (QEMU: `-kernel IMAGE \
+         -append wl=...`; emu: `--guest IMAGE --append wl=...`), {MEM} of RAM, one vCPU, migrated over TCP on \
+         127.0.0.1 to a destination started on the same host once the source's guest is steady; downtime limit \
+         {DOWNTIME_LIMIT_MS} ms on both; no bandwidth limit (QEMU: `max-bandwidth` 0, which QEMU 8.1 and later treat as \
+         unlimited, `RATE_LIMIT_DISABLED` in `migration/migration-stats.c`; its default is 128 MiB/s). QEMU runs with \
+         `-enable-kvm -cpu host,-arch-capabilities -m {MEM} -nographic -monitor none -serial file:... -qmp unix:...` and \
+         `-incoming defer` + `migrate-incoming` on the destination; `qemu-multifd4` sets the `multifd` capability and \
+         `multifd-channels` {MULTIFD_CHANNELS} on both sides. `emu` is emu's default tracker (`kvm-dirty-log`), \
+         `emu-uffd-wp-async` the userfaultfd write-protect tracker (async). A migration still running after \
+         {} s is cancelled and reported as not converged (QEMU has no pass limit; emu forces the switchover after \
+         `max-passes` 30, which it reports as not converged either). Everything else is each VMM's default: QEMU \
+         without auto-converge; emu with `stall-policy` {stall} (auto-converge once passes stop paying; *converged* \
+         says when it throttled). The emu binary and the guest image are copied at the start of the run, so a \
+         rebuild during it does not change them.\n\n",
+        MIGRATION_TIMEOUT.as_secs()
+    );
+    md += "Columns: *total* and *downtime* as each VMM reports them in `query-migrate` (QEMU: whole ms); *MB sent* \
+           `ram.transferred` (QEMU counts multifd bytes in it); *passes* `ram.dirty-sync-count`; *guest rate* pages \
+           written per second by the guest (its own once-a-second report: `rate=` of `dirty`, the growth of \
+           `written=` of `verify`), median of the reports before the migration on the source and after it on the \
+           destination (the first report of each side left out); *goes on*: a workload line came from the \
+           destination after the migration.\n\n";
+    for s in scenarios {
+        md += &format!("## `wl={}`\n\n", s.name);
+        md += "| VMM | round | total ms | downtime ms | MB sent | passes | converged | guest rate before / after (pages/s) | goes on | ratio to qemu-multifd4 |\n|---|---|---|---|---|---|---|---|---|---|\n";
+        for vmm in VMMS {
+            for r in runs.iter().filter(|r| r["scenario"] == s.name && r["vmm"] == vmm.name()) {
+                let mut goes_on = if r["guest-goes-on"] == true { "yes".to_string() } else { "no".to_string() };
+                if s.kind == Kind::Verify && r["guest-goes-on"] == true {
+                    goes_on += &format!(", failures={}", r["verify"]["failures"]);
+                }
+                md += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |\n",
+                    vmm.name(),
+                    r["round"],
+                    num(&r["total-ms"], 0),
+                    num(&r["downtime-ms"], 1),
+                    r["bytes"]
+                        .as_f64()
+                        .map(|b| format!("{:.prec$}", b / 1e6, prec = if b < 1e7 { 1 } else { 0 }))
+                        .unwrap_or("-".into()),
+                    r["passes"].as_u64().map(|p| p.to_string()).unwrap_or("-".into()),
+                    converged_cell(r),
+                    rate(&r["guest-rate-before"]),
+                    rate(&r["guest-rate-after"]),
+                    goes_on,
+                    num(&r["ratio-to-qemu-multifd4"], 2),
+                );
+            }
+        }
+        let errors: Vec<String> = runs
+            .iter()
+            .filter(|r| r["scenario"] == s.name && r.get("error").is_some())
+            .map(|r| format!("- {} round {}: {}\n", r["vmm"].as_str().unwrap_or("?"), r["round"], r["error"]))
+            .collect();
+        if !errors.is_empty() {
+            md += "\nErrors:\n\n";
+            md += &errors.concat();
+        }
+        md += "\n";
+    }
+    md += "## emu's passes\n\nPer emu run: pages sent and dirty pages left after each pass, time per pass, and where \
+           the downtime went (`downtime-breakdown-us`). QEMU reports no per-pass figures, so it is not in this table \
+           nor in the plot.\n\n";
+    md += "| scenario | VMM | round | stop reason | pages sent per pass | dirty pages left per pass | ms per pass | downtime breakdown (us) |\n|---|---|---|---|---|---|---|---|\n";
+    for s in scenarios {
+        for r in runs.iter().filter(|r| r["scenario"] == s.name && r.get("emu").is_some()) {
+            let e = &r["emu"];
+            let ms: Vec<String> = e["pass-time-us"]
+                .as_array()
+                .map(|a| a.iter().map(|v| format!("{:.1}", v.as_f64().unwrap_or(0.0) / 1e3)).collect())
+                .unwrap_or_default();
+            let breakdown = e["downtime-breakdown-us"]
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            md += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.name,
+                r["vmm"].as_str().unwrap_or("?"),
+                r["round"],
+                e["stop-reason"].as_str().unwrap_or("-"),
+                e["pass-pages-sent"],
+                e["pass-dirty-pages"],
+                ms.join(", "),
+                breakdown,
+            );
+        }
+    }
+    md += "\n![emu: dirty pages left per pass](vs-qemu-dirty-per-pass.svg)\n\n(emu only: QEMU does not report its \
+           passes one by one, only their count.)\n";
+    md
+}
+
+/// emu's dirty pages left after each pass, per emu variant and round, for the writing scenarios.
+fn plot_emu_dirty_per_pass(runs: &[Value], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let scenarios: Vec<&str> = SCENARIOS.iter().filter(|s| s.kind != Kind::Idle).map(|s| s.name).collect();
+    let root = SVGBackend::new(path, (1600, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, scenarios.len()));
+    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK, CYAN];
+    for (panel, scenario) in panels.iter().zip(scenarios) {
+        let series: Vec<(String, Vec<(u32, u64)>)> = runs
+            .iter()
+            .filter(|r| r["scenario"] == scenario && r["emu"]["pass-dirty-pages"].is_array())
+            .map(|r| {
+                let pts = r["emu"]["pass-dirty-pages"]
+                    .as_array()
+                    .map(|a| a.iter().enumerate().map(|(i, v)| (i as u32, v.as_u64().unwrap_or(0).max(1))).collect());
+                (format!("{} r{}", r["vmm"].as_str().unwrap_or("?"), r["round"]), pts.unwrap_or_default())
+            })
+            .collect();
+        let max_pass = series.iter().map(|(_, p)| p.len() as u32).max().unwrap_or(1).max(2);
+        let max_y = series.iter().flat_map(|(_, p)| p.iter().map(|&(_, y)| y)).max().unwrap_or(10).max(10) * 2;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("wl={scenario}"), ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0u32..max_pass, (1u64..max_y).log_scale())?;
+        chart.configure_mesh().x_desc("pass").y_desc("dirty pages left").draw()?;
+        for (i, (name, pts)) in series.into_iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
