@@ -266,7 +266,8 @@ fn migration_parameters_are_checked() {
         defaults,
         json!({
             "downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "kvm-dirty-log",
-            "switchover-timeout": 1000,
+            "switchover-timeout": 1000, "stall-policy": "throttle", "cpu-throttle-initial": 20,
+            "cpu-throttle-increment": 10, "dirty-rate-limit": 0,
         })
     );
     // Each refused for its own reason, named in the error (a refusal for another reason would hide
@@ -282,6 +283,10 @@ fn migration_parameters_are_checked() {
         (json!({"bogus": 1}), "unknown migration parameter bogus"),
         (json!({"switchover-timeout": 0}), "switchover-timeout is 1 to 600000 ms"),
         (json!({"switchover-timeout": "1s"}), "switchover-timeout must be a non-negative integer"),
+        (json!({"stall-policy": "pray"}), "unknown stall policy 'pray'"),
+        (json!({"cpu-throttle-initial": 0}), "cpu-throttle-initial is 1 to 99 (percent)"),
+        (json!({"cpu-throttle-increment": 100}), "cpu-throttle-increment is 1 to 99 (percent)"),
+        (json!({"dirty-rate-limit": -5}), "dirty-rate-limit must be a non-negative integer"),
         // A good change before a bad one (parameters are checked in key order): refused as a
         // whole, checked below by nothing having changed.
         (json!({"max-passes": 3, "x-unknown": 1}), "unknown migration parameter x-unknown"),
@@ -378,7 +383,11 @@ per_tracker!(
 /// A guest that rewrites 32 MiB as fast as it can, over a link held to 32 MiB/s: the dirty set
 /// never shrinks.
 fn writer_over_a_slow_link(params: Value) -> (Emu, Emu, Value) {
-    let src = Emu::boot(&["--mem", "128M", "--append", "wl=dirty:32:0"]);
+    writer_over_a_slow_link_tracked("kvm-dirty-log", params)
+}
+
+fn writer_over_a_slow_link_tracked(tracker: &str, params: Value) -> (Emu, Emu, Value) {
+    let src = Emu::boot(&["--dirty-tracker", tracker, "--mem", "128M", "--append", "wl=dirty:32:0"]);
     src.expect_line("dirty: rate=", T);
     let mut all = json!({"max-bandwidth": 32 << 20});
     all.as_object_mut().unwrap().extend(params.as_object().unwrap().clone());
@@ -423,4 +432,42 @@ fn auto_converge_throttles_a_writer_until_it_converges() {
     let (first, min) = (rates[0], *rates.iter().min().unwrap());
     assert!(min * 3 < first, "the guest was not slowed down: rates {rates:?}");
     dst.wait_line(|l| l.contains("dirty: rate="), T).expect("the guest runs on at the destination");
+}
+
+/// Dirty-rate limiting in the fault path (uffd-wp): the guest's first writes to pages are held to
+/// a quarter of the link's rate from the start, and a writer that would never converge converges
+/// within the downtime limit; the guest runs unlimited at the destination.
+#[test]
+fn dirty_rate_limiting_converges_a_writer_over_a_slow_link() {
+    require_kvm!();
+    // 32 MiB/s is 8192 pages/s; a quarter of it.
+    let (src, dst, info) = writer_over_a_slow_link_tracked("uffd-wp", json!({"dirty-rate-limit": 2048}));
+    assert_eq!(info["status"], "completed", "{info}\nsource: {}", src.stderr());
+    assert_eq!(info["converged"], true, "{info}");
+    assert_eq!(info["dirty-rate-limit"], 2048, "{info}");
+    assert!(info["cpu-throttle-percentage"].is_null(), "no throttling was needed: {info}");
+    // The guest's own rate report while it was held (a report covers a second, so one report may
+    // straddle the start): at most about the limit.
+    let rates: Vec<u64> =
+        src.lines().iter().filter(|l| l.contains("dirty: rate=")).filter_map(|l| number_after(l, "rate=")).collect();
+    assert!(rates.iter().any(|&r| r <= 2048 * 3 / 2), "the guest was not held to the limit: rates {rates:?}");
+    let line = dst.wait_line(|l| l.contains("dirty: rate="), T).expect("the guest runs on at the destination");
+    let after = number_after(&line, "rate=").unwrap_or(0);
+    assert!(after > 100 * 2048, "the destination's guest is still held: {line}");
+}
+
+/// A tracker that learns of writes only after they happened cannot hold them: asking for a dirty
+/// rate limit with one fails the migration clearly, and the guest runs on.
+#[test]
+fn a_dirty_rate_limit_needs_a_tracker_that_can_hold_writes() {
+    require_kvm!();
+    let src = Emu::boot(&["--mem", "64M", "--append", "wl=dirty:8:0"]);
+    src.expect_line("dirty: rate=", T);
+    src.qmp_ok("migrate-set-parameters", json!({"dirty-rate-limit": 1000}));
+    let (_dst, uri) = Emu::incoming(&[]);
+    let info = common::migrate(&src, &uri, T);
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("dirty-rate-limit needs") && why.contains("kvm-dirty-log"), "{why}");
+    assert_eq!(src.status(), "running");
 }

@@ -172,6 +172,7 @@ impl MigrationController {
                     p.downtime_limit = Duration::from_millis(v);
                 }
                 "max-bandwidth" => p.max_bandwidth = number()?,
+                "dirty-rate-limit" => p.dirty_rate_limit = number()?,
                 "switchover-timeout" => {
                     let v = number()?;
                     if !(1..=MAX_SWITCHOVER_TIMEOUT_MS).contains(&v) {
@@ -224,6 +225,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "dirty-tracker": p.tracker.name(),
         "switchover-timeout": ms(p.switchover_timeout),
         "stall-policy": p.stall_policy.name(),
+        "dirty-rate-limit": p.dirty_rate_limit,
         "cpu-throttle-initial": p.throttle_initial,
         "cpu-throttle-increment": p.throttle_increment,
     })
@@ -290,6 +292,9 @@ pub fn progress_json(p: &Progress) -> Value {
     }
     if let Some(r) = &p.stall_reason {
         v["stall-reason"] = json!(r);
+    }
+    if p.dirty_rate_limit > 0 {
+        v["dirty-rate-limit"] = json!(p.dirty_rate_limit);
     }
     // QEMU's name; present, as in QEMU, once auto-converge has throttled.
     if p.throttle_percent > 0 || p.stall_reason.is_some() {

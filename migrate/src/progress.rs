@@ -105,6 +105,8 @@ pub struct Progress {
     pub stall_reason: Option<String>,
     /// Auto-converge: percent of vCPU time taken away now (0: none).
     pub throttle_percent: u8,
+    /// Newly dirtied pages per second the tracker holds the guest to now (0: no limit).
+    pub dirty_rate_limit: u64,
     pub switchover: Option<SwitchoverTimes>,
 }
 
@@ -134,6 +136,7 @@ impl Progress {
             converging: None,
             stall_reason: None,
             throttle_percent: 0,
+            dirty_rate_limit: 0,
             switchover: None,
         }
     }

@@ -68,6 +68,9 @@ pub struct MigrationParams {
     /// cpu-throttle-increment (10).
     pub throttle_initial: u8,
     pub throttle_increment: u8,
+    /// Newly dirtied pages per second the guest may make while precopy runs (0: no limit), held in
+    /// the fault path by the tracker (uffd-wp); from the migration's start.
+    pub dirty_rate_limit: u64,
     /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
     /// destination's RAM is known to differ. Never set outside tests.
     pub drop_final_pages: u32,
@@ -88,11 +91,19 @@ pub enum StallPolicy {
     Switchover,
     /// Give the migration up; the guest runs on at the source.
     Fail,
+    /// Hold the guest's dirty rate in the fault path, to a quarter of the link's measured rate,
+    /// halved at each further stall (uffd-wp only; other trackers throttle instead).
+    RateLimit,
 }
 
 impl StallPolicy {
-    pub const ALL: [StallPolicy; 4] =
-        [StallPolicy::Throttle, StallPolicy::KeepGoing, StallPolicy::Switchover, StallPolicy::Fail];
+    pub const ALL: [StallPolicy; 5] = [
+        StallPolicy::Throttle,
+        StallPolicy::KeepGoing,
+        StallPolicy::Switchover,
+        StallPolicy::Fail,
+        StallPolicy::RateLimit,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -100,6 +111,7 @@ impl StallPolicy {
             StallPolicy::KeepGoing => "keep-going",
             StallPolicy::Switchover => "switchover",
             StallPolicy::Fail => "fail",
+            StallPolicy::RateLimit => "rate-limit",
         }
     }
 }
@@ -126,6 +138,7 @@ impl Default for MigrationParams {
             stall_policy: StallPolicy::Throttle,
             throttle_initial: 20,
             throttle_increment: 10,
+            dirty_rate_limit: 0,
             drop_final_pages: 0,
         }
     }
@@ -412,7 +425,17 @@ fn migrate(
     cancel.check()?;
     let ram = vm.ram().clone();
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
-    let log = DirtyLog::start(trackers.build(kind)?, ram.clone())?;
+    let mut log = DirtyLog::start(trackers.build(kind)?, ram.clone())?;
+    let limit = params.lock().unwrap_or_else(|e| e.into_inner()).dirty_rate_limit;
+    if limit > 0 {
+        if !log.set_dirty_rate_limit(limit) {
+            return Err(MigrationError::Tracker(TrackerError::Unavailable(format!(
+                "dirty-rate-limit needs a tracker that sees writes before they happen (uffd-wp), not {}",
+                kind.name()
+            ))));
+        }
+        progress.update(|p| p.dirty_rate_limit = limit);
+    }
     let mut sender = Sender {
         vm,
         uri,
@@ -575,10 +598,27 @@ impl Sender<'_> {
             p.converging = Some(false);
             p.stall_reason = Some(why.clone());
         });
-        match params.stall_policy {
+        let policy = match params.stall_policy {
+            StallPolicy::RateLimit => {
+                let now = self.progress.snapshot().dirty_rate_limit;
+                let link = (self.throughput.bytes_per_sec() / PAGE_SIZE as f64) as u64;
+                let next = if now == 0 { link / 4 } else { now / 2 }.max(1);
+                if self.log.set_dirty_rate_limit(next) {
+                    log::info!("dirty-rate limit: {next} pages/s (link {link} pages/s)");
+                    self.progress.update(|p| p.dirty_rate_limit = next);
+                    since_step.drain(..since_step.len().saturating_sub(1));
+                    return Ok(Decision::Continue);
+                }
+                log::info!("the {} tracker cannot limit the dirty rate: throttling instead", self.log.kind().name());
+                StallPolicy::Throttle
+            }
+            other => other,
+        };
+        match policy {
             StallPolicy::KeepGoing => Ok(Decision::Continue),
             StallPolicy::Switchover => Ok(Decision::Stalled),
             StallPolicy::Fail => Err(MigrationError::NotConverging(why)),
+            StallPolicy::RateLimit => unreachable!("handled above"),
             StallPolicy::Throttle => {
                 let now = self.progress.snapshot().throttle_percent;
                 let next =

@@ -302,3 +302,46 @@ fn uffd_wp_final_collect_counts_every_completed_write() {
 fn uffd_wp_async_final_collect_counts_every_completed_write() {
     final_collect_counts_every_completed_write(TrackerKind::UffdWpAsync);
 }
+
+/// The synchronous tracker holds first writes to a dirty rate: with a limit of 400 pages/s, 60
+/// first writes to distinct pages take at least 59/400 s; rewriting a page already written costs
+/// nothing; an async tracker says it cannot limit (it learns of writes after the fact).
+#[test]
+fn uffd_wp_holds_first_writes_to_the_dirty_rate_limit() {
+    let _serial = lock(&SERIAL);
+    if !available(TrackerKind::UffdWp) {
+        return;
+    }
+    let ram = populated_ram();
+    let mut t = TrackerSources::ram_only(ram.clone()).build(TrackerKind::UffdWp).expect("build");
+    t.start().expect("start");
+    assert!(t.set_dirty_rate_limit(400));
+    let writer = {
+        let ram = ram.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            for p in 0..60 {
+                ram.write(ram.layout().gpa_of(p), &pattern(p, 1)).expect("write RAM");
+            }
+            let first = started.elapsed();
+            let again = std::time::Instant::now();
+            for p in 0..60 {
+                ram.write(ram.layout().gpa_of(p), &pattern(p, 2)).expect("write RAM");
+            }
+            (first, again.elapsed())
+        })
+    };
+    let (first, again) = writer.join().expect("the writer panicked");
+    assert!(first >= std::time::Duration::from_millis(59 * 1000 / 400), "60 first writes took {first:?}");
+    assert!(again < std::time::Duration::from_millis(50), "rewrites of dirty pages were held: {again:?}");
+    assert_eq!(collect(&mut *t), (0..60).collect::<Vec<_>>());
+    // Lifted: the next first writes go at once.
+    assert!(t.set_dirty_rate_limit(0));
+    let started = std::time::Instant::now();
+    write_from_another_thread(&ram, 100, 3);
+    assert!(started.elapsed() < std::time::Duration::from_millis(100));
+    t.stop().expect("stop");
+
+    let mut a = TrackerSources::ram_only(ram).build(TrackerKind::UffdWpAsync).expect("build");
+    assert!(!a.set_dirty_rate_limit(400), "the async tracker cannot hold writes");
+}

@@ -113,6 +113,13 @@ pub trait DirtyTracker: Send {
         self.collect(dirty)
     }
 
+    /// Holds the guest to at most `pages_per_sec` newly dirtied pages per second from now on (0: no
+    /// limit), by making writes wait where the tracker sees them first. `false` if this tracker
+    /// cannot (it learns of writes only after they are done).
+    fn set_dirty_rate_limit(&mut self, _pages_per_sec: u64) -> bool {
+        false
+    }
+
     /// Stops tracking: all of RAM writable, no thread left behind. Idempotent.
     fn stop(&mut self) -> Result<(), TrackerError>;
 }
@@ -208,6 +215,11 @@ impl DirtyLog {
         self.tracker.collect_final(dirty)?;
         self.ram.drain_vmm_dirty(dirty);
         Ok(())
+    }
+
+    /// See [`DirtyTracker::set_dirty_rate_limit`].
+    pub fn set_dirty_rate_limit(&mut self, pages_per_sec: u64) -> bool {
+        self.tracker.set_dirty_rate_limit(pages_per_sec)
     }
 
     pub fn stop(&mut self) -> Result<(), TrackerError> {

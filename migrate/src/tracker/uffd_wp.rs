@@ -16,10 +16,18 @@
 //! The emulator's own writes into guest RAM fault like the guest's and are resolved by the same
 //! thread, so no emulator thread may ever be the one resolving its own fault: only the fault thread
 //! resolves, and it never writes guest RAM.
+//!
+//! Because every first write to a page waits for the fault thread, the fault thread can also hold
+//! the guest to a dirty rate ([`DirtyTracker::set_dirty_rate_limit`]): it resolves at most that many
+//! faults per second, and a vCPU whose write would exceed it waits in its fault. A guest that writes
+//! faster than the link can then still converge, and only its first writes to pages pay: a guest
+//! rewriting pages it already dirtied runs at full speed. No kernel bitmap can do this.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::{DirtyTracker, TrackerError, TrackerKind};
 use crate::bitmap::{AtomicBitmap, PageBitmap};
@@ -36,11 +44,13 @@ struct Running {
 pub struct UffdWpTracker {
     ram: Arc<GuestRam>,
     running: Option<Running>,
+    /// Faults resolved per second at most (0: no limit); read by the fault thread at every fault.
+    rate_limit: Arc<AtomicU64>,
 }
 
 impl UffdWpTracker {
     pub fn new(ram: Arc<GuestRam>) -> Self {
-        UffdWpTracker { ram, running: None }
+        UffdWpTracker { ram, running: None, rate_limit: Arc::new(AtomicU64::new(0)) }
     }
 
     /// A userfaultfd that write-protects unpopulated pages too; without WP_UNPOPULATED (older
@@ -69,9 +79,10 @@ impl UffdWpTracker {
         let thread = {
             let (uffd, dirty, ram) = (uffd.clone(), dirty.clone(), self.ram.clone());
             let stop_fd = stop.try_clone().map_err(TrackerError::Thread)?;
+            let mut pacer = Pacer { limit: self.rate_limit.clone(), next: None };
             std::thread::Builder::new()
                 .name("uffd-wp".into())
-                .spawn(move || fault_loop(&uffd, &ram, &dirty, &stop_fd))
+                .spawn(move || fault_loop(&uffd, &ram, &dirty, &stop_fd, &mut pacer))
                 .map_err(TrackerError::Thread)?
         };
         Ok(Running { uffd, dirty, stop, thread: Some(thread) })
@@ -85,8 +96,51 @@ fn signal(stop: &OwnedFd) {
     unsafe { libc::write(stop.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
-/// The fault thread: unprotect, then mark (see the module comment for why in that order).
-fn fault_loop(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap, stop: &OwnedFd) -> Result<(), UffdError> {
+/// Holds fault resolution to at most `limit` per second: one every 1/limit s, no burst saved up.
+struct Pacer {
+    limit: Arc<AtomicU64>,
+    next: Option<Instant>,
+}
+
+impl Pacer {
+    /// Waits until the next fault may be resolved; `false` if told to stop meanwhile.
+    fn wait(&mut self, stop: &OwnedFd) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit == 0 {
+            self.next = None;
+            return true;
+        }
+        let now = Instant::now();
+        let at = self.next.map_or(now, |n| n.max(now));
+        if at > now && stop_signalled(stop, at - now) {
+            return false;
+        }
+        self.next = Some(at + Duration::from_secs_f64(1.0 / limit as f64));
+        true
+    }
+}
+
+/// Waits up to `timeout` for the stop eventfd; whether it was signalled. `ppoll`, not `poll`:
+/// the pacer's waits are tens of microseconds, below poll's millisecond.
+fn stop_signalled(stop: &OwnedFd, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: one valid pollfd and a valid timespec for the duration of the call; no signal mask.
+    unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) > 0 }
+}
+
+/// The fault thread: unprotect, then mark (see the module comment for why in that order), each
+/// fault when the pacer lets it.
+fn fault_loop(
+    uffd: &Uffd,
+    ram: &GuestRam,
+    dirty: &AtomicBitmap,
+    stop: &OwnedFd,
+    pacer: &mut Pacer,
+) -> Result<(), UffdError> {
     let mut fds = [
         libc::pollfd { fd: uffd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -104,21 +158,34 @@ fn fault_loop(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap, stop: &OwnedFd)
         if fds[1].revents != 0 {
             return Ok(());
         }
-        resolve_pending(uffd, ram, dirty)?;
+        if !resolve_pending(uffd, ram, dirty, &mut |_| pacer.wait(stop))? {
+            return Ok(());
+        }
     }
 }
 
 /// Resolves every fault event waiting on `uffd`: unprotect (which wakes the vCPU), then mark.
-fn resolve_pending(uffd: &Uffd, ram: &GuestRam, dirty: &AtomicBitmap) -> Result<(), UffdError> {
+/// `pace` is asked before each fault; `false` stops there (a fault read but not resolved leaves its
+/// write undone: the vCPU retries it, and faults again, after it is next resumed). Returns whether
+/// it went through.
+fn resolve_pending(
+    uffd: &Uffd,
+    ram: &GuestRam,
+    dirty: &AtomicBitmap,
+    pace: &mut dyn FnMut(u64) -> bool,
+) -> Result<bool, UffdError> {
     let mut msgs = [UffdMsg::default(); 64];
     loop {
         let n = uffd.read_events(&mut msgs)?;
         if n == 0 {
-            return Ok(());
+            return Ok(true);
         }
         for m in &msgs[..n] {
             if m.event != uffd::EVENT_PAGEFAULT || m.flags & uffd::PAGEFAULT_FLAG_WP == 0 {
                 continue;
+            }
+            if !pace(m.address) {
+                return Ok(false);
             }
             let page_addr = m.address & !(PAGE_SIZE as u64 - 1);
             uffd.write_protect(page_addr, PAGE_SIZE as u64, false)?;
@@ -190,11 +257,19 @@ impl DirtyTracker for UffdWpTracker {
                 Err(_) => return Err(TrackerError::FaultThread("it panicked".into())),
             }
         }
-        resolve_pending(&r.uffd, &self.ram, &r.dirty)?;
+        // The guest is paused: nothing to pace.
+        resolve_pending(&r.uffd, &self.ram, &r.dirty, &mut |_| true)?;
         self.collect(into)
     }
 
+    fn set_dirty_rate_limit(&mut self, pages_per_sec: u64) -> bool {
+        self.rate_limit.store(pages_per_sec, Ordering::Relaxed);
+        true
+    }
+
     fn stop(&mut self) -> Result<(), TrackerError> {
+        // The next migration starts unlimited.
+        self.rate_limit.store(0, Ordering::Relaxed);
         let Some(mut r) = self.running.take() else {
             return Ok(());
         };
