@@ -446,11 +446,15 @@ fn dirty_rate_limiting_converges_a_writer_over_a_slow_link() {
     assert_eq!(info["converged"], true, "{info}");
     assert_eq!(info["dirty-rate-limit"], 2048, "{info}");
     assert!(info["cpu-throttle-percentage"].is_null(), "no throttling was needed: {info}");
-    // The guest's own rate report while it was held (a report covers a second, so one report may
-    // straddle the start): at most about the limit.
+    // What the passes after the first had to resend is what the guest dirtied meanwhile: at most
+    // about the limit times the time taken (unheld, it rewrites all 8192 pages every pass).
+    let secs = info["total-time"].as_f64().unwrap() / 1e3;
+    let resent: u64 = info["passes"].as_array().unwrap()[1..].iter().map(|p| p["pages"].as_u64().unwrap()).sum();
+    assert!((resent as f64) <= 2048.0 * secs * 1.5 + 64.0, "{resent} pages resent in {secs} s: not held\n{info}");
+    // and the guest felt it (its once-a-second report that covers the migration is far below).
     let rates: Vec<u64> =
         src.lines().iter().filter(|l| l.contains("dirty: rate=")).filter_map(|l| number_after(l, "rate=")).collect();
-    assert!(rates.iter().any(|&r| r <= 2048 * 3 / 2), "the guest was not held to the limit: rates {rates:?}");
+    assert!(rates.iter().any(|&r| r * 10 < rates[0]), "the guest was not slowed: rates {rates:?}");
     let line = dst.wait_line(|l| l.contains("dirty: rate="), T).expect("the guest runs on at the destination");
     let after = number_after(&line, "rate=").unwrap_or(0);
     assert!(after > 100 * 2048, "the destination's guest is still held: {line}");
