@@ -255,6 +255,8 @@ pub fn progress_json(p: &Progress) -> Value {
         "passes": p.passes.iter().map(|r| json!({
             "pass": r.pass, "pages": r.pages, "bytes": r.bytes,
             "time-us": r.duration.as_micros() as u64, "dirty-after": r.dirty_after,
+            "send-us": r.send.as_micros() as u64, "bandwidth-wait-us": r.bandwidth_wait.as_micros() as u64,
+            "read-us": r.duration.saturating_sub(r.send + r.bandwidth_wait).as_micros() as u64,
         })).collect::<Vec<_>>(),
     });
     if let Some(d) = p.setup_time {

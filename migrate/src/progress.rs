@@ -64,6 +64,11 @@ pub struct PassRecord {
     pub pages: u64,
     pub bytes: u64,
     pub duration: Duration,
+    /// Of `duration`: handing PAGES records to the socket (the link, and the destination taking
+    /// them), and sleeping to keep within `max-bandwidth`. The rest is reading the pages and finding
+    /// the zero ones: where a pass's time goes, for deciding what to make faster.
+    pub send: Duration,
+    pub bandwidth_wait: Duration,
     /// Dirty pages found when the pass ended (what the next pass, or the switchover, must send).
     pub dirty_after: u64,
 }

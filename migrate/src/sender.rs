@@ -454,6 +454,8 @@ fn migrate(
         pass_started: Instant::now(),
         throttle: true,
         end_sent: false,
+        pass_send: Duration::ZERO,
+        pass_wait: Duration::ZERO,
     };
     let result = sender.run().map_err(|e| sender.explain(e));
     if let Err(e) = &result {
@@ -502,6 +504,9 @@ struct Sender<'a> {
     throttle: bool,
     /// END went out: the destination may hold a complete guest, waiting for GO.
     end_sent: bool,
+    /// This pass so far: time in socket writes of PAGES, and in bandwidth sleeps.
+    pass_send: Duration,
+    pass_wait: Duration,
 }
 
 impl Sender<'_> {
@@ -798,6 +803,7 @@ impl Sender<'_> {
     ) -> Result<(), MigrationError> {
         self.pass_started = Instant::now();
         self.pass_bytes_start = self.enc.bytes_written();
+        (self.pass_send, self.pass_wait) = (Duration::ZERO, Duration::ZERO);
         self.progress.update(|p| p.pass = pass);
         let layout = self.ram.layout().clone();
         let mut sent = 0u64;
@@ -835,7 +841,15 @@ impl Sender<'_> {
         self.progress.update(|p| {
             p.bytes = total;
             p.throughput = rate;
-            p.passes.push(PassRecord { pass, pages: sent, bytes, duration, dirty_after: 0 });
+            p.passes.push(PassRecord {
+                pass,
+                pages: sent,
+                bytes,
+                duration,
+                send: self.pass_send,
+                bandwidth_wait: self.pass_wait,
+                dirty_after: 0,
+            });
         });
         Ok(())
     }
@@ -868,7 +882,9 @@ impl Sender<'_> {
         self.cancel.check()?;
         self.check_peer()?;
         let n = self.batch.len() as u64;
+        let sending = Instant::now();
         self.enc.pages(&mut self.batch)?;
+        self.pass_send += sending.elapsed();
         let total = self.enc.bytes_written();
         // The running estimate includes the pass in flight, so progress shows a rate during pass 0.
         let so_far = Throughput {
@@ -901,7 +917,7 @@ impl Sender<'_> {
     }
 
     /// Sleeps as long as this pass is ahead of `max_bandwidth`.
-    fn throttle_bandwidth(&self) {
+    fn throttle_bandwidth(&mut self) {
         let limit = self.params().max_bandwidth;
         if !self.throttle || limit == 0 {
             return;
@@ -911,6 +927,7 @@ impl Sender<'_> {
         let elapsed = self.pass_started.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
+            self.pass_wait += due - elapsed;
         }
     }
 
