@@ -552,6 +552,59 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> 
     Ok(out)
 }
 
+// ---- the host ----------------------------------------------------------------------------------------
+
+/// CPU time (user + system, clock ticks) of every process but this one, by pid, with its name.
+fn cpu_ticks() -> Vec<(u32, String, u64)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after its last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let comm = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after comm.
+        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        out.push((pid, comm, ticks));
+    }
+    out
+}
+
+/// What other processes keep the host busy with, over one second while this benchmark runs no VM:
+/// the cores they use in all, and the busiest of them. On a 2-core host a compile, a test suite or
+/// a forgotten guest during the run changes every figure, the ratios included (it takes more from
+/// a VMM with fewer busy threads).
+fn host_load(when: &str) -> Value {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let a = cpu_ticks();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = cpu_ticks();
+    let secs = t0.elapsed().as_secs_f64();
+    let mut busy: Vec<(f64, String)> = b
+        .iter()
+        .filter_map(|(pid, comm, t)| {
+            let before = a.iter().find(|(p, _, _)| p == pid).map(|x| x.2)?;
+            let cores = t.saturating_sub(before) as f64 / hz / secs;
+            (cores > 0.0).then(|| (cores, format!("{comm} ({pid})")))
+        })
+        .collect();
+    busy.sort_by(|x, y| y.0.total_cmp(&x.0));
+    let total: f64 = busy.iter().map(|x| x.0).sum();
+    let top: Vec<Value> =
+        busy.iter().take(3).map(|(c, n)| json!({"process": n, "cores": (c * 100.0).round() / 100.0})).collect();
+    let v = json!({"bench": "host-load", "when": when, "other-processes-cores": (total * 100.0).round() / 100.0, "busiest": top});
+    emit(v.clone());
+    v
+}
+
 // ---- the benchmark --------------------------------------------------------------------------------
 
 pub fn vs_qemu(args: &[String]) {
@@ -581,9 +634,13 @@ pub fn vs_qemu(args: &[String]) {
     let revision = emu_revision();
     let started = Instant::now();
     emit(json!({"bench": "vs-qemu", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let mut loads = vec![host_load("start")];
     let loop_before = measure_loopback("before");
     let mut runs: Vec<Value> = Vec::new();
     for s in &scenarios {
+        if s.name != scenarios[0].name {
+            loads.push(host_load(&format!("before {}", s.name)));
+        }
         for round in 0..rounds {
             let order: Vec<Vmm> = if round % 2 == 0 { VMMS.to_vec() } else { VMMS.iter().rev().copied().collect() };
             let mut this: Vec<Value> = order.iter().map(|&v| run(s, v, round + 1, loop_before)).collect();
@@ -602,13 +659,21 @@ pub fn vs_qemu(args: &[String]) {
         }
     }
     let loop_after = measure_loopback("after");
+    loads.push(host_load("end"));
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     emit(json!({"bench": "vs-qemu", "done": true, "minutes": minutes}));
 
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     let _ = std::fs::create_dir_all(&docs);
-    let run =
-        RunInfo { version: &version, revision: &revision, before: loop_before, after: loop_after, minutes, rounds };
+    let run = RunInfo {
+        version: &version,
+        revision: &revision,
+        before: loop_before,
+        after: loop_after,
+        minutes,
+        rounds,
+        loads: &loads,
+    };
     let md = report(&run, &scenarios, &runs);
     if let Err(e) = std::fs::write(docs.join("vs-qemu.md"), md) {
         eprintln!("cannot write docs/vs-qemu.md: {e}");
@@ -660,10 +725,12 @@ struct RunInfo<'a> {
     after: Loopback,
     minutes: f64,
     rounds: usize,
+    /// `host_load` at the start, between scenarios and at the end.
+    loads: &'a [Value],
 }
 
 fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
-    let RunInfo { version, revision, before, after, minutes, rounds } = *run;
+    let RunInfo { version, revision, before, after, minutes, rounds, loads } = *run;
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")
@@ -689,6 +756,36 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
         before.fresh / 1e6,
         after.fresh / 1e6
     );
+    md += "Other processes on the host, over one second at the start, between scenarios and at the end (cores in \
+           use, and the busiest): ";
+    let checks: Vec<String> = loads
+        .iter()
+        .map(|l| {
+            let top: Vec<String> = l["busiest"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["cores"].as_f64().unwrap_or(0.0) >= 0.05)
+                .map(|b| format!("{} {}", b["process"].as_str().unwrap_or("?"), b["cores"]))
+                .collect();
+            format!(
+                "{}: {:.2}{}",
+                l["when"].as_str().unwrap_or("?"),
+                l["other-processes-cores"].as_f64().unwrap_or(0.0),
+                if top.is_empty() { String::new() } else { format!(" ({})", top.join(", ")) }
+            )
+        })
+        .collect();
+    md += &checks.join("; ");
+    let worst = loads.iter().filter_map(|l| l["other-processes-cores"].as_f64()).fold(0.0, f64::max);
+    if worst >= 0.5 {
+        md += &format!(
+            ". **The host was not quiet**: up to {worst:.1} of its {} cores went to other processes at a check, so \
+             every figure below, the ratios included, is disturbed (a VMM with fewer busy threads loses more to them).",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
+    }
+    md += "\n\n";
     md += &format!(
         "Setup, the same for every VMM: the guest `target/guest-images/emu-guest32.elf` (QEMU: `-kernel IMAGE \
          -append wl=...`; emu: `--guest IMAGE --append wl=...`), {MEM} of RAM, one vCPU, migrated over TCP on \
