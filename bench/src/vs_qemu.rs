@@ -543,6 +543,8 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> 
             "pass-dirty-pages": passes.iter().map(|p| p["dirty-after"].clone()).collect::<Vec<_>>(),
             "pass-pages-sent": passes.iter().map(|p| p["pages"].clone()).collect::<Vec<_>>(),
             "pass-time-us": passes.iter().map(|p| p["time-us"].clone()).collect::<Vec<_>>(),
+            // Everything emu says per pass (send-us, read-us, bandwidth-wait-us where it has them).
+            "passes": passes,
             "duplicate": info["ram"]["duplicate"],
             "normal": info["ram"]["normal"],
         });
@@ -848,10 +850,11 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
         }
         md += "\n";
     }
-    md += "## emu's passes\n\nPer emu run: pages sent and dirty pages left after each pass, time per pass, and where \
-           the downtime went (`downtime-breakdown-us`). QEMU reports no per-pass figures, so it is not in this table \
-           nor in the plot.\n\n";
-    md += "| scenario | VMM | round | stop reason | pages sent per pass | dirty pages left per pass | ms per pass | downtime breakdown (us) |\n|---|---|---|---|---|---|---|---|\n";
+    md += "## emu's passes\n\nPer emu run: pages sent and dirty pages left after each pass, time per pass, of it the \
+           time spent handing records to the socket (`send-us`; the rest is reading pages and finding zero ones), and \
+           where the downtime went (`downtime-breakdown-us`). QEMU reports no per-pass figures, so it is not in this \
+           table nor in the plot.\n\n";
+    md += "| scenario | VMM | round | stop reason | pages sent per pass | dirty pages left per pass | ms per pass | of it in socket writes (ms) | downtime breakdown (us) |\n|---|---|---|---|---|---|---|---|---|\n";
     for s in scenarios {
         for r in runs.iter().filter(|r| r["scenario"] == s.name && r.get("emu").is_some()) {
             let e = &r["emu"];
@@ -859,12 +862,20 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
                 .as_array()
                 .map(|a| a.iter().map(|v| format!("{:.1}", v.as_f64().unwrap_or(0.0) / 1e3)).collect())
                 .unwrap_or_default();
+            let send: Vec<String> = e["passes"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| p["send-us"].as_f64().map(|v| format!("{:.1}", v / 1e3)).unwrap_or("-".into()))
+                        .collect()
+                })
+                .unwrap_or_default();
             let breakdown = e["downtime-breakdown-us"]
                 .as_object()
                 .map(|o| o.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
                 .unwrap_or_default();
             md += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.name,
                 r["vmm"].as_str().unwrap_or("?"),
                 r["round"],
@@ -872,6 +883,7 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
                 e["pass-pages-sent"],
                 e["pass-dirty-pages"],
                 ms.join(", "),
+                send.join(", "),
                 breakdown,
             );
         }
