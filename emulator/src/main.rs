@@ -110,16 +110,23 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     // Receiving and waiting for GO happen off the main thread, so that `quit` still works meanwhile
     // (the guest never ran here, so nothing is lost by it).
     let (done_tx, done) = crossbeam_channel::bounded(1);
-    let (c, h) = (commands.clone(), handover.clone());
+    let (c, h, paused) = (commands.clone(), handover.clone(), args.paused);
     std::thread::Builder::new().name("incoming-migration".into()).spawn(move || {
         let received = server
             .next_migration()
             .map_err(anyhow::Error::from)
             .and_then(|accepted| migration::receive(accepted, &h, limits, make_config, events_tx));
-        let outcome = received.map(|r| {
+        let outcome = received.and_then(|mut r| {
             c.attach(r.vm.clone(), tracker);
             let decision = h.wait_decision();
-            (r, decision)
+            // Decided: STARTED first, then the resume, right here. Once the guest runs it takes a
+            // core, and on a small host a reply queued behind it (or behind a hop to another
+            // thread) would add milliseconds to what the source measures as downtime.
+            if let Decision::Run { guest_was_running } = decision {
+                r.started();
+                r.vm.finish_incoming(guest_was_running && !paused)?;
+            }
+            Ok((r, decision))
         });
         let _ = done_tx.send((outcome, server));
     })?;
@@ -127,12 +134,10 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
         recv(events) -> _ => return Ok(ExitCode::SUCCESS), // quit before the guest was ours
         recv(done) -> d => d.context("the incoming migration thread ended")?,
     };
-    let (mut received, decision) = outcome?;
+    let (received, decision) = outcome?;
     let vm = received.vm.clone();
     match decision {
-        Decision::Run { guest_was_running } => {
-            vm.finish_incoming(guest_was_running && !args.paused)?;
-            received.started();
+        Decision::Run { .. } => {
             eprintln!("emu: migration received: {} MiB in {} passes", received.bytes >> 20, received.passes);
             // A source that missed STARTED may still ask; answer until it knows.
             server.close_when_source_informed(None);
