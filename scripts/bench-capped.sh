@@ -10,6 +10,8 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 (cd "$top" && cargo build --release --quiet)
 E=$top/target/release/emu
 BW=$((100 << 20))
+# Whatever ends this script (a timeout, ^C) ends the emus it started.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
 run() {
     local tracker=$1 params=$2 d port sp dp s
@@ -19,7 +21,6 @@ run() {
     sp=$!
     "$E" --incoming "tcp:127.0.0.1:$port" --monitor "unix:$d/d.sock" >"$d/dst.out" 2>&1 &
     dp=$!
-    trap 'kill $sp $dp 2>/dev/null || true' RETURN
     sleep 4
     "$E" qmp "unix:$d/s.sock" migrate-set-parameters "$params" >/dev/null
     "$E" qmp "unix:$d/s.sock" migrate "{\"uri\": \"tcp:127.0.0.1:$port\"}" >/dev/null
