@@ -599,7 +599,8 @@ fn host_load(when: &str) -> Value {
         })
         .collect();
     busy.sort_by(|x, y| y.0.total_cmp(&x.0));
-    let total: f64 = busy.iter().map(|x| x.0).sum();
+    // (A sum of nothing is -0.0.)
+    let total: f64 = busy.iter().map(|x| x.0).fold(0.0, |a, b| a + b);
     let top: Vec<Value> =
         busy.iter().take(3).map(|(c, n)| json!({"process": n, "cores": (c * 100.0).round() / 100.0})).collect();
     let v = json!({"bench": "host-load", "when": when, "other-processes-cores": (total * 100.0).round() / 100.0, "busiest": top});
