@@ -9,6 +9,7 @@
 //!                       collect a pass per GiB, and the precopy scenarios; writes docs/trackers.md
 //!                       and docs/trackers-dirty-per-pass.svg
 
+mod plot;
 mod vs_qemu;
 
 use emu_harness as common;
@@ -463,42 +464,17 @@ fn tracker_table(costs: &[Value], runs: &[(String, Value)], loopback: Loopback) 
 
 /// Dirty pages left after each pass, per tracker, for the writing scenarios.
 fn plot_dirty_per_pass(runs: &[(String, Value)], path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
     let scenarios = ["dirty-256M-25k", "dirty-256M-250k", "dirty-256M-max", ITERATING.name];
-    let root = SVGBackend::new(path, (1600, 420)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let panels = root.split_evenly((1, scenarios.len()));
-    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK];
-    for (panel, scenario) in panels.iter().zip(scenarios) {
-        let series: Vec<(&str, Vec<(u32, u64)>)> = runs
-            .iter()
-            .filter(|(_, r)| r["scenario"] == scenario)
-            .map(|(t, r)| {
-                let pts = r["pass-dirty-pages"]
-                    .as_array()
-                    .map(|a| a.iter().enumerate().map(|(i, v)| (i as u32, v.as_u64().unwrap_or(0).max(1))).collect());
-                (t.as_str(), pts.unwrap_or_default())
-            })
-            .collect();
-        let max_pass = series.iter().map(|(_, p)| p.len() as u32).max().unwrap_or(1).max(2);
-        let max_y = series.iter().flat_map(|(_, p)| p.iter().map(|&(_, y)| y)).max().unwrap_or(10).max(10) * 2;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(scenario, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(32)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0u32..max_pass, (1u64..max_y).log_scale())?;
-        chart.configure_mesh().x_desc("pass").y_desc("dirty pages left").draw()?;
-        for (i, (tracker, pts)) in series.into_iter().enumerate() {
-            let color = colors[i % colors.len()];
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(tracker)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
-        }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
-    }
-    root.present()?;
-    Ok(())
+    let panels = scenarios
+        .iter()
+        .map(|&scenario| plot::Panel {
+            caption: scenario.to_string(),
+            series: runs
+                .iter()
+                .filter(|(_, r)| r["scenario"] == scenario)
+                .map(|(t, r)| (t.clone(), plot::points(&r["pass-dirty-pages"])))
+                .collect(),
+        })
+        .collect();
+    plot::dirty_per_pass(path, panels)
 }

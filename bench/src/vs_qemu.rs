@@ -896,42 +896,20 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
 
 /// emu's dirty pages left after each pass, per emu variant and round, for the writing scenarios.
 fn plot_emu_dirty_per_pass(runs: &[Value], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    let scenarios: Vec<&str> = SCENARIOS.iter().filter(|s| s.kind != Kind::Idle).map(|s| s.name).collect();
-    let root = SVGBackend::new(path, (1600, 420)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let panels = root.split_evenly((1, scenarios.len()));
-    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK, CYAN];
-    for (panel, scenario) in panels.iter().zip(scenarios) {
-        let series: Vec<(String, Vec<(u32, u64)>)> = runs
-            .iter()
-            .filter(|r| r["scenario"] == scenario && r["emu"]["pass-dirty-pages"].is_array())
-            .map(|r| {
-                let pts = r["emu"]["pass-dirty-pages"]
-                    .as_array()
-                    .map(|a| a.iter().enumerate().map(|(i, v)| (i as u32, v.as_u64().unwrap_or(0).max(1))).collect());
-                (format!("{} r{}", r["vmm"].as_str().unwrap_or("?"), r["round"]), pts.unwrap_or_default())
-            })
-            .collect();
-        let max_pass = series.iter().map(|(_, p)| p.len() as u32).max().unwrap_or(1).max(2);
-        let max_y = series.iter().flat_map(|(_, p)| p.iter().map(|&(_, y)| y)).max().unwrap_or(10).max(10) * 2;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(format!("wl={scenario}"), ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(32)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0u32..max_pass, (1u64..max_y).log_scale())?;
-        chart.configure_mesh().x_desc("pass").y_desc("dirty pages left").draw()?;
-        for (i, (name, pts)) in series.into_iter().enumerate() {
-            let color = colors[i % colors.len()];
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
-            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
-        }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
-    }
-    root.present()?;
-    Ok(())
+    let panels = SCENARIOS
+        .iter()
+        .filter(|s| s.kind != Kind::Idle)
+        .map(|s| crate::plot::Panel {
+            caption: format!("wl={}", s.name),
+            series: runs
+                .iter()
+                .filter(|r| r["scenario"] == s.name && r["emu"]["pass-dirty-pages"].is_array())
+                .map(|r| {
+                    let name = format!("{} r{}", r["vmm"].as_str().unwrap_or("?"), r["round"]);
+                    (name, crate::plot::points(&r["emu"]["pass-dirty-pages"]))
+                })
+                .collect(),
+        })
+        .collect();
+    crate::plot::dirty_per_pass(path, panels)
 }
