@@ -49,3 +49,28 @@ pub fn dirty_per_pass(path: &Path, panels: Vec<Panel>) -> Result<(), Box<dyn std
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_every_panel_and_series() {
+        let path = std::env::temp_dir().join(format!("emu-plot-{}.svg", std::process::id()));
+        let panel = |c: &str| Panel {
+            caption: c.to_string(),
+            series: vec![
+                ("a".to_string(), points(&serde_json::json!([65536, 4000, 12, 0]))),
+                ("b".to_string(), points(&serde_json::json!([1000, 1000]))),
+            ],
+        };
+        dirty_per_pass(&path, vec![panel("left"), panel("right")]).expect("draw");
+        let svg = std::fs::read_to_string(&path).expect("the plot was written");
+        let _ = std::fs::remove_file(&path);
+        // Each text element's content is a line of its own.
+        for text in ["left", "right", "dirty pages left", "a", "b"] {
+            assert!(svg.lines().any(|l| l.trim() == text), "no {text:?} in the plot");
+        }
+        assert_eq!(points(&serde_json::json!([0, 5])), vec![(0, 1), (1, 5)], "zero is drawn at 1 (log scale)");
+    }
+}
