@@ -531,9 +531,13 @@ impl Sender<'_> {
         });
 
         // Pass 0: everything. Pages the host's page tables show to be zero are not read.
-        let known_zero = pagemap::zero_pages(&self.ram, ZeroHints::get()).ok();
-        let all = PageBitmap::full(self.ram.page_count());
-        self.send_pass(0, &all, known_zero.as_ref())?;
+        {
+            // Both bitmaps go once pass 0 is out: the sender keeps two per migration after it (the
+            // dirty set, and the pass being sent), 32 KiB per GiB of guest RAM each.
+            let known_zero = pagemap::zero_pages(&self.ram, ZeroHints::get()).ok();
+            let all = PageBitmap::full(self.ram.page_count());
+            self.send_pass(0, &all, known_zero.as_ref())?;
+        }
 
         // Passes 1..n while the guest runs. Before stopping the guest, wait until the destination has
         // applied what it was sent (SYNC), so that its backlog is not part of the downtime; then look
