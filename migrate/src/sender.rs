@@ -623,6 +623,16 @@ impl Sender<'_> {
             }
             other => other,
         };
+        // Pausing and resuming the vCPUs a hundred times a second while KVM's dirty rings track
+        // them lost writes in the test suite on this host (pages missing at the destination; a
+        // single pause, as at the switchover, does not). Until that is understood, such a
+        // migration does not throttle.
+        let policy = if policy == StallPolicy::Throttle && self.log.kind() == TrackerKind::KvmDirtyRing {
+            log::warn!("auto-converge is not used with kvm-dirty-ring; going on without it");
+            StallPolicy::KeepGoing
+        } else {
+            policy
+        };
         match policy {
             StallPolicy::KeepGoing => Ok(Decision::Continue),
             StallPolicy::Switchover => Ok(Decision::Stalled),
