@@ -31,6 +31,8 @@ use crate::vm::{MigratableVm, VmError};
 
 /// How long the source waits (guest running) for the destination to catch up with a SYNC.
 const SYNC_TIMEOUT: Duration = transport::STALL_TIMEOUT;
+/// What an unresolved migration's `error-desc` says to do.
+const RESOLVE_HINT: &str = r#"migrate-resolve {"keep": "source" or "destination"} decides"#;
 /// Attempts to tell a destination ABORT on new connections after a failed switchover.
 const ABORT_NOTICES: u32 = 5;
 /// Stream buffer for small records (PAGES records of 1 MiB go out directly).
@@ -322,7 +324,8 @@ pub fn start(
                 vm.migration_unresolved();
                 p.update(|p| {
                     p.status = Status::Unresolved;
-                    p.error = Some(why.clone());
+                    // The way out is named from the first moment, before the first question.
+                    p.error = Some(format!("{why}; asking the destination; {RESOLVE_HINT}"));
                 });
                 settle(&*vm, &uri, id, &why, &p, &r);
             }
@@ -389,9 +392,7 @@ fn settle(vm: &dyn MigratableVm, uri: &Uri, id: u64, why: &str, progress: &Progr
             Err(e) => e,
         };
         progress.update(|p| {
-            p.error = Some(format!(
-                "{why}; asked the destination {asked} times (last: {last}); migrate-resolve {{\"keep\": \"source\" or \"destination\"}} decides"
-            ))
+            p.error = Some(format!("{why}; asked the destination {asked} times (last: {last}); {RESOLVE_HINT}"))
         });
         match choice.wait(Duration::from_secs(1)) {
             None => {}
