@@ -475,3 +475,25 @@ fn a_dirty_rate_limit_needs_a_tracker_that_can_hold_writes() {
     assert!(why.contains("dirty-rate-limit needs") && why.contains("kvm-dirty-log"), "{why}");
     assert_eq!(src.status(), "running");
 }
+
+/// Stopping the guest while KVM's dirty rings track it lost writes on this host (see README, the
+/// throttle parameters), so `stop` is refused during such a migration, and works again once it is
+/// cancelled; with another tracker it is allowed.
+#[test]
+fn stop_is_refused_while_kvm_dirty_rings_track_the_guest() {
+    require_kvm!();
+    let (src, _, _dst) = slow_migration_of_a_writer("kvm-dirty-ring");
+    let e = src.qmp("stop", json!({})).unwrap_err();
+    assert!(e.contains("kvm-dirty-ring migration"), "{e}");
+    assert_eq!(src.status(), "running");
+    src.qmp_ok("migrate-cancel", json!({}));
+    let info = common::wait_migration(&src, T);
+    assert_eq!(info["status"], "cancelled", "{info}");
+    src.qmp_ok("stop", json!({}));
+    assert_eq!(src.status(), "paused");
+
+    let (other, _, _dst) = slow_migration_of_a_writer("kvm-dirty-log");
+    other.qmp_ok("stop", json!({}));
+    other.qmp_ok("cont", json!({}));
+    other.qmp_ok("migrate-cancel", json!({}));
+}

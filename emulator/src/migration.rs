@@ -53,6 +53,13 @@ impl MigrationController {
         self.current().is_some()
     }
 
+    /// The tracker of the outgoing migration in progress (passes still running), if any.
+    pub fn tracking_with(&self) -> Option<TrackerKind> {
+        let current = self.current();
+        let p = current.as_ref()?.progress.snapshot();
+        matches!(p.status, Status::Setup | Status::Active).then_some(p.tracker)
+    }
+
     /// `migrate-resolve` on the source: hands the operator's choice to the migration thread and
     /// waits for it to act.
     pub fn resolve(&self, keep: Side) -> Result<Value, QmpError> {
