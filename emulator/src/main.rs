@@ -140,7 +140,7 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
         Decision::Run { .. } => {
             eprintln!("emu: migration received: {} MiB in {} passes", received.bytes >> 20, received.passes);
             // A source that missed STARTED may still ask; answer until it knows.
-            server.close_when_source_informed(None);
+            server.close_when_source_informed();
         }
         Decision::Discard(why) => anyhow::bail!("incoming migration: the guest will not run here: {why}"),
     }

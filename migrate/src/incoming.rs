@@ -38,6 +38,8 @@ pub struct IncomingServer {
     handover: Arc<Handover>,
     migrations: mpsc::Receiver<Accepted>,
     stop: Arc<AtomicBool>,
+    /// Stop listening once the source knows the outcome (set by `close_when_source_informed`).
+    until_informed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -47,11 +49,12 @@ impl IncomingServer {
         let local = listener.local_uri()?;
         let handover = Arc::new(Handover::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let until_informed = Arc::new(AtomicBool::new(false));
         let (tx, migrations) = mpsc::channel();
-        let (h, s) = (handover.clone(), stop.clone());
+        let (h, s, u) = (handover.clone(), stop.clone(), until_informed.clone());
         let thread =
-            std::thread::Builder::new().name("incoming".into()).spawn(move || accept_loop(listener, &h, &s, tx))?;
-        Ok(IncomingServer { local, handover, migrations, stop, thread: Some(thread) })
+            std::thread::Builder::new().name("incoming".into()).spawn(move || accept_loop(listener, &h, &s, &u, tx))?;
+        Ok(IncomingServer { local, handover, migrations, stop, until_informed, thread: Some(thread) })
     }
 
     /// The address actually listened on (a port the kernel chose, for `tcp:HOST:0`).
@@ -68,21 +71,12 @@ impl IncomingServer {
         self.migrations.recv().map_err(|_| io::Error::other("the incoming listener stopped"))
     }
 
-    /// Stops listening once the source knows the outcome (or after `timeout`): until then a
+    /// Goes on listening in the background until the source knows the outcome: until then a
     /// source that missed STARTED can still ask.
-    pub fn close_when_source_informed(mut self, timeout: Option<Duration>) {
-        let handover = self.handover.clone();
-        let stop = self.stop.clone();
-        let thread = self.thread.take();
-        let _ = std::thread::Builder::new().name("incoming-close".into()).spawn(move || {
-            let limit = timeout.unwrap_or(Duration::MAX);
-            let started = Instant::now();
-            while !handover.wait_source_informed(Duration::from_secs(1)) && started.elapsed() < limit {}
-            stop.store(true, Ordering::SeqCst);
-            if let Some(t) = thread {
-                let _ = t.join();
-            }
-        });
+    pub fn close_when_source_informed(mut self) {
+        self.until_informed.store(true, Ordering::SeqCst);
+        // The accept loop ends by itself now; dropping `self` must not stop it first.
+        self.thread = None;
     }
 }
 
@@ -95,10 +89,18 @@ impl Drop for IncomingServer {
     }
 }
 
-fn accept_loop(listener: Listener, handover: &Arc<Handover>, stop: &AtomicBool, tx: mpsc::Sender<Accepted>) {
+fn accept_loop(
+    listener: Listener,
+    handover: &Arc<Handover>,
+    stop: &AtomicBool,
+    until_informed: &AtomicBool,
+    tx: mpsc::Sender<Accepted>,
+) {
     let screening = Arc::new(AtomicUsize::new(0));
     let taken = Arc::new(AtomicBool::new(false));
-    while !stop.load(Ordering::SeqCst) {
+    let done =
+        || stop.load(Ordering::SeqCst) || (until_informed.load(Ordering::SeqCst) && handover.is_source_informed());
+    while !done() {
         let conn = match listener.accept_timeout(ACCEPT_TICK) {
             Ok(Some(c)) => c,
             Ok(None) => continue,

@@ -720,10 +720,6 @@ impl<R: Read> Decoder<R> {
         Ok(Ok((gpa, count)))
     }
 
-    pub fn get_ref(&self) -> &R {
-        &self.r
-    }
-
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.r
     }
