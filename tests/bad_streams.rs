@@ -22,7 +22,7 @@ fn connect(uri: &str) -> TcpStream {
 }
 
 fn header(mem: u64, vcpus: u32) -> StreamHeader {
-    StreamHeader { page_size: 4096, vcpu_count: vcpus, migration_id: 1, regions: vec![RamRegion { gpa: 0, size: mem }] }
+    StreamHeader { page_size: 4096, vcpu_count: vcpus, migration_id: 1, channels: 1, regions: vec![RamRegion { gpa: 0, size: mem }] }
 }
 
 /// Sends `bytes` to a fresh destination; expects it to fail with `expect` in its error, answer an

@@ -179,6 +179,14 @@ impl MigrationController {
                     p.downtime_limit = Duration::from_millis(v);
                 }
                 "max-bandwidth" => p.max_bandwidth = number()?,
+                // QEMU's name for the same thing (there it also needs the multifd capability).
+                "channels" | "multifd-channels" => {
+                    let max = migrate::stream::MAX_CHANNELS;
+                    p.channels = u32::try_from(number()?)
+                        .ok()
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| QmpError::generic(format!("{key} is 1 to {max}")))?;
+                }
                 "dirty-rate-limit" => p.dirty_rate_limit = number()?,
                 "switchover-timeout" => {
                     let v = number()?;
@@ -229,6 +237,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "downtime-limit": ms(p.downtime_limit),
         "max-bandwidth": p.max_bandwidth,
         "max-passes": p.max_passes,
+        "channels": p.channels,
         "dirty-tracker": p.tracker.name(),
         "switchover-timeout": ms(p.switchover_timeout),
         "stall-policy": p.stall_policy.name(),

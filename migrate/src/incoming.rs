@@ -4,12 +4,14 @@
 //! Whatever connects is screened first, each connection in its own short-lived thread with a
 //! deadline: a port scan (connect, close), a silent client, garbage or a stream of another
 //! version is answered or dropped, and the destination goes on listening. The first connection
-//! whose preamble and HEADER are valid is the migration; a later one is refused with ERROR.
+//! whose preamble and HEADER are valid is the migration; a later one is refused with ERROR. A
+//! connection that opens with CHANNEL joins the migration it names, as one of its page channels
+//! (`channel.rs`); one naming another migration is refused.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,40 @@ pub struct Accepted {
     pub header: StreamHeader,
     /// The decoder, positioned after the header (bytes counted from the start of the stream).
     pub bytes_so_far: u64,
+    /// The migration's further channels as they connect: (index, connection after its CHANNEL).
+    pub channels: mpsc::Receiver<(u32, Connection)>,
+}
+
+/// Where connections that open with CHANNEL find their migration.
+#[derive(Default)]
+struct ChannelJoins {
+    migration: Mutex<Option<(u64, mpsc::Sender<(u32, Connection)>)>>,
+    known: Condvar,
+}
+
+impl ChannelJoins {
+    fn register(&self, id: u64) -> mpsc::Receiver<(u32, Connection)> {
+        let (tx, rx) = mpsc::channel();
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, tx));
+        self.known.notify_all();
+        rx
+    }
+
+    /// Hands a channel to migration `id`, waiting until `until` for it to be known (its channel 0
+    /// may still be in screening); gives the connection back if no such migration is here.
+    fn join(&self, id: u64, index: u32, conn: Connection, until: Instant) -> Result<(), Connection> {
+        let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((known, tx)) = m.as_ref() {
+                return if *known == id { tx.send((index, conn)).map_err(|e| e.0 .1) } else { Err(conn) };
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(conn);
+            }
+            m = self.known.wait_timeout(m, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
 }
 
 /// A listening destination. Dropping it stops listening.
@@ -98,6 +134,7 @@ fn accept_loop(
 ) {
     let screening = Arc::new(AtomicUsize::new(0));
     let taken = Arc::new(AtomicBool::new(false));
+    let joins = Arc::new(ChannelJoins::default());
     let done =
         || stop.load(Ordering::SeqCst) || (until_informed.load(Ordering::SeqCst) && handover.is_source_informed());
     while !done() {
@@ -115,9 +152,9 @@ fn accept_loop(
             log::warn!("incoming: {MAX_SCREENING} connections are being screened already; one more closed");
             continue;
         }
-        let (h, n, t, tx) = (handover.clone(), screening.clone(), taken.clone(), tx.clone());
+        let (h, n, t, tx, j) = (handover.clone(), screening.clone(), taken.clone(), tx.clone(), joins.clone());
         let spawned = std::thread::Builder::new().name("incoming-screen".into()).spawn(move || {
-            screen(conn, &h, &t, &tx);
+            screen(conn, &h, &t, &j, &tx);
             n.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
@@ -148,6 +185,7 @@ impl Read for Deadline<'_> {
 enum Opening {
     Migration(StreamHeader, u64),
     Resolve { id: u64, action: crate::stream::ResolveAction },
+    Channel { id: u64, index: u32 },
 }
 
 fn opening(conn: &Connection) -> Result<Opening, StreamError> {
@@ -158,9 +196,10 @@ fn opening(conn: &Connection) -> Result<Opening, StreamError> {
     match dec.read_record(&frame)? {
         Record::Header(h) => Ok(Opening::Migration(h, bytes)),
         Record::Resolve { migration_id, action } => Ok(Opening::Resolve { id: migration_id, action }),
+        Record::Channel { migration_id, index } => Ok(Opening::Channel { id: migration_id, index }),
         other => Err(StreamError::Malformed {
             kind: "first record",
-            why: format!("a connection must open with HEADER or RESOLVE, not {other:?}"),
+            why: format!("a connection must open with HEADER, CHANNEL or RESOLVE, not {other:?}"),
         }),
     }
 }
@@ -171,7 +210,13 @@ fn refuse(conn: Connection, why: &str) {
     crate::transport::drain_and_close(conn);
 }
 
-fn screen(conn: Connection, handover: &Handover, taken: &AtomicBool, tx: &mpsc::Sender<Accepted>) {
+fn screen(
+    conn: Connection,
+    handover: &Handover,
+    taken: &AtomicBool,
+    joins: &ChannelJoins,
+    tx: &mpsc::Sender<Accepted>,
+) {
     match opening(&conn) {
         Ok(Opening::Migration(header, bytes_so_far)) => {
             if taken.swap(true, Ordering::SeqCst) {
@@ -179,7 +224,14 @@ fn screen(conn: Connection, handover: &Handover, taken: &AtomicBool, tx: &mpsc::
                 refuse(conn, "this destination has taken a migration already");
                 return;
             }
-            let _ = tx.send(Accepted { conn, header, bytes_so_far });
+            let channels = joins.register(header.migration_id);
+            let _ = tx.send(Accepted { conn, header, bytes_so_far, channels });
+        }
+        Ok(Opening::Channel { id, index }) => {
+            if let Err(conn) = joins.join(id, index, conn, Instant::now() + SCREEN_DEADLINE) {
+                log::warn!("incoming: channel {index} of unknown migration {id:#x} refused");
+                refuse(conn, &format!("no migration {id:#x} here for channel {index} to join"));
+            }
         }
         Ok(Opening::Resolve { id, action }) => {
             let answer = handover.resolve(id, action);

@@ -15,6 +15,7 @@
 //! Internal: the page bitmaps, the stop rule, pagemap and userfaultfd plumbing.
 
 mod bitmap;
+pub mod channel;
 mod convergence;
 pub mod handover;
 pub mod incoming;

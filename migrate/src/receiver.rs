@@ -17,12 +17,15 @@
 //! (`MAX_STATE_BLOB` each), and at most `MAX_DEVICES` device states.
 
 use std::io::BufReader;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::handover::{self, Handover};
 use crate::incoming::Accepted;
-use crate::ram::{RamError, RamLayout, RamRegion, PAGE_SIZE};
+use crate::channel;
+use crate::ram::{GuestRam, RamError, RamLayout, RamRegion, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
 use crate::vm::{MachineState, RestorableVm, VmError};
@@ -30,6 +33,11 @@ use crate::vm::{MachineState, RestorableVm, VmError};
 /// Device states one stream may carry.
 pub const MAX_DEVICES: usize = 64;
 const READ_BUFFER: usize = 256 << 10;
+/// How long the further channels of a migration have to connect once its HEADER is in.
+const CHANNELS_DEADLINE: Duration = Duration::from_secs(10);
+/// At END, how long the page channels have to report their last pass (the source closed them
+/// before it sent the machine state, so they are normally done already).
+const CHANNELS_FINISH: Duration = Duration::from_secs(5);
 
 /// Why a destination refused a stream (sent back to the source as ERROR).
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,14 @@ pub enum Refusal {
     NotRam(u64),
     #[error("{count} pages at {gpa:#x} run past the end of its RAM region")]
     PastRegion { gpa: u64, count: u64 },
+    #[error("{count} pages at {gpa:#x} are not all channel {index}'s (of {channels})")]
+    WrongChannel { gpa: u64, count: u64, index: u32, channels: u32 },
+    #[error("{missing} of {channels} channels did not connect within {CHANNELS_DEADLINE:?}")]
+    ChannelsMissing { missing: u32, channels: u32 },
+    #[error("channel {0} connected twice")]
+    ChannelTwice(u32),
+    #[error("channel {index}: {why}")]
+    Channel { index: u32, why: String },
     #[error("ZERO_PAGES at unaligned address {0:#x}")]
     Unaligned(u64),
     #[error("PASS_END for pass {got} where pass {due} was due")]
@@ -117,13 +133,253 @@ impl<V> Received<V> {
     }
 }
 
-struct Target<V> {
-    vm: Arc<V>,
+/// One channel's pages on the destination: what arrived, and what holds data. Each channel's
+/// thread has its own, for its own share of the pages (`channel.rs`).
+struct PageSink {
+    ram: Arc<GuestRam>,
     layout: RamLayout,
+    index: u32,
+    channels: u32,
     /// Pages that arrived at least once: all of them must have by END.
     received: PageBitmap,
     /// Pages holding data (not known zero): a later zero marker must clear them.
     nonzero: PageBitmap,
+}
+
+impl PageSink {
+    fn new(ram: Arc<GuestRam>, index: u32, channels: u32) -> Self {
+        let layout = ram.layout().clone();
+        let pages = layout.page_count();
+        PageSink { ram, layout, index, channels, received: PageBitmap::new(pages), nonzero: PageBitmap::new(pages) }
+    }
+
+    /// The page range of a record, checked to be RAM, inside one region, and this channel's.
+    fn page_range(&self, gpa: u64, count: u64) -> Result<usize, Refusal> {
+        let first = self.layout.page_of(gpa).ok_or(Refusal::NotRam(gpa))?;
+        let fits = usize::try_from(count).ok().filter(|&c| c > 0 && self.layout.is_contiguous(first, c));
+        let Some(n) = fits else {
+            return Err(Refusal::PastRegion { gpa, count });
+        };
+        if self.channels > 1 && !channel::owns(self.index, self.channels, first, n) {
+            return Err(Refusal::WrongChannel { gpa, count, index: self.index, channels: self.channels });
+        }
+        Ok(first)
+    }
+
+    fn read_pages<R: std::io::Read>(&mut self, dec: &mut Decoder<R>, frame: &Frame) -> Result<(), Refusal> {
+        let ram = self.ram.clone();
+        let sink = &*self;
+        let r = dec.read_pages(frame, |gpa, count| {
+            let first = sink.page_range(gpa, count as u64)?;
+            // Pages arriving for the first time are fresh memory: one populate call for the record
+            // instead of a page fault per page (failure only costs the faults it would have saved).
+            if sink.nonzero.ones_in_range(first, count).count() < count {
+                let _ = ram.populate_pages(first, count);
+            }
+            // SAFETY: the destination's vCPUs have not run, and no other thread touches these pages
+            // until the receiver returns: every channel's thread writes only its own share of the
+            // pages (`page_range` checks it), and this slice is used only for this record's read.
+            Ok::<_, Refusal>(unsafe { ram.pages_mut(first, count) })
+        });
+        let (gpa, count) = r??;
+        let first = self.layout.page_of(gpa).expect("checked in page_range");
+        self.received.set_range(first, count);
+        self.nonzero.set_range(first, count);
+        Ok(())
+    }
+
+    fn zero_pages(&mut self, gpa: u64, count: u64) -> Result<(), Refusal> {
+        if gpa % PAGE_SIZE as u64 != 0 {
+            return Err(Refusal::Unaligned(gpa));
+        }
+        let first = self.page_range(gpa, count)?;
+        let count = count as usize;
+        // Only pages that hold data need clearing; fresh RAM is zero already.
+        let had_data: Vec<usize> = self.nonzero.ones_in_range(first, count).collect();
+        for p in had_data {
+            self.ram.zero_page(p);
+            self.nonzero.clear_bit(p);
+        }
+        self.received.set_range(first, count);
+        Ok(())
+    }
+}
+
+/// What the page channels 1..n have applied, as their threads report it.
+#[derive(Default)]
+struct LaneProgress {
+    /// Per channel (index - 1): the last pass whose PASS_END it has applied.
+    applied: Vec<Option<u32>>,
+    finished: usize,
+    failed: Option<Refusal>,
+}
+
+/// The page channels 1..n of an incoming migration, each read and applied by its own thread.
+struct Lanes {
+    conns: Vec<Connection>,
+    threads: Vec<JoinHandle<Result<PageSink, Refusal>>>,
+    state: Arc<(Mutex<LaneProgress>, Condvar)>,
+}
+
+impl Lanes {
+    fn none() -> Self {
+        Lanes { conns: Vec::new(), threads: Vec::new(), state: Arc::default() }
+    }
+
+    /// Waits for channels 1..`channels` to connect, and starts a thread for each.
+    fn start(
+        joins: &mpsc::Receiver<(u32, Connection)>,
+        channels: u32,
+        ram: &Arc<GuestRam>,
+    ) -> Result<Lanes, Refusal> {
+        let mut lanes = Lanes::none();
+        lanes.state.0.lock().unwrap_or_else(|e| e.into_inner()).applied = vec![None; channels as usize - 1];
+        let mut conns: Vec<Option<Connection>> = (1..channels).map(|_| None).collect();
+        let deadline = Instant::now() + CHANNELS_DEADLINE;
+        while conns.iter().any(Option::is_none) {
+            let missing = conns.iter().filter(|c| c.is_none()).count() as u32;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (index, conn) =
+                joins.recv_timeout(left).map_err(|_| Refusal::ChannelsMissing { missing, channels })?;
+            let slot = conns.get_mut(index as usize - 1).ok_or(Refusal::Channel {
+                index,
+                why: format!("no such channel: the migration has {channels}"),
+            })?;
+            if slot.is_some() {
+                return Err(Refusal::ChannelTwice(index));
+            }
+            *slot = Some(conn);
+        }
+        for (i, conn) in conns.into_iter().flatten().enumerate() {
+            let index = i as u32 + 1;
+            let reader = conn.try_clone().map_err(Refusal::Reply)?;
+            reader.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(Refusal::Reply)?;
+            lanes.conns.push(conn);
+            let (state, sink) = (lanes.state.clone(), PageSink::new(ram.clone(), index, channels));
+            let t = std::thread::Builder::new()
+                .name(format!("incoming-ch{index}"))
+                .spawn(move || run_lane(reader, sink, &state))
+                .map_err(Refusal::Reply)?;
+            lanes.threads.push(t);
+        }
+        Ok(lanes)
+    }
+
+    /// Waits until every page channel has applied pass `pass` (what SYNC promises).
+    fn wait_applied(&self, pass: u32, timeout: Duration) -> Result<(), Refusal> {
+        let (m, cv) = &*self.state;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let done = |p: &LaneProgress| p.failed.is_some() || p.applied.iter().all(|a| a.is_some_and(|a| a >= pass));
+        let (mut g, _) = cv.wait_timeout_while(g, timeout, |p| !done(p)).unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = g.failed.take() {
+            return Err(e);
+        }
+        if let Some(i) = g.applied.iter().position(|a| !a.is_some_and(|a| a >= pass)) {
+            return Err(Refusal::Channel { index: i as u32 + 1, why: format!("pass {pass} not applied in time") });
+        }
+        Ok(())
+    }
+
+    /// END: waits for every page channel to end after pass `last_pass`, and hands back their pages.
+    fn finish(mut self, last_pass: Option<u32>) -> Result<Vec<PageSink>, Refusal> {
+        {
+            let (m, cv) = &*self.state;
+            let g = m.lock().unwrap_or_else(|e| e.into_inner());
+            let n = self.threads.len();
+            let (mut g, _) = cv
+                .wait_timeout_while(g, CHANNELS_FINISH, |p| p.failed.is_none() && p.finished < n)
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = g.failed.take() {
+                return Err(e);
+            }
+            if g.finished < n {
+                return Err(Refusal::Channel { index: 0, why: "page channels still open at END".into() });
+            }
+            if let Some(i) = g.applied.iter().position(|a| *a != last_pass) {
+                return Err(Refusal::Channel {
+                    index: i as u32 + 1,
+                    why: format!("ended after pass {:?}, channel 0 after pass {last_pass:?}", g.applied[i]),
+                });
+            }
+        }
+        let mut sinks = Vec::new();
+        for (i, t) in std::mem::take(&mut self.threads).into_iter().enumerate() {
+            let index = i as u32 + 1;
+            match t.join() {
+                Ok(r) => sinks.push(r?),
+                Err(_) => return Err(Refusal::Channel { index, why: "its thread panicked".into() }),
+            }
+        }
+        Ok(sinks)
+    }
+}
+
+impl Drop for Lanes {
+    /// A migration that failed or ended: channel threads still reading return at once.
+    fn drop(&mut self) {
+        for c in &self.conns {
+            c.shutdown();
+        }
+    }
+}
+
+/// One page channel's thread: PAGES, ZERO_PAGES and PASS_END until the source closes it.
+fn run_lane(conn: Connection, mut sink: PageSink, state: &(Mutex<LaneProgress>, Condvar)) -> Result<PageSink, Refusal> {
+    let index = sink.index;
+    let mut dec = Decoder::new(BufReader::with_capacity(READ_BUFFER, conn));
+    let mut last_pass: Option<u32> = None;
+    let result = loop {
+        let frame = match dec.next_frame() {
+            Ok(f) => f,
+            Err(StreamError::Closed) if last_pass.is_some() => break Ok(()),
+            Err(StreamError::Closed) => break Err(Refusal::SourceClosed),
+            Err(e) => break Err(Refusal::Stream(e)),
+        };
+        let step = match frame.kind {
+            RecordType::Pages => sink.read_pages(&mut dec, &frame),
+            RecordType::ZeroPages | RecordType::PassEnd => match dec.read_record(&frame) {
+                Ok(Record::ZeroPages { gpa, count }) => sink.zero_pages(gpa, count),
+                Ok(Record::PassEnd { pass, .. }) => {
+                    let due = last_pass.map_or(0, |p| p + 1);
+                    if pass != due {
+                        break Err(Refusal::PassOrder { got: pass, due });
+                    }
+                    last_pass = Some(pass);
+                    let (m, cv) = state;
+                    m.lock().unwrap_or_else(|e| e.into_inner()).applied[index as usize - 1] = Some(pass);
+                    cv.notify_all();
+                    Ok(())
+                }
+                Ok(_) => unreachable!("a ZERO_PAGES or PASS_END frame decodes to one"),
+                Err(e) => Err(e.into()),
+            },
+            kind => Err(Refusal::Unexpected(kind.name())),
+        };
+        if let Err(e) = step {
+            break Err(e);
+        }
+    };
+    let (m, cv) = state;
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    g.finished += 1;
+    let result = match result {
+        Ok(()) => Ok(sink),
+        Err(e) => {
+            if g.failed.is_none() {
+                g.failed = Some(Refusal::Channel { index, why: crate::report(&e) });
+            }
+            Err(Refusal::Channel { index, why: crate::report(&e) })
+        }
+    };
+    cv.notify_all();
+    result
+}
+
+struct Target<V> {
+    vm: Arc<V>,
+    /// Channel 0's pages.
+    sink: PageSink,
+    lanes: Lanes,
     last_pass: Option<u32>,
     vcpus: Vec<Option<Vec<u8>>>,
     vm_state: Option<Vec<u8>>,
@@ -159,7 +415,7 @@ pub fn receive<V: RestorableVm>(
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
     let start_err = |e: std::io::Error| ReceiveError { phase: "starting".into(), problem: Refusal::Reply(e) };
-    let Accepted { conn, header, bytes_so_far } = accepted;
+    let Accepted { conn, header, bytes_so_far, channels } = accepted;
     handover.begin(header.migration_id, conn.try_clone().ok());
     conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(start_err)?;
     let clone = || conn.try_clone().map_err(start_err);
@@ -168,7 +424,7 @@ pub fn receive<V: RestorableVm>(
         replies: Encoder::new(clone()?),
     };
     let mut phase = Phase::AwaitHeader;
-    let result = rx.run(&mut phase, header, create).and_then(|(vm, passes, guest_running)| {
+    let result = rx.run(&mut phase, header, &channels, create).and_then(|(vm, passes, guest_running)| {
         // The operator may have given the incoming guest up meanwhile.
         handover.ready(guest_running).map_err(Refusal::Discarded)?;
         rx.replies.ready().and_then(|_| rx.replies.flush()).map_err(Refusal::Reply)?;
@@ -212,9 +468,10 @@ impl<R: std::io::Read> Receiver<R> {
         &mut self,
         phase: &mut Phase<V>,
         header: StreamHeader,
+        joins: &mpsc::Receiver<(u32, Connection)>,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     ) -> Result<(Arc<V>, u32, bool), Refusal> {
-        *phase = Phase::Ram(Box::new(self.accept_header(header, create)?));
+        *phase = Phase::Ram(Box::new(self.accept_header(header, joins, create)?));
         loop {
             let frame = self.dec.next_frame().map_err(|e| match e {
                 StreamError::Closed => Refusal::SourceClosed,
@@ -235,7 +492,7 @@ impl<R: std::io::Read> Receiver<R> {
     fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, Refusal)> {
         match (phase, frame.kind) {
             (Phase::AwaitHeader, _) => unreachable!("the header is checked before the first step"),
-            (Phase::Ram(mut t), RecordType::Pages) => match self.read_pages(&mut t, &frame) {
+            (Phase::Ram(mut t), RecordType::Pages) => match t.sink.read_pages(&mut self.dec, &frame) {
                 Ok(()) => Ok(Step::Next(Phase::Ram(t))),
                 Err(e) => Err((Phase::Ram(t), e)),
             },
@@ -246,6 +503,10 @@ impl<R: std::io::Read> Receiver<R> {
                     .dec
                     .read_record(&frame)
                     .map_err(Refusal::Stream)
+                    .and_then(|_| match t.last_pass {
+                        Some(pass) => t.lanes.wait_applied(pass, crate::transport::STALL_TIMEOUT),
+                        None => Ok(()),
+                    })
                     .and_then(|_| self.replies.synced().map_err(Refusal::Reply));
                 match answered {
                     Ok(()) => Ok(Step::Next(Phase::Ram(t))),
@@ -286,6 +547,7 @@ impl<R: std::io::Read> Receiver<R> {
     fn accept_header<V: RestorableVm>(
         &mut self,
         h: StreamHeader,
+        joins: &mpsc::Receiver<(u32, Connection)>,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     ) -> Result<Target<V>, Refusal> {
         if h.page_size != PAGE_SIZE as u32 {
@@ -305,12 +567,12 @@ impl<R: std::io::Read> Receiver<R> {
         if vm.vcpu_count() != h.vcpu_count as usize {
             return Err(Refusal::VcpuMismatch { stream: h.vcpu_count, vm: vm.vcpu_count() });
         }
-        let pages = layout.page_count();
+        let ram = vm.ram().clone();
+        let lanes = if h.channels > 1 { Lanes::start(joins, h.channels, &ram)? } else { Lanes::none() };
         Ok(Target {
             vm,
-            received: PageBitmap::new(pages),
-            nonzero: PageBitmap::new(pages),
-            layout,
+            sink: PageSink::new(ram, 0, h.channels),
+            lanes,
             last_pass: None,
             vcpus: vec![None; h.vcpu_count as usize],
             vm_state: None,
@@ -318,55 +580,9 @@ impl<R: std::io::Read> Receiver<R> {
         })
     }
 
-    /// The page range of a record, checked to be RAM and inside one region.
-    fn page_range(layout: &RamLayout, gpa: u64, count: u64) -> Result<usize, Refusal> {
-        let first = layout.page_of(gpa).ok_or(Refusal::NotRam(gpa))?;
-        if count == 0 || !usize::try_from(count).is_ok_and(|c| layout.is_contiguous(first, c)) {
-            return Err(Refusal::PastRegion { gpa, count });
-        }
-        Ok(first)
-    }
-
-    fn read_pages<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
-        let ram = t.vm.ram().clone();
-        let layout = &t.layout;
-        let nonzero = &t.nonzero;
-        let r = self.dec.read_pages(frame, |gpa, count| {
-            let first = Self::page_range(layout, gpa, count as u64)?;
-            // Pages arriving for the first time are fresh memory: one populate call for the record
-            // instead of a page fault per page (failure only costs the faults it would have saved).
-            if nonzero.ones_in_range(first, count).count() < count {
-                let _ = ram.populate_pages(first, count);
-            }
-            // SAFETY: the destination's vCPUs have not run and nothing else touches its RAM until the
-            // receiver returns; the slice is used only for this record's read.
-            Ok::<_, Refusal>(unsafe { ram.pages_mut(first, count) })
-        });
-        let (gpa, count) = r??;
-        let first = t.layout.page_of(gpa).expect("checked in page_range");
-        t.received.set_range(first, count);
-        t.nonzero.set_range(first, count);
-        Ok(())
-    }
-
     fn read_ram_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
         match self.dec.read_record(frame)? {
-            Record::ZeroPages { gpa, count } => {
-                if gpa % PAGE_SIZE as u64 != 0 {
-                    return Err(Refusal::Unaligned(gpa));
-                }
-                let first = Self::page_range(&t.layout, gpa, count)?;
-                let count = count as usize;
-                // Only pages that hold data need clearing; fresh RAM is zero already.
-                let ram = t.vm.ram();
-                let had_data: Vec<usize> = t.nonzero.ones_in_range(first, count).collect();
-                for p in had_data {
-                    ram.zero_page(p);
-                    t.nonzero.clear_bit(p);
-                }
-                t.received.set_range(first, count);
-                Ok(())
-            }
+            Record::ZeroPages { gpa, count } => t.sink.zero_pages(gpa, count),
             Record::PassEnd { pass, .. } => {
                 let expected = t.last_pass.map_or(0, |p| p + 1);
                 if pass != expected {
@@ -422,7 +638,13 @@ impl<R: std::io::Read> Receiver<R> {
             Ok(_) => unreachable!("an END frame decodes to END"),
             Err(e) => return Err((Phase::State(t), e.into())),
         };
-        let missing_pages = t.layout.page_count() - t.received.count();
+        let lanes = std::mem::replace(&mut t.lanes, Lanes::none());
+        let others = match lanes.finish(t.last_pass) {
+            Ok(sinks) => sinks,
+            Err(e) => return Err((Phase::State(t), e)),
+        };
+        let received = t.sink.received.count() + others.iter().map(|s| s.received.count()).sum::<usize>();
+        let missing_pages = t.sink.layout.page_count() - received;
         let problem = if missing_pages > 0 {
             Some(Refusal::MissingPages(missing_pages))
         } else if let Some(i) = t.vcpus.iter().position(Option::is_none) {

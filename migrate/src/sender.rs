@@ -23,8 +23,9 @@ use crate::convergence::{self, Decision, PassOutcome};
 use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
 use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
-use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
-use crate::stream::{Decoder, Encoder, PageBatch, Record, Resolution, ResolveAction, StreamError, StreamHeader};
+use crate::ram::{GuestRam, PAGE_SIZE};
+use crate::channel::{ChannelOut, PassShared};
+use crate::stream::{Decoder, Encoder, Record, Resolution, ResolveAction, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
 use crate::transport::{self, Connection, Uri};
 use crate::vm::{MigratableVm, VmError};
@@ -73,10 +74,16 @@ pub struct MigrationParams {
     /// Newly dirtied pages per second the guest may make while precopy runs (0: no limit), held in
     /// the fault path by the tracker (uffd-wp); from the migration's start.
     pub dirty_rate_limit: u64,
+    /// Connections the pages travel on, one sender thread each (`channel.rs`); 1 to
+    /// [`crate::stream::MAX_CHANNELS`]. Takes effect at the next `migrate`.
+    pub channels: u32,
     /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
     /// destination's RAM is known to differ. Never set outside tests.
     pub drop_final_pages: u32,
 }
+
+/// Channels a migration uses unless told otherwise (README.md: "Channels" says why).
+pub const DEFAULT_CHANNELS: u32 = 1;
 
 /// The most vCPU time auto-converge takes away (QEMU's cpu-throttle maximum).
 pub const MAX_THROTTLE: u8 = 99;
@@ -141,6 +148,7 @@ impl Default for MigrationParams {
             throttle_initial: 20,
             throttle_increment: 10,
             dirty_rate_limit: 0,
+            channels: DEFAULT_CHANNELS,
             drop_final_pages: 0,
         }
     }
@@ -207,7 +215,7 @@ pub struct Cancel {
 struct CancelState {
     requested: bool,
     committed: bool,
-    conn: Option<Connection>,
+    conns: Vec<Connection>,
 }
 
 impl Cancel {
@@ -222,7 +230,7 @@ impl Cancel {
             return false;
         }
         s.requested = true;
-        if let Some(c) = s.conn.as_ref() {
+        for c in &s.conns {
             c.shutdown();
         }
         true
@@ -234,11 +242,11 @@ impl Cancel {
 
     fn attach(&self, conn: &Connection) {
         if let Ok(c) = conn.try_clone() {
-            self.lock().conn = Some(c);
+            self.lock().conns.push(c);
         }
     }
 
-    fn check(&self) -> Result<(), MigrationError> {
+    pub(crate) fn check(&self) -> Result<(), MigrationError> {
         if self.is_cancelled() {
             Err(MigrationError::Cancelled)
         } else {
@@ -442,21 +450,16 @@ fn migrate(
         uri,
         migration_id,
         ram,
-        enc: Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?)),
+        out: ChannelOut::new(Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?))),
         conn,
+        extra: Vec::new(),
         log,
         params,
         progress,
         cancel,
-        batch: PageBatch::default(),
-        zero_run: None,
         throughput: Throughput::default(),
-        pass_bytes_start: 0,
-        pass_started: Instant::now(),
         throttle: true,
         end_sent: false,
-        pass_send: Duration::ZERO,
-        pass_wait: Duration::ZERO,
     };
     let result = sender.run().map_err(|e| sender.explain(e));
     if let Err(e) = &result {
@@ -489,25 +492,20 @@ struct Sender<'a> {
     uri: &'a Uri,
     migration_id: u64,
     ram: Arc<GuestRam>,
-    enc: Encoder<BufWriter<Connection>>,
+    /// Channel 0: every control record, and its share of the pages.
+    out: ChannelOut,
     conn: Connection,
+    /// Channels 1..n: pages only (`channel.rs`).
+    extra: Vec<(ChannelOut, Connection)>,
     log: DirtyLog,
     params: &'a Mutex<MigrationParams>,
     progress: &'a ProgressCell,
     cancel: &'a Cancel,
-    batch: PageBatch,
-    /// A run of zero pages not sent yet: (first gpa, count).
-    zero_run: Option<(u64, u64)>,
     throughput: Throughput,
-    pass_bytes_start: u64,
-    pass_started: Instant,
     /// Whether max-bandwidth applies (not during the switchover).
     throttle: bool,
     /// END went out: the destination may hold a complete guest, waiting for GO.
     end_sent: bool,
-    /// This pass so far: time in socket writes of PAGES, and in bandwidth sleeps.
-    pass_send: Duration,
-    pass_wait: Duration,
 }
 
 impl Sender<'_> {
@@ -518,14 +516,20 @@ impl Sender<'_> {
     fn run(&mut self) -> Result<(), MigrationError> {
         let started = self.progress.snapshot().started;
         let layout = self.ram.layout().clone();
-        self.enc.preamble()?;
+        self.out.enc.preamble()?;
         let header = StreamHeader {
             migration_id: self.migration_id,
             page_size: PAGE_SIZE as u32,
             vcpu_count: self.vm.vcpu_count() as u32,
+            channels: self.params().channels,
             regions: layout.regions().to_vec(),
         };
-        self.enc.header(&header)?;
+        self.out.enc.header(&header)?;
+        // The destination knows the migration before its other channels knock.
+        self.out.enc.flush()?;
+        for index in 1..header.channels {
+            self.connect_channel(index)?;
+        }
         self.progress.update(|p| {
             p.status = Status::Active;
             p.setup_time = Some(started.elapsed());
@@ -549,6 +553,7 @@ impl Sender<'_> {
         let mut last_collect = Instant::now();
         // Dirty pages left after each pass since the last throttle step: what the stall rule sees.
         let mut since_step: Vec<u64> = Vec::new();
+        let mut last_pass_pages = self.ram.page_count() as u64;
         loop {
             let left = self.collect(&mut dirty, &mut last_collect)?;
             let params = self.params();
@@ -556,6 +561,7 @@ impl Sender<'_> {
                 remaining_bytes: (left * PAGE_SIZE) as u64,
                 throughput: self.throughput.bytes_per_sec(),
                 passes_done: pass,
+                last_pass_pages,
             };
             let mut decision = convergence::decide(outcome, params.downtime_limit, params.max_passes);
             self.progress.update(|p| {
@@ -586,6 +592,7 @@ impl Sender<'_> {
             pass += 1;
             synced = false;
             let to_send = dirty.take();
+            last_pass_pages = left as u64;
             self.send_pass(pass, &to_send, None)?;
         }
 
@@ -667,6 +674,9 @@ impl Sender<'_> {
         let timeout = self.params().switchover_timeout;
         self.conn.set_write_timeout(Some(timeout))?;
         self.conn.set_read_timeout(Some(timeout))?;
+        for (_, c) in &self.extra {
+            c.set_write_timeout(Some(timeout))?;
+        }
         self.throttle = false;
         let step = Instant::now();
         self.log.collect_final(dirty)?;
@@ -677,6 +687,10 @@ impl Sender<'_> {
             last.clear_bit(page);
         }
         self.send_pass(pass, &last, None)?;
+        // The page channels are done: closing them tells the destination their last pass is whole.
+        for (_, c) in &self.extra {
+            c.finish_writing()?;
+        }
         times.last_pass = step.elapsed();
 
         let step = Instant::now();
@@ -684,15 +698,15 @@ impl Sender<'_> {
         times.save_state = step.elapsed();
         let step = Instant::now();
         for (i, blob) in state.vcpus.iter().enumerate() {
-            self.enc.vcpu_state(i as u32, blob)?;
+            self.out.enc.vcpu_state(i as u32, blob)?;
         }
-        self.enc.vm_state(&state.vm)?;
+        self.out.enc.vm_state(&state.vm)?;
         for (name, blob) in &state.devices {
-            self.enc.device_state(name, blob)?;
+            self.out.enc.device_state(name, blob)?;
         }
         self.end_sent = true;
-        self.enc.end(state.vcpus.len() as u32, state.devices.len() as u32, was_running)?;
-        self.enc.flush()?;
+        self.out.enc.end(state.vcpus.len() as u32, state.devices.len() as u32, was_running)?;
+        self.out.enc.flush()?;
         self.expect_reply(Reply::Ready, "READY")?;
         times.send_state_and_ready = step.elapsed();
 
@@ -704,7 +718,7 @@ impl Sender<'_> {
         // shut down before anything else happens.
         let step = Instant::now();
         self.cancel.commit()?;
-        self.enc.flush()?;
+        self.out.enc.flush()?;
         if let Err(e) = Encoder::new(&self.conn).go() {
             self.conn.shutdown();
             return Err(lost("sending GO", Some(e.into())));
@@ -722,7 +736,7 @@ impl Sender<'_> {
         let downtime = paused_at.elapsed();
         // Tell the destination we know, so it stops listening for RESOLVE (best effort: it keeps
         // answering if this is lost).
-        if let Err(e) = self.enc.done().and_then(|_| self.enc.flush()) {
+        if let Err(e) = self.out.enc.done().and_then(|_| self.out.enc.flush()) {
             log::info!("cannot send DONE: {}", crate::report(&e));
         }
         // The destination runs the guest now; nothing may fail the migration any more.
@@ -730,7 +744,7 @@ impl Sender<'_> {
             log::error!("stopping the dirty tracker after the switchover: {}", crate::report(&e));
         }
         self.vm.migration_completed();
-        let bytes = self.enc.bytes_written();
+        let bytes = self.bytes_written();
         self.progress.update(|p| {
             p.downtime = Some(downtime);
             p.switchover = Some(times);
@@ -752,8 +766,8 @@ impl Sender<'_> {
 
     /// Sends SYNC and waits for SYNCED: the destination has applied everything sent so far.
     fn sync_with_destination(&mut self) -> Result<(), MigrationError> {
-        self.enc.sync()?;
-        self.enc.flush()?;
+        self.out.enc.sync()?;
+        self.out.enc.flush()?;
         self.conn.set_read_timeout(Some(SYNC_TIMEOUT))?;
         self.expect_reply(Reply::Synced, "SYNCED")
     }
@@ -765,7 +779,7 @@ impl Sender<'_> {
     fn abort_destination(&mut self) {
         // Short: the guest is still paused until this returns.
         let _ = self.conn.set_write_timeout(Some(Duration::from_millis(200)));
-        let on_stream = self.enc.abort().and_then(|_| self.enc.flush());
+        let on_stream = self.out.enc.abort().and_then(|_| self.out.enc.flush());
         if !self.end_sent {
             return;
         }
@@ -809,50 +823,77 @@ impl Sender<'_> {
         Ok(count)
     }
 
-    /// Sends the pages of `pages` (those in `known_zero` as zero without reading them), then PASS_END.
+    /// Opens page channel `index`: connect, preamble, CHANNEL.
+    fn connect_channel(&mut self, index: u32) -> Result<(), MigrationError> {
+        let conn = transport::connect(self.uri)
+            .map_err(|source| MigrationError::Connect { uri: format!("{} (channel {index})", self.uri), source })?;
+        conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
+        self.cancel.attach(&conn);
+        self.cancel.check()?;
+        let mut out = ChannelOut::new(Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?)));
+        out.enc.preamble()?;
+        out.enc.channel(self.migration_id, index)?;
+        self.extra.push((out, conn));
+        Ok(())
+    }
+
+    /// Stream bytes written so far, all channels together.
+    fn bytes_written(&self) -> u64 {
+        self.out.enc.bytes_written() + self.extra.iter().map(|(o, _)| o.enc.bytes_written()).sum::<u64>()
+    }
+
+    /// Sends the pages of `pages` (those in `known_zero` as zero without reading them), each
+    /// channel its share in its own thread, each share ending with PASS_END.
     fn send_pass(
         &mut self,
         pass: u32,
         pages: &PageBitmap,
         known_zero: Option<&PageBitmap>,
     ) -> Result<(), MigrationError> {
-        self.pass_started = Instant::now();
-        self.pass_bytes_start = self.enc.bytes_written();
-        (self.pass_send, self.pass_wait) = (Duration::ZERO, Duration::ZERO);
         self.progress.update(|p| p.pass = pass);
-        let layout = self.ram.layout().clone();
-        let mut sent = 0u64;
-        for page in pages.iter_ones() {
-            let gpa = layout.gpa_of(page);
-            sent += 1;
-            if known_zero.is_some_and(|z| z.get(page)) {
-                self.add_zero(gpa)?;
-                continue;
-            }
-            if !self.batch.accepts(gpa) {
-                self.flush_batch()?;
-            }
-            let slot = self.batch.next_slot(gpa);
-            self.ram.read_page(page, slot);
-            if is_zero_page(slot) {
-                self.add_zero(gpa)?;
-            } else {
-                self.batch.commit();
-                if self.batch.len() == crate::stream::MAX_PAGES_PER_RECORD {
-                    self.flush_batch()?;
+        let max_bandwidth = if self.throttle { self.params().max_bandwidth } else { 0 };
+        let channels = 1 + self.extra.len() as u32;
+        let bytes_before = self.bytes_written();
+        let shared = PassShared::new(
+            &self.ram,
+            pages,
+            known_zero,
+            channels,
+            self.progress,
+            self.cancel,
+            max_bandwidth,
+            bytes_before,
+            (self.throughput.bytes, self.throughput.time),
+        );
+        let (out, conn, extra) = (&mut self.out, &self.conn, &mut self.extra);
+        let sent = if extra.is_empty() {
+            shared.send_share(0, pass, out, Some(conn))?
+        } else {
+            std::thread::scope(|s| {
+                let shared = &shared;
+                let others: Vec<_> = extra
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, (o, _))| s.spawn(move || shared.send_share(i as u32 + 1, pass, o, None)))
+                    .collect();
+                // Channel 0's error first: a refusal from the destination comes on it.
+                let mut result = shared.send_share(0, pass, out, Some(conn));
+                for t in others {
+                    let r = t.join().unwrap_or_else(|_| Err(MigrationError::Send(std::io::Error::other("a channel thread panicked"))));
+                    result = match (result, r) {
+                        (Ok(a), Ok(b)) => Ok(a + b),
+                        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                    };
                 }
-            }
-        }
-        self.flush_batch()?;
-        self.flush_zero_run()?;
-        self.enc.pass_end(pass, sent)?;
-        // Let the destination work on this pass while the next is prepared, not at the switchover.
-        self.enc.flush()?;
-        let bytes = self.enc.bytes_written() - self.pass_bytes_start;
-        let duration = self.pass_started.elapsed();
+                result
+            })?
+        };
+        let duration = shared.started.elapsed();
+        let bytes = self.bytes_written() - bytes_before;
         self.throughput.bytes += bytes;
         self.throughput.time += duration;
-        let (total, rate) = (self.enc.bytes_written(), self.throughput.bytes_per_sec());
+        let (total, rate) = (self.bytes_written(), self.throughput.bytes_per_sec());
+        let nanos = |a: &std::sync::atomic::AtomicU64| Duration::from_nanos(a.load(std::sync::atomic::Ordering::Relaxed));
         self.progress.update(|p| {
             p.bytes = total;
             p.throughput = rate;
@@ -861,89 +902,12 @@ impl Sender<'_> {
                 pages: sent,
                 bytes,
                 duration,
-                send: self.pass_send,
-                bandwidth_wait: self.pass_wait,
+                send: nanos(&shared.send_ns),
+                bandwidth_wait: nanos(&shared.wait_ns),
                 dirty_after: 0,
             });
         });
         Ok(())
-    }
-
-    fn add_zero(&mut self, gpa: u64) -> Result<(), MigrationError> {
-        match &mut self.zero_run {
-            Some((first, count)) if *first + *count * PAGE_SIZE as u64 == gpa => *count += 1,
-            _ => {
-                self.flush_zero_run()?;
-                self.zero_run = Some((gpa, 1));
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends the pending zero run, and counts it (once per run, not per page: an idle guest's pass 0
-    /// is a million zero pages).
-    fn flush_zero_run(&mut self) -> Result<(), MigrationError> {
-        if let Some((gpa, count)) = self.zero_run.take() {
-            self.enc.zero_pages(gpa, count)?;
-            self.progress.update(|p| p.zero_pages += count);
-        }
-        Ok(())
-    }
-
-    fn flush_batch(&mut self) -> Result<(), MigrationError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.cancel.check()?;
-        self.check_peer()?;
-        let n = self.batch.len() as u64;
-        let sending = Instant::now();
-        self.enc.pages(&mut self.batch)?;
-        self.pass_send += sending.elapsed();
-        let total = self.enc.bytes_written();
-        // The running estimate includes the pass in flight, so progress shows a rate during pass 0.
-        let so_far = Throughput {
-            bytes: self.throughput.bytes + (total - self.pass_bytes_start),
-            time: self.throughput.time + self.pass_started.elapsed(),
-        };
-        self.progress.update(|p| {
-            p.normal_pages += n;
-            p.bytes = total;
-            p.throughput = so_far.bytes_per_sec();
-        });
-        self.throttle_bandwidth();
-        Ok(())
-    }
-
-    /// The destination speaks before the end only to refuse: notice it between records rather
-    /// than at the next failed write.
-    fn check_peer(&mut self) -> Result<(), MigrationError> {
-        use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd { fd: self.conn.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, zero timeout.
-        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
-            return Ok(());
-        }
-        Err(match read_reply(&self.conn) {
-            Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
-            Ok(other) => lost(format!("while sending: an unexpected {} came", other.name()), None),
-            Err(e) => lost("while sending", Some(e)),
-        })
-    }
-
-    /// Sleeps as long as this pass is ahead of `max_bandwidth`.
-    fn throttle_bandwidth(&mut self) {
-        let limit = self.params().max_bandwidth;
-        if !self.throttle || limit == 0 {
-            return;
-        }
-        let sent = self.enc.bytes_written() - self.pass_bytes_start;
-        let due = Duration::from_secs_f64(sent as f64 / limit as f64);
-        let elapsed = self.pass_started.elapsed();
-        if due > elapsed {
-            std::thread::sleep(due - elapsed);
-            self.pass_wait += due - elapsed;
-        }
     }
 
     /// A write error often means the destination refused the stream and closed: fetch its reason.
@@ -987,6 +951,22 @@ impl Reply {
     }
 }
 
+/// The destination speaks before the end only to refuse: notice it between records rather than at
+/// the next failed write.
+pub(crate) fn check_peer(conn: &Connection) -> Result<(), MigrationError> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd { fd: conn.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+        return Ok(());
+    }
+    Err(match read_reply(conn) {
+        Ok(Reply::Refused(reason)) => MigrationError::Refused(reason),
+        Ok(other) => lost(format!("while sending: an unexpected {} came", other.name()), None),
+        Err(e) => lost("while sending", Some(e)),
+    })
+}
+
 fn read_reply(conn: &Connection) -> Result<Reply, StreamError> {
     let mut dec = Decoder::new(conn);
     Ok(match dec.next_record()? {
@@ -1005,7 +985,10 @@ impl Drop for Sender<'_> {
         if let Err(e) = self.log.stop() {
             log::error!("stopping the dirty tracker: {}", crate::report(&e));
         }
-        let _ = self.enc.get_mut().flush();
+        let _ = self.out.enc.get_mut().flush();
         self.conn.shutdown();
+        for (_, c) in &self.extra {
+            c.shutdown();
+        }
     }
 }

@@ -18,7 +18,7 @@
 //!
 //! | type | record       | payload |
 //! |------|--------------|---------|
-//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, reserved: u32, migration_id: u64, then (gpa: u64, size: u64) per region |
+//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u32 (0 is read as 1), migration_id: u64, then (gpa: u64, size: u64) per region |
 //! | 0x02 | PAGES        | gpa: u64, count: u32, reserved: u32, then count x 4096 bytes (contiguous pages, one region) |
 //! | 0x03 | ZERO_PAGES   | gpa: u64, count: u64 (contiguous pages that are all zero) |
 //! | 0x04 | PASS_END     | pass: u32, reserved: u32, pages sent in the pass: u64 |
@@ -31,6 +31,7 @@
 //! | 0x0b | ABORT        | (empty): the source keeps the guest; discard it |
 //! | 0x0c | RESOLVE      | migration_id: u64, action: u32 (1 = GO, 2 = ABORT), reserved: u32: first record of a resolution connection |
 //! | 0x0d | DONE         | (empty): the source has STARTED; nothing is left to resolve |
+//! | 0x0e | CHANNEL      | migration_id: u64, index: u32, reserved: u32: first record of page channel `index` (1 to channels - 1) |
 //! | 0x81 | READY        | (empty): destination to source, state restored, guest paused, waiting for GO |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
 //! | 0x83 | SYNCED       | (empty): destination to source, answer to SYNC |
@@ -38,6 +39,19 @@
 //! | 0x85 | RESOLVED     | outcome: u32 (1 = the destination has the guest, 2 = it discarded it, 3 = unknown migration): answer to RESOLVE |
 //!
 //! State blobs are opaque here: the emulator versions and checks them (`emulator/src/state.rs`).
+//!
+//! # Channels
+//!
+//! A migration may use several connections (HEADER's `channels`, `migrate-set-parameters`
+//! `channels`). The first, the one that opens with HEADER, is channel 0: it carries every control
+//! record and its share of the pages. Each further one opens with the preamble and CHANNEL, then
+//! carries PAGES, ZERO_PAGES and PASS_END only, and the source closes it after the last pass.
+//! Pages are dealt to channels by a fixed rule ([`crate::channel::owner`]: runs of
+//! [`crate::channel::CHUNK_PAGES`] pages in turn), so a page only ever travels on one channel: a copy
+//! from a later pass can never be overtaken by an older one, and the channels' threads on the
+//! destination write disjoint pages. A record that crosses into another channel's pages is refused.
+//! Every channel ends each pass with its own PASS_END; the destination answers SYNC, and takes END,
+//! only once every channel has applied the pass before it.
 //!
 //! # Compatibility
 //!
@@ -111,6 +125,8 @@ pub const MAX_STATE_BLOB: usize = 256 << 10;
 pub const MAX_REGIONS: usize = 64;
 pub const MAX_VCPUS: u32 = 64;
 pub const MAX_DEVICE_NAME: usize = 64;
+/// The most connections one migration may use.
+pub const MAX_CHANNELS: u32 = 16;
 const MAX_ERROR_TEXT: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +145,7 @@ pub enum RecordType {
     Abort = 0x0b,
     Resolve = 0x0c,
     Done = 0x0d,
+    Channel = 0x0e,
     Ready = 0x81,
     Error = 0x82,
     Synced = 0x83,
@@ -137,7 +154,7 @@ pub enum RecordType {
 }
 
 impl RecordType {
-    const ALL: [RecordType; 18] = [
+    const ALL: [RecordType; 19] = [
         RecordType::Header,
         RecordType::Pages,
         RecordType::ZeroPages,
@@ -151,6 +168,7 @@ impl RecordType {
         RecordType::Abort,
         RecordType::Resolve,
         RecordType::Done,
+        RecordType::Channel,
         RecordType::Ready,
         RecordType::Error,
         RecordType::Synced,
@@ -178,6 +196,7 @@ impl RecordType {
             Abort => "ABORT",
             Resolve => "RESOLVE",
             Done => "DONE",
+            Channel => "CHANNEL",
             Ready => "READY",
             Error => "ERROR",
             Synced => "SYNCED",
@@ -194,7 +213,7 @@ pub fn max_payload(kind: RecordType) -> usize {
     match kind {
         Header => HEADER_PREFIX + 16 * MAX_REGIONS,
         Pages => MAX_PAYLOAD,
-        ZeroPages | PassEnd | Resolve | End => 16,
+        ZeroPages | PassEnd | Resolve | End | Channel => 16,
         VcpuState => 4 + MAX_STATE_BLOB,
         VmState => MAX_STATE_BLOB,
         DeviceState => 2 + MAX_DEVICE_NAME + MAX_STATE_BLOB,
@@ -253,6 +272,8 @@ pub struct StreamHeader {
     pub page_size: u32,
     pub vcpu_count: u32,
     pub migration_id: u64,
+    /// Connections the migration uses, this one included (1 to [`MAX_CHANNELS`]).
+    pub channels: u32,
     pub regions: Vec<RamRegion>,
 }
 
@@ -304,6 +325,7 @@ pub enum Record<'a> {
     Abort,
     Resolve { migration_id: u64, action: ResolveAction },
     Done,
+    Channel { migration_id: u64, index: u32 },
     Ready,
     Error(&'a str),
     Synced,
@@ -444,7 +466,7 @@ impl<W: Write> Encoder<W> {
 
     pub fn header(&mut self, h: &StreamHeader) -> io::Result<()> {
         let mut p = Vec::with_capacity(HEADER_PREFIX + 16 * h.regions.len());
-        for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, 0] {
+        for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, h.channels] {
             p.extend_from_slice(&v.to_le_bytes());
         }
         p.extend_from_slice(&h.migration_id.to_le_bytes());
@@ -519,6 +541,14 @@ impl<W: Write> Encoder<W> {
 
     pub fn abort(&mut self) -> io::Result<()> {
         self.record(RecordType::Abort, &[])
+    }
+
+    /// The first record of page channel `index` of migration `migration_id`.
+    pub fn channel(&mut self, migration_id: u64, index: u32) -> io::Result<()> {
+        let mut p = [0u8; 16];
+        p[..8].copy_from_slice(&migration_id.to_le_bytes());
+        p[8..].copy_from_slice(&two_u32(index, 0));
+        self.record(RecordType::Channel, &p)
     }
 
     pub fn resolve(&mut self, migration_id: u64, action: ResolveAction) -> io::Result<()> {
@@ -756,8 +786,9 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             if count == 0 || count > MAX_REGIONS {
                 return Err(malformed(kind, format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)")));
             }
-            if u32_le(p, 12) != 0 {
-                return Err(malformed(kind, "reserved field is not zero"));
+            let channels = u32_le(p, 12).max(1);
+            if channels > MAX_CHANNELS {
+                return Err(malformed(kind, format!("{channels} channels (1 to {MAX_CHANNELS} allowed)")));
             }
             need(HEADER_PREFIX + 16 * count)?;
             let at = |i: usize| HEADER_PREFIX + 16 * i;
@@ -766,6 +797,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
                 page_size: u32_le(p, 0),
                 vcpu_count: u32_le(p, 4),
                 migration_id: u64_le(p, 16),
+                channels,
                 regions,
             })
         }
@@ -817,6 +849,14 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             };
             Record::Resolve { migration_id: u64_le(p, 0), action }
         }
+        RecordType::Channel => {
+            need(16)?;
+            let (index, reserved) = (u32_le(p, 8), u32_le(p, 12));
+            if index == 0 || index >= MAX_CHANNELS || reserved != 0 {
+                return Err(malformed(kind, format!("channel index {index} (reserved {reserved})")));
+            }
+            Record::Channel { migration_id: u64_le(p, 0), index }
+        }
         RecordType::Resolved => {
             need(4)?;
             let v = u32_le(p, 0);
@@ -853,6 +893,7 @@ mod tests {
             page_size: 4096,
             vcpu_count: 2,
             migration_id: 0x1234_5678_9abc_def0,
+            channels: 3,
             regions: vec![RamRegion { gpa: 0, size: 1 << 20 }],
         }
     }
@@ -882,6 +923,7 @@ mod tests {
             e.resolve(7, ResolveAction::Go).unwrap();
             e.resolve(8, ResolveAction::Abort).unwrap();
             e.done().unwrap();
+            e.channel(9, 2).unwrap();
             e.ready().unwrap();
             e.error("no").unwrap();
             e.synced().unwrap();
@@ -914,6 +956,7 @@ mod tests {
             Record::Resolve { migration_id: 7, action: ResolveAction::Go },
             Record::Resolve { migration_id: 8, action: ResolveAction::Abort },
             Record::Done,
+            Record::Channel { migration_id: 9, index: 2 },
             Record::Ready,
             Record::Error("no"),
             Record::Synced,

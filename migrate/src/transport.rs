@@ -81,6 +81,14 @@ impl Connection {
         };
     }
 
+    /// Ends the sending direction (the peer reads the end of the stream); reading goes on.
+    pub fn finish_writing(&self) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.shutdown(Shutdown::Write),
+            Connection::Unix(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Connection::Tcp(s) => s.set_read_timeout(t),

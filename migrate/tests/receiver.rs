@@ -34,6 +34,7 @@ fn header() -> StreamHeader {
         page_size: PAGE_SIZE as u32,
         vcpu_count: VCPUS as u32,
         migration_id: ID,
+        channels: 1,
         regions: layout().regions().to_vec(),
     }
 }
@@ -702,7 +703,7 @@ fn the_listener_answers_strangers_and_keeps_listening_for_the_migration() {
     e.preamble().expect("encode");
     e.zero_pages(0, 1).expect("encode");
     let why = error_reply(&poke(&path, e.get_mut()));
-    assert!(why.contains("must open with HEADER or RESOLVE"), "{why}");
+    assert!(why.contains("must open with HEADER, CHANNEL or RESOLVE"), "{why}");
     drop(UnixStream::connect(&path).expect("connect"));
     // A RESOLVE before any migration: nothing to resolve.
     let mut e = Encoder::new(Vec::new());
