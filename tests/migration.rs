@@ -497,3 +497,28 @@ fn stop_is_refused_while_kvm_dirty_rings_track_the_guest() {
     other.qmp_ok("cont", json!({}));
     other.qmp_ok("migrate-cancel", json!({}));
 }
+
+/// The verify guest (two vCPUs rewriting and re-checking 64 MiB) over four channels, with the
+/// default tracker: RAM equal page for page, and the guest goes on checking at the destination.
+#[test]
+fn a_writer_migrates_over_four_channels() {
+    require_kvm!();
+    let src = Emu::boot(&["--smp", "2", "--mem", "256M", "--append", "wl=verify:64:0"]);
+    src.expect_line("verify: written=", T);
+    src.qmp_ok("migrate-set-parameters", json!({"channels": 4}));
+    assert_eq!(src.qmp_ok("query-migrate-parameters", json!({}))["channels"], 4);
+    let (dst, info) = migrate_checked(&src);
+    assert!(info["ram"]["normal"].as_u64().unwrap() > 0, "{info}");
+    let n = dst.line_count();
+    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    let n = dst.line_count();
+    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+    // Out of range, and QEMU's spelling.
+    for bad in [0, 17] {
+        let e = src.qmp("migrate-set-parameters", json!({"channels": bad})).expect_err("refused");
+        assert!(e.contains("channels is 1 to 16"), "{e}");
+    }
+    src.qmp_ok("migrate-set-parameters", json!({"multifd-channels": 2}));
+    assert_eq!(src.qmp_ok("query-migrate-parameters", json!({}))["channels"], 2);
+}

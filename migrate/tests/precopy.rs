@@ -38,9 +38,22 @@ fn assert_completed(p: &Progress) {
 /// for page, the state the source saved is what the destination restored, the source went pause
 /// -> completed, and the destination runs the guest only if it ran on the source. (The paused
 /// variant keeps the scripted writes: what it adds is that the run state travels.)
-fn whole_migration(guest_running: bool) {
+///
+/// With `channels` > 1 the pages travel on that many connections; with `slow_channels`, those
+/// after the first go through a proxy that holds every chunk of bytes back a while, so that the
+/// destination applies channel 0's later passes before the other channels' earlier ones.
+fn whole_migration(guest_running: bool, channels: u32, slow_channels: bool) {
     let dir = TempDir::new("whole");
     let uri = dir.uri("dst.sock");
+    let _proxy;
+    let source_uri = if slow_channels {
+        let proxy = SlowProxy::start(dir.path("proxy.sock"), dir.path("dst.sock"));
+        let uri = proxy.uri();
+        _proxy = proxy;
+        uri
+    } else {
+        uri.clone()
+    };
     let src_ram = common::ram(split_layout());
     let pages = src_ram.page_count();
     assert_eq!(pages, 768);
@@ -73,8 +86,9 @@ fn whole_migration(guest_running: bool) {
     let params = params(|p| {
         p.downtime_limit = Duration::ZERO;
         p.max_passes = 3;
+        p.channels = channels;
     });
-    let outgoing = sender::start(src.clone(), uri, params, trackers).expect("start the migration");
+    let outgoing = sender::start(src.clone(), source_uri, params, trackers).expect("start the migration");
     let cancel = outgoing.cancel.clone();
     let progress = join(outgoing);
     let arrived = destination.recv_timeout(WAIT).expect("the destination did not finish").expect("destination");
@@ -105,6 +119,7 @@ fn whole_migration(guest_running: bool) {
     assert_eq!(arrived.handover.phase(), DestPhase::Taken { by: "GO" });
     assert!(arrived.source_informed, "the source said DONE");
     assert_eq!(arrived.header.vcpu_count, 2);
+    assert_eq!(arrived.header.channels, channels);
     assert_eq!(arrived.header.regions, split_layout().regions());
     assert_eq!(arrived.passes, 5, "the destination saw the same passes");
     assert_eq!(arrived.vm.restored(), vec![state], "restored once, with exactly the state the source saved");
@@ -125,12 +140,70 @@ fn whole_migration(guest_running: bool) {
 
 #[test]
 fn a_running_guest_migrates_whole_and_runs_on_the_destination() {
-    whole_migration(true);
+    whole_migration(true, 1, false);
 }
 
 #[test]
 fn a_paused_guest_migrates_whole_and_stays_paused_on_the_destination() {
-    whole_migration(false);
+    whole_migration(false, 1, false);
+}
+
+// 768 pages are three runs of 256: with four channels one of them carries no page at all and must
+// still end each pass.
+#[test]
+fn a_running_guest_migrates_whole_over_four_channels() {
+    whole_migration(true, 4, false);
+}
+
+// Channels 1 and 2 lag behind channel 0 by whole passes at the destination; pages rewritten in every
+// pass still arrive with their last contents (a page only travels on its own channel).
+#[test]
+fn slow_channels_never_let_an_older_copy_of_a_page_win() {
+    whole_migration(true, 3, true);
+}
+
+/// A unix-socket proxy: the first connection through it passes straight, every later one is held
+/// back 2 ms per chunk of at most 64 KiB, source to destination.
+struct SlowProxy {
+    path: std::path::PathBuf,
+}
+
+impl SlowProxy {
+    fn start(path: std::path::PathBuf, to: std::path::PathBuf) -> SlowProxy {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let listener = UnixListener::bind(&path).expect("bind the proxy");
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(from) = conn else { return };
+                let Ok(dst) = UnixStream::connect(&to) else { return };
+                let (mut from_r, mut dst_w) = (from.try_clone().expect("clone"), dst.try_clone().expect("clone"));
+                let (mut dst_r, mut from_w) = (dst, from);
+                let slow = n > 0;
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(k) = from_r.read(&mut buf) {
+                        if k == 0 || dst_w.write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                        if slow {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                    }
+                    let _ = dst_w.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut dst_r, &mut from_w);
+                    let _ = from_w.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        SlowProxy { path }
+    }
+
+    fn uri(&self) -> migrate::transport::Uri {
+        migrate::transport::Uri::Unix(self.path.clone())
+    }
 }
 
 /// A source on one flat region of `pages`, filled, migrating to a recording fake destination.

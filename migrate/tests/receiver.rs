@@ -737,3 +737,157 @@ fn the_listener_answers_strangers_and_keeps_listening_for_the_migration() {
     assert_eq!(poke(&path, e.get_mut()), vec![Reply::Resolved(Resolution::DestinationHasGuest)]);
     std::thread::spawn(move || drop(server));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Channels
+
+/// 512 pages: two runs of 256, so with two channels each has one (`migrate::channel`).
+const CH_PAGES: usize = 512;
+
+fn channels_header(channels: u32) -> StreamHeader {
+    StreamHeader {
+        regions: vec![RamRegion { gpa: 0, size: (CH_PAGES * PAGE_SIZE) as u64 }],
+        channels,
+        ..header()
+    }
+}
+
+/// The opening of page channel `index` of migration `id`, then whatever `f` writes.
+fn channel_stream(id: u64, index: u32, f: impl FnOnce(&mut Enc)) -> Vec<u8> {
+    let mut e = Encoder::new(Vec::new());
+    e.preamble().expect("encode");
+    e.channel(id, index).expect("encode");
+    f(&mut e);
+    std::mem::take(e.get_mut())
+}
+
+/// Runs channel 0's `main` and the page channels' `others` (in order, 50 ms apart) into a fresh
+/// destination; the migration must be refused. Returns the
+/// refusal and every page channel's replies.
+fn refused_with_channels(main: Vec<u8>, others: Vec<Vec<u8>>) -> (Refused, Vec<Vec<Reply>>) {
+    let dir = TempDir::new("rx-ch");
+    let path = dir.path("dst.sock");
+    let server = IncomingServer::bind(&migrate::transport::Uri::Unix(path.clone())).expect("bind");
+    let handover = server.handover().clone();
+    let main_replies = client(path.clone(), main);
+    let built = Arc::new(Mutex::new(None));
+    let (h, b) = (handover.clone(), built.clone());
+    let receiving = std::thread::spawn(move || {
+        let accepted = server.next_migration().expect("a migration connection");
+        let result = receiver::receive(accepted, &h, |hd| create_for(&Dest::default(), &b, hd));
+        std::thread::spawn(move || drop(server));
+        match result {
+            Ok(_) => panic!("the receiver accepted a stream it must refuse"),
+            Err(e) => migrate::report(&e),
+        }
+    });
+    let mut clients = Vec::new();
+    for bytes in others {
+        std::thread::sleep(Duration::from_millis(50));
+        clients.push(client(path.clone(), bytes));
+    }
+    let channel_replies = clients.into_iter().map(|c| c.join().expect("a channel client panicked")).collect();
+    let error = within("the receiver did not finish", move || receiving.join().expect("the receiver panicked"));
+    let replies = main_replies.join().expect("the client panicked");
+    let vm = lock(&built).clone();
+    (Refused { replies, error, vm, handover }, channel_replies)
+}
+
+/// Channel 0's pass 0 for two channels: its own run as zero pages, then PASS_END.
+fn ch0_pass0(e: &mut Enc) {
+    e.zero_pages(0, 256).expect("encode");
+    e.pass_end(0, 256).expect("encode");
+}
+
+// A source that deals pages to whichever channel is free could send a later pass's copy of a page
+// on one channel and an older copy on another, and the older one could land last. The destination
+// takes a page only on the channel the dealing rule gives it, so such a stream is refused, on
+// either side of the rule.
+#[test]
+fn a_page_on_the_wrong_channel_is_refused() {
+    // Channel 0 sends a page of channel 1's run.
+    let main = stream_with(&channels_header(2), |e| pages(e, 256 * PAGE_SIZE as u64, &[pattern(256, 0)]));
+    let ch1 = channel_stream(ID, 1, |_| {});
+    let (r, _) = refused_with_channels(main, vec![ch1]);
+    check_refusal(&r, PASS0, "1 pages at 0x100000 are not all channel 0's (of 2)");
+
+    // Channel 1 sends (in pass 1, after a proper pass 0) a copy of a page of channel 0's run.
+    let main = stream_with(&channels_header(2), |e| {
+        ch0_pass0(e);
+        e.pass_end(1, 0).expect("encode");
+        all_state(e);
+        end(e);
+    });
+    let ch1 = channel_stream(ID, 1, |e| {
+        e.zero_pages(256 * PAGE_SIZE as u64, 256).expect("encode");
+        e.pass_end(0, 256).expect("encode");
+        pages(e, 0, &[pattern(0, 1)]);
+        e.pass_end(1, 1).expect("encode");
+    });
+    let (r, _) = refused_with_channels(main, vec![ch1]);
+    check_refusal(&r, STATE, "channel 1: 1 pages at 0x0 are not all channel 1's (of 2)");
+    assert_eq!(r.vm.expect("built").restored(), Vec::<MachineState>::new());
+
+    // A record that runs from one channel's pages into the next one's.
+    let main = stream_with(&channels_header(2), |e| e.zero_pages(0, 257).expect("encode"));
+    let (r, _) = refused_with_channels(main, vec![channel_stream(ID, 1, |_| {})]);
+    check_refusal(&r, PASS0, "257 pages at 0x0 are not all channel 0's (of 2)");
+}
+
+#[test]
+fn channels_must_all_finish_the_last_pass() {
+    // Channel 1 stops after pass 0 while channel 0 went on to pass 1: END is refused.
+    let main = stream_with(&channels_header(2), |e| {
+        ch0_pass0(e);
+        e.pass_end(1, 0).expect("encode");
+        all_state(e);
+        end(e);
+    });
+    let ch1 = channel_stream(ID, 1, |e| {
+        e.zero_pages(256 * PAGE_SIZE as u64, 256).expect("encode");
+        e.pass_end(0, 256).expect("encode");
+    });
+    let (r, _) = refused_with_channels(main, vec![ch1]);
+    check_refusal(&r, STATE, "channel 1: ended after pass Some(0), channel 0 after pass Some(1)");
+
+    // A channel closed in the middle of a pass (its PASS_END never came).
+    let main = stream_with(&channels_header(2), |e| {
+        ch0_pass0(e);
+        all_state(e);
+        end(e);
+    });
+    let ch1 = channel_stream(ID, 1, |e| e.zero_pages(256 * PAGE_SIZE as u64, 256).expect("encode"));
+    let (r, _) = refused_with_channels(main, vec![ch1]);
+    check_refusal(&r, STATE, "channel 1: the source closed the connection before the end of the stream");
+
+    // Pages of channel 1 never sent at all: it only said its pass ended.
+    let main = stream_with(&channels_header(2), |e| {
+        ch0_pass0(e);
+        all_state(e);
+        end(e);
+    });
+    let ch1 = channel_stream(ID, 1, |e| e.pass_end(0, 0).expect("encode"));
+    let (r, _) = refused_with_channels(main, vec![ch1]);
+    check_refusal(&r, STATE, "END, but 256 pages never arrived");
+}
+
+#[test]
+fn a_channel_of_another_migration_or_twice_is_refused() {
+    let main = stream_with(&channels_header(3), |e| {
+        ch0_pass0(e);
+        all_state(e);
+        end(e);
+    });
+    let stranger = channel_stream(ID + 1, 1, |_| {});
+    let twice = channel_stream(ID, 1, |e| e.pass_end(0, 0).expect("encode"));
+    let (r, others) = refused_with_channels(main, vec![stranger, twice.clone(), twice]);
+    match &others[0][..] {
+        [Reply::Error(why)] => assert!(why.contains("no migration 0x5eed000000000002 here for channel 1"), "{why}"),
+        other => panic!("a channel of another migration got {other:?}"),
+    }
+    check_refusal(&r, HEADER, "channel 1 connected twice");
+    // A channel index the header does not have.
+    let main = stream_with(&channels_header(2), ch0_pass0);
+    let (r, _) = refused_with_channels(main, vec![channel_stream(ID, 5, |_| {})]);
+    check_refusal(&r, HEADER, "channel 5: no such channel: the migration has 2");
+}
