@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::Emu;
 use migrate::ram::RamRegion;
 use migrate::stream::{Decoder, Encoder, PageBatch, Record, StreamHeader};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -22,7 +23,13 @@ fn connect(uri: &str) -> TcpStream {
 }
 
 fn header(mem: u64, vcpus: u32) -> StreamHeader {
-    StreamHeader { page_size: 4096, vcpu_count: vcpus, migration_id: 1, channels: 1, regions: vec![RamRegion { gpa: 0, size: mem }] }
+    StreamHeader {
+        page_size: 4096,
+        vcpu_count: vcpus,
+        migration_id: 1,
+        channels: 1,
+        regions: vec![RamRegion { gpa: 0, size: mem }],
+    }
 }
 
 /// Sends `bytes` to a fresh destination; expects it to fail with `expect` in its error, answer an
@@ -82,7 +89,8 @@ fn strangers_are_refused_and_the_destination_keeps_listening() {
     assert!(error_reply(&uri, &v7).contains("stream version 7"));
     let v1 = [&migrate::stream::MAGIC[..], &1u32.to_le_bytes()].concat();
     assert!(error_reply(&uri, &v1).contains("stream version 1 cannot keep the one-running-copy promise"));
-    assert!(error_reply(&uri, &stream(|e| e.zero_pages(0, 1).unwrap())).contains("must open with HEADER or RESOLVE"));
+    assert!(error_reply(&uri, &stream(|e| e.zero_pages(0, 1).unwrap()))
+        .contains("must open with HEADER, CHANNEL or RESOLVE"));
     // connect and close, and a silent client holding a connection open
     drop(connect(&uri));
     let _silent = connect(&uri);
@@ -253,6 +261,8 @@ fn a_cut_connection_loses_nothing() {
     require_kvm!();
     let src = Emu::boot(&["--mem", "128M", "--append", "wl=verify:16"]);
     src.expect_line("verify: written=", T);
+    // One connection, so that the relay's cut is the migration's (channels have their own test).
+    src.qmp_ok("migrate-set-parameters", json!({"channels": 1}));
     let (mut dst, dst_uri) = Emu::incoming(&[]);
     let relay = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_uri = format!("tcp:{}", relay.local_addr().unwrap());

@@ -267,7 +267,8 @@ fn migration_parameters_are_checked() {
         json!({
             "downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "kvm-dirty-log",
             "switchover-timeout": 1000, "stall-policy": "throttle", "cpu-throttle-initial": 20,
-            "cpu-throttle-increment": 10, "dirty-rate-limit": 0,
+            "cpu-throttle-increment": 10, "dirty-rate-limit": 0, "channels": 4, "compress": "none",
+            "compress-level": 1,
         })
     );
     // Each refused for its own reason, named in the error (a refusal for another reason would hide
@@ -278,6 +279,10 @@ fn migration_parameters_are_checked() {
         (json!({"max-passes": "x"}), "max-passes must be a non-negative integer"),
         (json!({"max-passes": 1u64 << 32}), "max-passes is too large"),
         (json!({"max-bandwidth": 1.5}), "max-bandwidth must be a non-negative integer"),
+        (json!({"compress": "zlib"}), "unknown compression 'zlib' (one of: none, lz4, zstd)"),
+        (json!({"compress": 1}), "compress must be a string"),
+        (json!({"compress-level": 0}), "compress-level is 1 to 19"),
+        (json!({"multifd-zstd-level": 20}), "multifd-zstd-level is 1 to 19"),
         (json!({"dirty-tracker": "magic"}), "unknown dirty tracker 'magic'"),
         (json!({"dirty-tracker": 3}), "dirty-tracker must be a string"),
         (json!({"bogus": 1}), "unknown migration parameter bogus"),
@@ -521,4 +526,21 @@ fn a_writer_migrates_over_four_channels() {
     }
     src.qmp_ok("migrate-set-parameters", json!({"multifd-channels": 2}));
     assert_eq!(src.qmp_ok("query-migrate-parameters", json!({}))["channels"], 2);
+}
+
+/// The verify guest with its pages compressed (zstd): RAM equal page for page, compression
+/// reported, and the guest goes on checking at the destination.
+#[test]
+fn a_writer_migrates_compressed() {
+    require_kvm!();
+    let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:32:20000"]);
+    src.expect_line("verify: written=", T);
+    src.qmp_ok("migrate-set-parameters", json!({"compress": "zstd", "compress-level": 3}));
+    let (dst, info) = migrate_checked(&src);
+    let c = &info["compression"];
+    assert_eq!(c["codec"], "zstd", "{info}");
+    assert!(c["pages"].as_u64().unwrap() > 0 && c["ratio"].as_f64().unwrap() > 1.0, "{info}");
+    let n = dst.line_count();
+    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
 }

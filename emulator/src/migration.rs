@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use migrate::compress::Codec;
 use migrate::handover::{DestPhase, Handover, Side};
 use migrate::incoming::Accepted;
 use migrate::progress::{Progress, Status};
@@ -204,6 +205,17 @@ impl MigrationController {
                     p.drop_final_pages =
                         u32::try_from(number()?).map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
                 }
+                "compress" | "multifd-compression" => {
+                    let s = value.as_str().ok_or_else(|| QmpError::generic(format!("{key} must be a string")))?;
+                    p.compress = s.parse::<Codec>().map_err(QmpError::generic)?;
+                }
+                "compress-level" | "multifd-zstd-level" => {
+                    let levels = migrate::compress::ZSTD_LEVELS;
+                    p.compress_level = i32::try_from(number()?)
+                        .ok()
+                        .filter(|l| levels.contains(l))
+                        .ok_or_else(|| QmpError::generic(format!("{key} is {} to {}", levels.start(), levels.end())))?;
+                }
                 "dirty-tracker" => {
                     let s = value.as_str().ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
                     p.tracker = s.parse::<TrackerKind>().map_err(QmpError::generic)?;
@@ -238,6 +250,8 @@ fn params_json(p: &MigrationParams) -> Value {
         "max-bandwidth": p.max_bandwidth,
         "max-passes": p.max_passes,
         "channels": p.channels,
+        "compress": p.compress.name(),
+        "compress-level": p.compress_level,
         "dirty-tracker": p.tracker.name(),
         "switchover-timeout": ms(p.switchover_timeout),
         "stall-policy": p.stall_policy.name(),
@@ -310,6 +324,17 @@ pub fn progress_json(p: &Progress) -> Value {
     }
     if let Some(r) = &p.stall_reason {
         v["stall-reason"] = json!(r);
+    }
+    if let Some((codec, c)) = &p.compression {
+        v["compression"] = json!({
+            "codec": codec.name(),
+            "pages": c.pages,
+            "bytes-in": c.raw_bytes,
+            "bytes-out": c.compressed_bytes,
+            "ratio": if c.compressed_bytes > 0 { c.raw_bytes as f64 / c.compressed_bytes as f64 } else { 0.0 },
+            "attempts": c.records,
+            "attempts-not-paying": c.misses,
+        });
     }
     if p.dirty_rate_limit > 0 {
         v["dirty-rate-limit"] = json!(p.dirty_rate_limit);

@@ -79,6 +79,8 @@ pub(crate) struct PassShared<'a> {
     pub wait_ns: AtomicU64,
     /// A channel failed: the others stop at their next record.
     pub failed: AtomicBool,
+    /// Channels 1..n, to end them when one channel fails.
+    pub page_channels: &'a [Connection],
 }
 
 impl<'a> PassShared<'a> {
@@ -93,6 +95,7 @@ impl<'a> PassShared<'a> {
         max_bandwidth: u64,
         bytes_before: u64,
         earlier: (u64, Duration),
+        page_channels: &'a [Connection],
     ) -> Self {
         PassShared {
             ram,
@@ -109,6 +112,7 @@ impl<'a> PassShared<'a> {
             send_ns: AtomicU64::new(0),
             wait_ns: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            page_channels,
         }
     }
 
@@ -137,8 +141,13 @@ impl<'a> PassShared<'a> {
         peer: Option<&Connection>,
     ) -> Result<u64, MigrationError> {
         let r = self.send_share_inner(index, pass, out, peer);
-        if r.is_err() {
-            self.failed.store(true, Ordering::SeqCst);
+        if r.is_err() && !self.failed.swap(true, Ordering::SeqCst) {
+            // The page channels may be blocked in a write to a destination that is gone: end them
+            // now rather than after the stall timeout. Channel 0 stays: the source still reads the
+            // destination's reason on it, and sends ABORT.
+            for c in self.page_channels {
+                c.shutdown();
+            }
         }
         r
     }

@@ -149,7 +149,8 @@ mod tests {
     fn keeps_passing_while_passes_halve_the_dirty_set() {
         let pages = |n: u64| n * 4096;
         // 10000 pages (41 MB, 41 ms at 1 GB/s) fit; the last pass sent 30000: it shrank to a third.
-        let o = PassOutcome { remaining_bytes: pages(10_000), throughput: GBPS, passes_done: 3, last_pass_pages: 30_000 };
+        let o =
+            PassOutcome { remaining_bytes: pages(10_000), throughput: GBPS, passes_done: 3, last_pass_pages: 30_000 };
         assert_eq!(decide(o, LIMIT, 30), Decision::Continue);
         // It sent 15000 and 10000 are left: two thirds, the pass did not pay enough.
         assert_eq!(decide(PassOutcome { last_pass_pages: 15_000, ..o }, LIMIT, 30), Decision::Converged);
@@ -161,7 +162,8 @@ mod tests {
         // The pass limit still wins.
         assert_eq!(decide(PassOutcome { passes_done: 30, ..o }, LIMIT, 30), Decision::MaxPasses);
         // Pass 0 sent everything; what it left fits and is a small share: polish.
-        let after_pass0 = PassOutcome { remaining_bytes: pages(6000), throughput: GBPS, passes_done: 0, last_pass_pages: 262_144 };
+        let after_pass0 =
+            PassOutcome { remaining_bytes: pages(6000), throughput: GBPS, passes_done: 0, last_pass_pages: 262_144 };
         assert_eq!(decide(after_pass0, LIMIT, 30), Decision::Continue);
     }
 

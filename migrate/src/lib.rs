@@ -16,6 +16,7 @@
 
 mod bitmap;
 pub mod channel;
+pub mod compress;
 mod convergence;
 pub mod handover;
 pub mod incoming;

@@ -112,6 +112,8 @@ pub struct Progress {
     pub throttle_percent: u8,
     /// Newly dirtied pages per second the tracker holds the guest to now (0: no limit).
     pub dirty_rate_limit: u64,
+    /// Compression (`compress`), all channels together, as of the last pass.
+    pub compression: Option<(crate::compress::Codec, crate::compress::CompressStats)>,
     pub switchover: Option<SwitchoverTimes>,
 }
 
@@ -142,6 +144,7 @@ impl Progress {
             stall_reason: None,
             throttle_percent: 0,
             dirty_rate_limit: 0,
+            compression: None,
             switchover: None,
         }
     }

@@ -22,9 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
+use crate::channel;
 use crate::handover::{self, Handover};
 use crate::incoming::Accepted;
-use crate::channel;
 use crate::ram::{GuestRam, RamError, RamLayout, RamRegion, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
@@ -227,11 +227,7 @@ impl Lanes {
     }
 
     /// Waits for channels 1..`channels` to connect, and starts a thread for each.
-    fn start(
-        joins: &mpsc::Receiver<(u32, Connection)>,
-        channels: u32,
-        ram: &Arc<GuestRam>,
-    ) -> Result<Lanes, Refusal> {
+    fn start(joins: &mpsc::Receiver<(u32, Connection)>, channels: u32, ram: &Arc<GuestRam>) -> Result<Lanes, Refusal> {
         let mut lanes = Lanes::none();
         lanes.state.0.lock().unwrap_or_else(|e| e.into_inner()).applied = vec![None; channels as usize - 1];
         let mut conns: Vec<Option<Connection>> = (1..channels).map(|_| None).collect();
@@ -239,12 +235,10 @@ impl Lanes {
         while conns.iter().any(Option::is_none) {
             let missing = conns.iter().filter(|c| c.is_none()).count() as u32;
             let left = deadline.saturating_duration_since(Instant::now());
-            let (index, conn) =
-                joins.recv_timeout(left).map_err(|_| Refusal::ChannelsMissing { missing, channels })?;
-            let slot = conns.get_mut(index as usize - 1).ok_or(Refusal::Channel {
-                index,
-                why: format!("no such channel: the migration has {channels}"),
-            })?;
+            let (index, conn) = joins.recv_timeout(left).map_err(|_| Refusal::ChannelsMissing { missing, channels })?;
+            let slot = conns
+                .get_mut(index as usize - 1)
+                .ok_or(Refusal::Channel { index, why: format!("no such channel: the migration has {channels}") })?;
             if slot.is_some() {
                 return Err(Refusal::ChannelTwice(index));
             }
@@ -336,7 +330,7 @@ fn run_lane(conn: Connection, mut sink: PageSink, state: &(Mutex<LaneProgress>, 
             Err(e) => break Err(Refusal::Stream(e)),
         };
         let step = match frame.kind {
-            RecordType::Pages => sink.read_pages(&mut dec, &frame),
+            RecordType::Pages | RecordType::PagesCompressed => sink.read_pages(&mut dec, &frame),
             RecordType::ZeroPages | RecordType::PassEnd => match dec.read_record(&frame) {
                 Ok(Record::ZeroPages { gpa, count }) => sink.zero_pages(gpa, count),
                 Ok(Record::PassEnd { pass, .. }) => {
@@ -492,10 +486,12 @@ impl<R: std::io::Read> Receiver<R> {
     fn step<V: RestorableVm>(&mut self, phase: Phase<V>, frame: Frame) -> Result<Step<V>, (Phase<V>, Refusal)> {
         match (phase, frame.kind) {
             (Phase::AwaitHeader, _) => unreachable!("the header is checked before the first step"),
-            (Phase::Ram(mut t), RecordType::Pages) => match t.sink.read_pages(&mut self.dec, &frame) {
-                Ok(()) => Ok(Step::Next(Phase::Ram(t))),
-                Err(e) => Err((Phase::Ram(t), e)),
-            },
+            (Phase::Ram(mut t), RecordType::Pages | RecordType::PagesCompressed) => {
+                match t.sink.read_pages(&mut self.dec, &frame) {
+                    Ok(()) => Ok(Step::Next(Phase::Ram(t))),
+                    Err(e) => Err((Phase::Ram(t), e)),
+                }
+            }
             (Phase::Ram(t), RecordType::Sync) => {
                 // Everything before this record is applied: say so (the source then pauses its guest
                 // knowing we will not keep it waiting).
@@ -534,9 +530,10 @@ impl<R: std::io::Read> Receiver<R> {
             (p @ (Phase::Ram(_) | Phase::State(_)), kind) => {
                 let why = match (&p, kind) {
                     (Phase::Ram(_), RecordType::End) => Refusal::EndBeforeState,
-                    (Phase::State(_), RecordType::Pages | RecordType::ZeroPages | RecordType::PassEnd) => {
-                        Refusal::RamAfterState(kind.name())
-                    }
+                    (
+                        Phase::State(_),
+                        RecordType::Pages | RecordType::PagesCompressed | RecordType::ZeroPages | RecordType::PassEnd,
+                    ) => Refusal::RamAfterState(kind.name()),
                     _ => Refusal::Unexpected(kind.name()),
                 };
                 Err((p, why))

@@ -19,12 +19,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
+use crate::channel::{ChannelOut, PassShared};
+use crate::compress::{Codec, CompressStats, Compressor};
 use crate::convergence::{self, Decision, PassOutcome};
 use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
 use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{GuestRam, PAGE_SIZE};
-use crate::channel::{ChannelOut, PassShared};
 use crate::stream::{Decoder, Encoder, Record, Resolution, ResolveAction, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
 use crate::transport::{self, Connection, Uri};
@@ -77,13 +78,16 @@ pub struct MigrationParams {
     /// Connections the pages travel on, one sender thread each (`channel.rs`); 1 to
     /// [`crate::stream::MAX_CHANNELS`]. Takes effect at the next `migrate`.
     pub channels: u32,
+    /// How page data is compressed where that pays (`compress.rs`), and zstd's level.
+    pub compress: Codec,
+    pub compress_level: i32,
     /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
     /// destination's RAM is known to differ. Never set outside tests.
     pub drop_final_pages: u32,
 }
 
 /// Channels a migration uses unless told otherwise (README.md: "Channels" says why).
-pub const DEFAULT_CHANNELS: u32 = 1;
+pub const DEFAULT_CHANNELS: u32 = 4;
 
 /// The most vCPU time auto-converge takes away (QEMU's cpu-throttle maximum).
 pub const MAX_THROTTLE: u8 = 99;
@@ -149,6 +153,8 @@ impl Default for MigrationParams {
             throttle_increment: 10,
             dirty_rate_limit: 0,
             channels: DEFAULT_CHANNELS,
+            compress: Codec::None,
+            compress_level: 1,
             drop_final_pages: 0,
         }
     }
@@ -450,7 +456,7 @@ fn migrate(
         uri,
         migration_id,
         ram,
-        out: ChannelOut::new(Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?))),
+        out: ChannelOut::new(encoder(&conn, &params.lock().unwrap_or_else(|e| e.into_inner()))?),
         conn,
         extra: Vec::new(),
         log,
@@ -468,6 +474,15 @@ fn migrate(
         }
     }
     result
+}
+
+/// A channel's encoder: buffered, compressing if the parameters say so.
+fn encoder(conn: &Connection, params: &MigrationParams) -> std::io::Result<Encoder<BufWriter<Connection>>> {
+    let mut enc = Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?));
+    if params.compress != Codec::None {
+        enc.compress_with(Compressor::new(params.compress, params.compress_level)?);
+    }
+    Ok(enc)
 }
 
 /// Bytes moved while sending passes, for the convergence rule.
@@ -830,7 +845,7 @@ impl Sender<'_> {
         conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
         self.cancel.attach(&conn);
         self.cancel.check()?;
-        let mut out = ChannelOut::new(Encoder::new(BufWriter::with_capacity(WRITE_BUFFER, conn.try_clone()?)));
+        let mut out = ChannelOut::new(encoder(&conn, &self.params())?);
         out.enc.preamble()?;
         out.enc.channel(self.migration_id, index)?;
         self.extra.push((out, conn));
@@ -854,6 +869,7 @@ impl Sender<'_> {
         let max_bandwidth = if self.throttle { self.params().max_bandwidth } else { 0 };
         let channels = 1 + self.extra.len() as u32;
         let bytes_before = self.bytes_written();
+        let page_conns: Vec<Connection> = self.extra.iter().filter_map(|(_, c)| c.try_clone().ok()).collect();
         let shared = PassShared::new(
             &self.ram,
             pages,
@@ -864,6 +880,7 @@ impl Sender<'_> {
             max_bandwidth,
             bytes_before,
             (self.throughput.bytes, self.throughput.time),
+            &page_conns,
         );
         let (out, conn, extra) = (&mut self.out, &self.conn, &mut self.extra);
         let sent = if extra.is_empty() {
@@ -879,7 +896,9 @@ impl Sender<'_> {
                 // Channel 0's error first: a refusal from the destination comes on it.
                 let mut result = shared.send_share(0, pass, out, Some(conn));
                 for t in others {
-                    let r = t.join().unwrap_or_else(|_| Err(MigrationError::Send(std::io::Error::other("a channel thread panicked"))));
+                    let r = t.join().unwrap_or_else(|_| {
+                        Err(MigrationError::Send(std::io::Error::other("a channel thread panicked")))
+                    });
                     result = match (result, r) {
                         (Ok(a), Ok(b)) => Ok(a + b),
                         (Err(e), _) | (Ok(_), Err(e)) => Err(e),
@@ -893,10 +912,19 @@ impl Sender<'_> {
         self.throughput.bytes += bytes;
         self.throughput.time += duration;
         let (total, rate) = (self.bytes_written(), self.throughput.bytes_per_sec());
-        let nanos = |a: &std::sync::atomic::AtomicU64| Duration::from_nanos(a.load(std::sync::atomic::Ordering::Relaxed));
+        let nanos =
+            |a: &std::sync::atomic::AtomicU64| Duration::from_nanos(a.load(std::sync::atomic::Ordering::Relaxed));
+        let mut compressed = self.out.enc.compress_stats();
+        for (o, _) in &self.extra {
+            compressed.add(&o.enc.compress_stats());
+        }
+        let codec = self.out.enc.codec();
         self.progress.update(|p| {
             p.bytes = total;
             p.throughput = rate;
+            if codec != Codec::None || compressed != CompressStats::default() {
+                p.compression = Some((codec, compressed));
+            }
             p.passes.push(PassRecord {
                 pass,
                 pages: sent,

@@ -31,6 +31,7 @@
 //! | 0x0b | ABORT        | (empty): the source keeps the guest; discard it |
 //! | 0x0c | RESOLVE      | migration_id: u64, action: u32 (1 = GO, 2 = ABORT), reserved: u32: first record of a resolution connection |
 //! | 0x0d | DONE         | (empty): the source has STARTED; nothing is left to resolve |
+//! | 0x0f | PAGES_COMPRESSED | gpa: u64, count: u32, codec: u8 (1 = lz4 block, 2 = zstd frame), reserved: 3 bytes, then the count x 4096 bytes compressed (`compress.rs`) |
 //! | 0x0e | CHANNEL      | migration_id: u64, index: u32, reserved: u32: first record of page channel `index` (1 to channels - 1) |
 //! | 0x81 | READY        | (empty): destination to source, state restored, guest paused, waiting for GO |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
@@ -106,6 +107,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::compress::{self, Codec, CompressStats, Compressor};
 use crate::ram::{RamRegion, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"EMU-MIG\n";
@@ -146,6 +148,7 @@ pub enum RecordType {
     Resolve = 0x0c,
     Done = 0x0d,
     Channel = 0x0e,
+    PagesCompressed = 0x0f,
     Ready = 0x81,
     Error = 0x82,
     Synced = 0x83,
@@ -154,7 +157,7 @@ pub enum RecordType {
 }
 
 impl RecordType {
-    const ALL: [RecordType; 19] = [
+    const ALL: [RecordType; 20] = [
         RecordType::Header,
         RecordType::Pages,
         RecordType::ZeroPages,
@@ -169,6 +172,7 @@ impl RecordType {
         RecordType::Resolve,
         RecordType::Done,
         RecordType::Channel,
+        RecordType::PagesCompressed,
         RecordType::Ready,
         RecordType::Error,
         RecordType::Synced,
@@ -197,6 +201,7 @@ impl RecordType {
             Resolve => "RESOLVE",
             Done => "DONE",
             Channel => "CHANNEL",
+            PagesCompressed => "PAGES_COMPRESSED",
             Ready => "READY",
             Error => "ERROR",
             Synced => "SYNCED",
@@ -212,7 +217,8 @@ pub fn max_payload(kind: RecordType) -> usize {
     use RecordType::*;
     match kind {
         Header => HEADER_PREFIX + 16 * MAX_REGIONS,
-        Pages => MAX_PAYLOAD,
+        // Compressed data is sent only when smaller than the raw pages.
+        Pages | PagesCompressed => MAX_PAYLOAD,
         ZeroPages | PassEnd | Resolve | End | Channel => 16,
         VcpuState => 4 + MAX_STATE_BLOB,
         VmState => MAX_STATE_BLOB,
@@ -422,11 +428,27 @@ impl PageBatch {
 pub struct Encoder<W: Write> {
     w: W,
     bytes: u64,
+    compressor: Option<Compressor>,
 }
 
 impl<W: Write> Encoder<W> {
     pub fn new(w: W) -> Self {
-        Encoder { w, bytes: 0 }
+        Encoder { w, bytes: 0, compressor: None }
+    }
+
+    /// PAGES records from now on go compressed where that pays (`compress.rs`).
+    pub fn compress_with(&mut self, c: Compressor) {
+        self.compressor = Some(c);
+    }
+
+    /// The codec PAGES records may be compressed with.
+    pub fn codec(&self) -> Codec {
+        self.compressor.as_ref().map_or(Codec::None, |c| c.codec())
+    }
+
+    /// What compression did on this stream so far.
+    pub fn compress_stats(&self) -> CompressStats {
+        self.compressor.as_ref().map(|c| c.stats).unwrap_or_default()
     }
 
     /// Bytes written so far, framing included.
@@ -481,7 +503,29 @@ impl<W: Write> Encoder<W> {
         if batch.count == 0 {
             return Ok(());
         }
-        let payload_len = PAGES_PREFIX + batch.count * PAGE_SIZE;
+        let data_len = batch.count * PAGE_SIZE;
+        if let Some(c) = self.compressor.as_mut() {
+            let data = &batch.buf[FRAME_LEN + PAGES_PREFIX..FRAME_LEN + PAGES_PREFIX + data_len];
+            let codec = c.codec().wire();
+            if let Some(packed) = c.compress(data, batch.count as u64) {
+                let mut prefix = [0u8; PAGES_PREFIX];
+                prefix[..8].copy_from_slice(&batch.gpa.to_le_bytes());
+                prefix[8..12].copy_from_slice(&(batch.count as u32).to_le_bytes());
+                prefix[12] = codec;
+                let mut h = crc32fast::Hasher::new();
+                h.update(&prefix);
+                h.update(packed);
+                let f = frame(RecordType::PagesCompressed, PAGES_PREFIX + packed.len(), h.finalize());
+                let total = FRAME_LEN + PAGES_PREFIX + packed.len();
+                self.w.write_all(&f)?;
+                self.w.write_all(&prefix)?;
+                self.w.write_all(packed)?;
+                batch.count = 0;
+                self.bytes += total as u64;
+                return Ok(());
+            }
+        }
+        let payload_len = PAGES_PREFIX + data_len;
         let b = &mut batch.buf;
         b[FRAME_LEN..FRAME_LEN + 8].copy_from_slice(&batch.gpa.to_le_bytes());
         b[FRAME_LEN + 8..FRAME_LEN + 12].copy_from_slice(&(batch.count as u32).to_le_bytes());
@@ -689,8 +733,8 @@ impl<R: Read> Decoder<R> {
 
     /// Reads a (non-PAGES) record's payload, checks its CRC and decodes it.
     pub fn read_record(&mut self, f: &Frame) -> Result<Record<'_>, StreamError> {
-        if f.kind == RecordType::Pages {
-            return Err(malformed(f.kind, "PAGES must be read with read_pages"));
+        if matches!(f.kind, RecordType::Pages | RecordType::PagesCompressed) {
+            return Err(malformed(f.kind, "page data must be read with read_pages"));
         }
         self.buf.resize(f.len(), 0);
         read_full(&mut self.r, &mut self.buf, f.kind.name(), false)?;
@@ -707,15 +751,18 @@ impl<R: Read> Decoder<R> {
         self.read_record(&f)
     }
 
-    /// Reads a PAGES record: checks the prefix, asks `dest(gpa, count)` for where the page data goes
-    /// (the caller checks the range), reads it there, then checks the CRC over all of it. On a CRC
-    /// failure the destination buffer holds unverified bytes: the caller must not use them.
+    /// Reads a PAGES or PAGES_COMPRESSED record: checks the prefix, asks `dest(gpa, count)` for
+    /// where the page data goes (the caller checks the range), reads it there, then checks the CRC
+    /// over all of it. On a CRC failure the destination buffer holds unverified bytes: the caller
+    /// must not use them. Compressed data is checked against its CRC before it is decompressed.
     pub fn read_pages<'d, E>(
         &mut self,
         f: &Frame,
         dest: impl FnOnce(u64, usize) -> Result<&'d mut [u8], E>,
     ) -> Result<Result<(u64, usize), E>, StreamError> {
-        let kind = RecordType::Pages;
+        let kind = f.kind;
+        let compressed = kind == RecordType::PagesCompressed;
+        assert!(compressed || kind == RecordType::Pages, "read_pages of a {} frame", kind.name());
         if f.len() < PAGES_PREFIX {
             return Err(malformed(kind, format!("{} bytes, shorter than its 16-byte prefix", f.len())));
         }
@@ -726,11 +773,27 @@ impl<R: Read> Decoder<R> {
         if count == 0 || count > MAX_PAGES_PER_RECORD {
             return Err(malformed(kind, format!("{count} pages (1 to {MAX_PAGES_PER_RECORD} allowed)")));
         }
-        if f.len() != PAGES_PREFIX + count * PAGE_SIZE {
-            return Err(malformed(kind, format!("{} bytes for {count} pages", f.len())));
-        }
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) || u32_le(&prefix, 12) != 0 {
-            return Err(malformed(kind, format!("unaligned address {gpa:#x} or non-zero reserved field")));
+        let codec = if compressed {
+            let data = f.len() - PAGES_PREFIX;
+            if data == 0 || data >= count * PAGE_SIZE {
+                return Err(malformed(kind, format!("{data} compressed bytes for {count} pages")));
+            }
+            let codec = Codec::from_wire(prefix[12]).ok_or_else(|| malformed(kind, format!("codec {}", prefix[12])))?;
+            if prefix[13..16] != [0, 0, 0] {
+                return Err(malformed(kind, "non-zero reserved field"));
+            }
+            Some(codec)
+        } else {
+            if f.len() != PAGES_PREFIX + count * PAGE_SIZE {
+                return Err(malformed(kind, format!("{} bytes for {count} pages", f.len())));
+            }
+            if u32_le(&prefix, 12) != 0 {
+                return Err(malformed(kind, "non-zero reserved field"));
+            }
+            None
+        };
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
         }
         let out = match dest(gpa, count) {
             Ok(out) => out,
@@ -739,13 +802,25 @@ impl<R: Read> Decoder<R> {
         if out.len() != count * PAGE_SIZE {
             return Err(malformed(kind, "destination buffer of the wrong size"));
         }
-        read_full(&mut self.r, out, "a PAGES record", false)?;
-        self.bytes += f.len() as u64;
         let mut h = crc32fast::Hasher::new();
         h.update(&prefix);
-        h.update(out);
+        match codec {
+            None => {
+                read_full(&mut self.r, out, "a PAGES record", false)?;
+                h.update(out);
+            }
+            Some(_) => {
+                self.buf.resize(f.len() - PAGES_PREFIX, 0);
+                read_full(&mut self.r, &mut self.buf, "a PAGES_COMPRESSED record", false)?;
+                h.update(&self.buf);
+            }
+        }
+        self.bytes += f.len() as u64;
         if h.finalize() != f.payload_crc {
             return Err(StreamError::Checksum(kind.name()));
+        }
+        if let Some(codec) = codec {
+            compress::decompress(codec, &self.buf, out)?;
         }
         Ok(Ok((gpa, count)))
     }
@@ -871,7 +946,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
         RecordType::Ready => Record::Ready,
         RecordType::Synced => Record::Synced,
         RecordType::Started => Record::Started,
-        RecordType::Pages => unreachable!("PAGES is read by read_pages"),
+        RecordType::Pages | RecordType::PagesCompressed => unreachable!("page data is read by read_pages"),
     })
 }
 

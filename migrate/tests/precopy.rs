@@ -43,6 +43,10 @@ fn assert_completed(p: &Progress) {
 /// after the first go through a proxy that holds every chunk of bytes back a while, so that the
 /// destination applies channel 0's later passes before the other channels' earlier ones.
 fn whole_migration(guest_running: bool, channels: u32, slow_channels: bool) {
+    whole_migration_with(guest_running, channels, slow_channels, migrate::compress::Codec::None)
+}
+
+fn whole_migration_with(guest_running: bool, channels: u32, slow_channels: bool, codec: migrate::compress::Codec) {
     let dir = TempDir::new("whole");
     let uri = dir.uri("dst.sock");
     let _proxy;
@@ -87,6 +91,7 @@ fn whole_migration(guest_running: bool, channels: u32, slow_channels: bool) {
         p.downtime_limit = Duration::ZERO;
         p.max_passes = 3;
         p.channels = channels;
+        p.compress = codec;
     });
     let outgoing = sender::start(src.clone(), source_uri, params, trackers).expect("start the migration");
     let cancel = outgoing.cancel.clone();
@@ -125,6 +130,11 @@ fn whole_migration(guest_running: bool, channels: u32, slow_channels: bool) {
     assert_eq!(arrived.vm.restored(), vec![state], "restored once, with exactly the state the source saved");
 
     assert_same_ram(&src_ram, arrived.vm.ram());
+    if codec != migrate::compress::Codec::None {
+        let (c, stats) = progress.compression.expect("compression is reported");
+        assert_eq!(c, codec);
+        assert!(stats.pages > 0 && stats.compressed_bytes < stats.raw_bytes, "{stats:?}");
+    }
     // And the pages the guest changed hold what it wrote last (so the comparison is not of two
     // copies of the first pass).
     let dst = arrived.vm.ram();
@@ -140,12 +150,19 @@ fn whole_migration(guest_running: bool, channels: u32, slow_channels: bool) {
 
 #[test]
 fn a_running_guest_migrates_whole_and_runs_on_the_destination() {
-    whole_migration(true, 1, false);
+    whole_migration(true, sender::DEFAULT_CHANNELS, false);
 }
 
 #[test]
 fn a_paused_guest_migrates_whole_and_stays_paused_on_the_destination() {
     whole_migration(false, 1, false);
+}
+
+#[test]
+fn a_running_guest_migrates_whole_compressed() {
+    for codec in [migrate::compress::Codec::Lz4, migrate::compress::Codec::Zstd] {
+        whole_migration_with(true, 2, false, codec);
+    }
 }
 
 // 768 pages are three runs of 256: with four channels one of them carries no page at all and must

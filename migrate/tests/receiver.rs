@@ -745,11 +745,7 @@ fn the_listener_answers_strangers_and_keeps_listening_for_the_migration() {
 const CH_PAGES: usize = 512;
 
 fn channels_header(channels: u32) -> StreamHeader {
-    StreamHeader {
-        regions: vec![RamRegion { gpa: 0, size: (CH_PAGES * PAGE_SIZE) as u64 }],
-        channels,
-        ..header()
-    }
+    StreamHeader { regions: vec![RamRegion { gpa: 0, size: (CH_PAGES * PAGE_SIZE) as u64 }], channels, ..header() }
 }
 
 /// The opening of page channel `index` of migration `id`, then whatever `f` writes.

@@ -74,6 +74,12 @@ fn write_protected(ram: &GuestRam) -> Vec<usize> {
 }
 
 /// Thread ids of this process's threads called `name`.
+/// The tests count fault threads and userfaultfds in the whole process: they run one at a time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn threads_named(name: &str) -> Vec<libc::pid_t> {
     std::fs::read_dir("/proc/self/task")
         .expect("list threads")
@@ -183,11 +189,13 @@ fn contract(kind: TrackerKind) {
 
 #[test]
 fn uffd_wp_keeps_the_tracker_contract() {
+    let _one = one_at_a_time();
     contract(TrackerKind::UffdWp);
 }
 
 #[test]
 fn uffd_wp_async_keeps_the_tracker_contract() {
+    let _one = one_at_a_time();
     contract(TrackerKind::UffdWpAsync);
 }
 
@@ -295,11 +303,13 @@ fn deprioritize_fault_thread(kind: TrackerKind) {
 
 #[test]
 fn uffd_wp_final_collect_counts_every_completed_write() {
+    let _one = one_at_a_time();
     final_collect_counts_every_completed_write(TrackerKind::UffdWp);
 }
 
 #[test]
 fn uffd_wp_async_final_collect_counts_every_completed_write() {
+    let _one = one_at_a_time();
     final_collect_counts_every_completed_write(TrackerKind::UffdWpAsync);
 }
 
@@ -308,6 +318,7 @@ fn uffd_wp_async_final_collect_counts_every_completed_write() {
 /// nothing; an async tracker says it cannot limit (it learns of writes after the fact).
 #[test]
 fn uffd_wp_holds_first_writes_to_the_dirty_rate_limit() {
+    let _one = one_at_a_time();
     let _serial = lock(&SERIAL);
     if !available(TrackerKind::UffdWp) {
         return;

@@ -501,6 +501,8 @@ pub fn params(f: impl FnOnce(&mut MigrationParams)) -> Arc<Mutex<MigrationParams
         // and a missed deadline would turn a success test into an unresolved migration. The
         // failure tests that wait on a silent destination set a short one.
         switchover_timeout: Duration::from_secs(5),
+        // The hand-written destination reads one connection; the tests of channels set theirs.
+        channels: 1,
         ..MigrationParams::default()
     };
     f(&mut p);
