@@ -33,18 +33,21 @@ pub struct Accepted {
     /// The decoder, positioned after the header (bytes counted from the start of the stream).
     pub bytes_so_far: u64,
     /// The migration's further channels as they connect: (index, connection after its CHANNEL).
-    pub channels: mpsc::Receiver<(u32, Connection)>,
+    pub channels: mpsc::Receiver<ChannelJoin>,
 }
+
+/// A page channel on its way to its migration: (index, connection after its CHANNEL record).
+pub type ChannelJoin = (u32, Connection);
 
 /// Where connections that open with CHANNEL find their migration.
 #[derive(Default)]
 struct ChannelJoins {
-    migration: Mutex<Option<(u64, mpsc::Sender<(u32, Connection)>)>>,
+    migration: Mutex<Option<(u64, mpsc::Sender<ChannelJoin>)>>,
     known: Condvar,
 }
 
 impl ChannelJoins {
-    fn register(&self, id: u64) -> mpsc::Receiver<(u32, Connection)> {
+    fn register(&self, id: u64) -> mpsc::Receiver<ChannelJoin> {
         let (tx, rx) = mpsc::channel();
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some((id, tx));
         self.known.notify_all();

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::bitmap::PageBitmap;
 use crate::channel;
 use crate::handover::{self, Handover};
-use crate::incoming::Accepted;
+use crate::incoming::{Accepted, ChannelJoin};
 use crate::ram::{GuestRam, RamError, RamLayout, RamRegion, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
@@ -189,7 +189,7 @@ impl PageSink {
     }
 
     fn zero_pages(&mut self, gpa: u64, count: u64) -> Result<(), Refusal> {
-        if gpa % PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
             return Err(Refusal::Unaligned(gpa));
         }
         let first = self.page_range(gpa, count)?;
@@ -227,7 +227,7 @@ impl Lanes {
     }
 
     /// Waits for channels 1..`channels` to connect, and starts a thread for each.
-    fn start(joins: &mpsc::Receiver<(u32, Connection)>, channels: u32, ram: &Arc<GuestRam>) -> Result<Lanes, Refusal> {
+    fn start(joins: &mpsc::Receiver<ChannelJoin>, channels: u32, ram: &Arc<GuestRam>) -> Result<Lanes, Refusal> {
         let mut lanes = Lanes::none();
         lanes.state.0.lock().unwrap_or_else(|e| e.into_inner()).applied = vec![None; channels as usize - 1];
         let mut conns: Vec<Option<Connection>> = (1..channels).map(|_| None).collect();
@@ -462,7 +462,7 @@ impl<R: std::io::Read> Receiver<R> {
         &mut self,
         phase: &mut Phase<V>,
         header: StreamHeader,
-        joins: &mpsc::Receiver<(u32, Connection)>,
+        joins: &mpsc::Receiver<ChannelJoin>,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     ) -> Result<(Arc<V>, u32, bool), Refusal> {
         *phase = Phase::Ram(Box::new(self.accept_header(header, joins, create)?));
@@ -544,7 +544,7 @@ impl<R: std::io::Read> Receiver<R> {
     fn accept_header<V: RestorableVm>(
         &mut self,
         h: StreamHeader,
-        joins: &mpsc::Receiver<(u32, Connection)>,
+        joins: &mpsc::Receiver<ChannelJoin>,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     ) -> Result<Target<V>, Refusal> {
         if h.page_size != PAGE_SIZE as u32 {
