@@ -6,6 +6,8 @@
 # round, and single-stream TCP loopback throughput as the run's reference. One JSON line per run on
 # stdout; writes docs/vs-qemu.md and docs/vs-qemu-dirty-per-pass.svg. Installs QEMU
 # (scripts/install-qemu.sh) if it is missing. Arguments: [--rounds N] [SCENARIO...].
+# --capped instead: 1 GiB dirty:256:0 over a 100 MiB/s link, QEMU precopy and auto-converge against
+# emu with dirty-rate limiting and with throttling (one round by default); writes docs/vs-qemu-capped.md.
 # Run nothing else meanwhile: the host has 2 cores.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)

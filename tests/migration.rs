@@ -265,7 +265,7 @@ fn migration_parameters_are_checked() {
     assert_eq!(
         defaults,
         json!({
-            "downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "kvm-dirty-log",
+            "downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "uffd-wp-async",
             "switchover-timeout": 1000, "stall-policy": "throttle", "cpu-throttle-initial": 20,
             "cpu-throttle-increment": 10, "dirty-rate-limit": 0, "channels": 4, "compress": "none",
             "compress-level": 1,
@@ -470,7 +470,7 @@ fn dirty_rate_limiting_converges_a_writer_over_a_slow_link() {
 #[test]
 fn a_dirty_rate_limit_needs_a_tracker_that_can_hold_writes() {
     require_kvm!();
-    let src = Emu::boot(&["--mem", "64M", "--append", "wl=dirty:8:0"]);
+    let src = Emu::boot(&["--mem", "64M", "--append", "wl=dirty:8:0", "--dirty-tracker", "kvm-dirty-log"]);
     src.expect_line("dirty: rate=", T);
     src.qmp_ok("migrate-set-parameters", json!({"dirty-rate-limit": 1000}));
     let (_dst, uri) = Emu::incoming(&[]);

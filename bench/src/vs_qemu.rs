@@ -66,11 +66,28 @@ const SCENARIOS: &[Scenario] = &[
 enum Vmm {
     QemuPrecopy,
     QemuMultifd4,
-    Emu,
+    /// emu with its defaults but the tracker named (so that the two rows compare trackers).
+    EmuKvmDirtyLog,
     EmuUffdWpAsync,
+    /// emu's defaults, but one channel: what the channels are worth.
+    EmuOneChannel,
+    // The capped run (`--capped`):
+    /// QEMU precopy with its `auto-converge` capability.
+    QemuAutoConverge,
+    /// emu with uffd-wp and `dirty-rate-limit` at a quarter of the link.
+    EmuRateLimit,
+    /// emu with its default tracker and stall policy (auto-converge by throttling).
+    EmuThrottle,
 }
 
-const VMMS: &[Vmm] = &[Vmm::QemuPrecopy, Vmm::QemuMultifd4, Vmm::Emu, Vmm::EmuUffdWpAsync];
+/// The capped run: a writer that outruns a 100 MiB/s link.
+const CAPPED_VMMS: &[Vmm] = &[Vmm::QemuPrecopy, Vmm::QemuAutoConverge, Vmm::EmuRateLimit, Vmm::EmuThrottle];
+const CAPPED_SCENARIO: Scenario = Scenario { name: "dirty:256:0", kind: Kind::Dirty };
+const CAPPED_BANDWIDTH: u64 = 100 << 20;
+/// A quarter of the capped link, in pages per second.
+const CAPPED_DIRTY_RATE: u64 = CAPPED_BANDWIDTH / 4096 / 4;
+
+const VMMS: &[Vmm] = &[Vmm::QemuPrecopy, Vmm::QemuMultifd4, Vmm::EmuKvmDirtyLog, Vmm::EmuUffdWpAsync, Vmm::EmuOneChannel];
 /// What every total time is divided by.
 const REFERENCE: Vmm = Vmm::QemuMultifd4;
 
@@ -79,13 +96,17 @@ impl Vmm {
         match self {
             Vmm::QemuPrecopy => "qemu-precopy",
             Vmm::QemuMultifd4 => "qemu-multifd4",
-            Vmm::Emu => "emu",
+            Vmm::EmuKvmDirtyLog => "emu-kvm-dirty-log",
             Vmm::EmuUffdWpAsync => "emu-uffd-wp-async",
+            Vmm::EmuOneChannel => "emu-1-channel",
+            Vmm::QemuAutoConverge => "qemu-auto-converge",
+            Vmm::EmuRateLimit => "emu-uffd-wp-dirty-rate-limit",
+            Vmm::EmuThrottle => "emu-throttle",
         }
     }
 
     fn is_qemu(self) -> bool {
-        matches!(self, Vmm::QemuPrecopy | Vmm::QemuMultifd4)
+        matches!(self, Vmm::QemuPrecopy | Vmm::QemuMultifd4 | Vmm::QemuAutoConverge)
     }
 
     fn multifd(self) -> bool {
@@ -345,10 +366,16 @@ fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-fn migration_params(vmm: Vmm) -> Value {
-    let mut p = json!({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 0});
+fn migration_params(vmm: Vmm, max_bandwidth: u64) -> Value {
+    let mut p = json!({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": max_bandwidth});
+    if vmm == Vmm::EmuRateLimit {
+        p["dirty-rate-limit"] = json!(CAPPED_DIRTY_RATE);
+    }
     if vmm.multifd() {
         p["multifd-channels"] = json!(MULTIFD_CHANNELS);
+    }
+    if vmm == Vmm::EmuOneChannel {
+        p["channels"] = json!(1);
     }
     p
 }
@@ -372,8 +399,11 @@ fn start_source(vmm: Vmm, s: &Scenario) -> Result<Box<dyn Vm>, String> {
     let image = guest_image();
     let image = image.to_str().ok_or("guest image path is not UTF-8")?;
     let mut args = vec!["--guest", image, "--mem", MEM, "--append", &append];
-    if vmm == Vmm::EmuUffdWpAsync {
-        args.extend_from_slice(&["--dirty-tracker", "uffd-wp-async"]);
+    match vmm {
+        Vmm::EmuUffdWpAsync => args.extend_from_slice(&["--dirty-tracker", "uffd-wp-async"]),
+        Vmm::EmuKvmDirtyLog => args.extend_from_slice(&["--dirty-tracker", "kvm-dirty-log"]),
+        Vmm::EmuRateLimit => args.extend_from_slice(&["--dirty-tracker", "uffd-wp"]),
+        _ => {}
     }
     Ok(Box::new(Emu::boot(&args)))
 }
@@ -393,9 +423,9 @@ fn start_destination(vmm: Vmm, s: &Scenario) -> Result<(Box<dyn Vm>, String), St
     Ok((Box::new(dst), uri))
 }
 
-fn run(s: &Scenario, vmm: Vmm, round: usize, loopback: Loopback) -> Value {
+fn run(s: &Scenario, vmm: Vmm, round: usize, loopback: Loopback, max_bandwidth: u64) -> Value {
     let base = json!({"bench": "vs-qemu", "scenario": s.name, "vmm": vmm.name(), "round": round});
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(s, vmm, loopback)));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(s, vmm, loopback, max_bandwidth)));
     let mut out = match r {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => json!({"error": e}),
@@ -414,7 +444,7 @@ fn run(s: &Scenario, vmm: Vmm, round: usize, loopback: Loopback) -> Value {
     out
 }
 
-fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> {
+fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Result<Value, String> {
     let src = start_source(vmm, s)?;
     wait_lines(src.as_ref(), BOOT_TIMEOUT, |l| steady(s.kind, l)).map_err(|l| {
         format!(
@@ -424,14 +454,29 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> 
             src.stderr()
         )
     })?;
-    src.qmp("migrate-set-parameters", migration_params(vmm))?;
+    src.qmp("migrate-set-parameters", migration_params(vmm, max_bandwidth))?;
     if vmm.multifd() {
         set_multifd(src.as_ref())?;
+    }
+    if vmm == Vmm::QemuAutoConverge {
+        src.qmp(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+        )?;
     }
     // What the source will migrate with, as it says (the parameters this benchmark sets).
     let all = src.qmp("query-migrate-parameters", json!({}))?;
     let mut params = json!({});
-    for k in ["downtime-limit", "max-bandwidth", "multifd-channels", "dirty-tracker", "max-passes", "stall-policy"] {
+    for k in [
+        "downtime-limit",
+        "max-bandwidth",
+        "multifd-channels",
+        "channels",
+        "dirty-tracker",
+        "max-passes",
+        "stall-policy",
+        "dirty-rate-limit",
+    ] {
         if let Some(v) = all.get(k) {
             params[k] = v.clone();
         }
@@ -444,6 +489,7 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> 
     }
     let (dst, uri) = start_destination(vmm, s)?;
     // The source's reports up to the start of the migration (its lines only grow).
+    let lines_before = src.lines().len();
     let rate_before = rate_of(s.kind, &src.lines());
 
     src.qmp("migrate", json!({"uri": uri}))?;
@@ -474,6 +520,16 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> 
     };
     let status = info["status"].as_str().unwrap_or("?").to_string();
     let completed = status == "completed";
+    // The source's reports while it migrated (the first may straddle the start).
+    let during = src.lines().get(lines_before..).map(|l| l.to_vec()).unwrap_or_default();
+    let rate_during = {
+        let r = rates(s.kind, &during);
+        if r.is_empty() {
+            Value::Null
+        } else {
+            json!(median(r))
+        }
+    };
 
     // The guest at the destination: goes on, and at what rate.
     let (after_lines, goes_on, rate_after, dst_status) = if completed {
@@ -516,6 +572,7 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback) -> Result<Value, String> 
         "throughput-MBps": throughput,
         "of-loopback": throughput.map(|t| t * 1e6 / loopback.hot),
         "guest-rate-before": rate_before,
+        "guest-rate-during": rate_during,
         "guest-rate-after": rate_after,
         "guest-goes-on": goes_on,
         "destination-status": dst_status,
@@ -611,15 +668,22 @@ fn host_load(when: &str) -> Value {
 // ---- the benchmark --------------------------------------------------------------------------------
 
 pub fn vs_qemu(args: &[String]) {
-    let mut rounds = ROUNDS;
+    let mut rounds = None;
     let mut names: Vec<&str> = Vec::new();
+    let mut capped = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).unwrap_or(ROUNDS),
+            "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()),
+            "--capped" => capped = true,
             other => names.push(other),
         }
     }
+    if capped {
+        // Each round takes minutes (QEMU precopy runs into the 60 s timeout): one by default.
+        return vs_qemu_capped(rounds.unwrap_or(1));
+    }
+    let rounds = rounds.unwrap_or(ROUNDS);
     let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| names.is_empty() || names.contains(&s.name)).collect();
     if scenarios.is_empty() {
         eprintln!("no scenario among {names:?}; scenarios: {:?}", SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>());
@@ -646,7 +710,7 @@ pub fn vs_qemu(args: &[String]) {
         }
         for round in 0..rounds {
             let order: Vec<Vmm> = if round % 2 == 0 { VMMS.to_vec() } else { VMMS.iter().rev().copied().collect() };
-            let mut this: Vec<Value> = order.iter().map(|&v| run(s, v, round + 1, loop_before)).collect();
+            let mut this: Vec<Value> = order.iter().map(|&v| run(s, v, round + 1, loop_before, 0)).collect();
             let reference = this
                 .iter()
                 .find(|r| r["vmm"] == REFERENCE.name() && r["completed"] == true)
@@ -683,6 +747,74 @@ pub fn vs_qemu(args: &[String]) {
     }
     if let Err(e) = plot_emu_dirty_per_pass(&runs, &docs.join("vs-qemu-dirty-per-pass.svg")) {
         eprintln!("cannot write the plot: {e}");
+    }
+}
+
+/// `--capped`: 1 GiB `dirty:256:0` over a link held to 100 MiB/s, where plain precopy cannot converge:
+/// QEMU precopy and auto-converge against emu's dirty-rate limiting and its throttling, alternating.
+/// Writes docs/vs-qemu-capped.md.
+fn vs_qemu_capped(rounds: usize) {
+    if let Err(e) = freeze() {
+        eprintln!("vs-qemu: {e}");
+        std::process::exit(1);
+    }
+    let version = Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_else(|e| format!("{QEMU}: {e}"));
+    let revision = emu_revision();
+    let started = Instant::now();
+    emit(json!({"bench": "vs-qemu-capped", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let loopback = measure_loopback("before");
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        let order: Vec<Vmm> =
+            if round % 2 == 0 { CAPPED_VMMS.to_vec() } else { CAPPED_VMMS.iter().rev().copied().collect() };
+        for v in order {
+            let r = run(&CAPPED_SCENARIO, v, round + 1, loopback, CAPPED_BANDWIDTH);
+            emit(r.clone());
+            runs.push(r);
+        }
+    }
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let mut md = format!(
+        "# A writer that outruns its link: emu against QEMU\n\nMade by `scripts/bench-vs-qemu.sh --capped` (`emu-bench \
+         vs-qemu --capped`) in {minutes:.1} minutes: {}. {version}; emu {revision}. {rounds} round(s), the VMMs \
+         alternating.\n\nThe guest: {MEM}, `wl={}` (stores one word into each of 256 MiB of pages, as fast as it \
+         can), migrated over TCP on 127.0.0.1 with `max-bandwidth` {} MiB/s and a {DOWNTIME_LIMIT_MS} ms downtime \
+         limit. The guest dirties pages hundreds of times faster than the link sends them, so precopy alone cannot \
+         converge. `qemu-precopy`: QEMU's defaults (it iterates until cancelled, here after {} s); \
+         `qemu-auto-converge`: its `auto-converge` capability (throttling from 20% in 10% steps); \
+         `emu-uffd-wp-dirty-rate-limit`: emu with the uffd-wp tracker and `dirty-rate-limit` {CAPPED_DIRTY_RATE} \
+         pages/s (a quarter of the link), held in the fault path from the migration's start; `emu-throttle`: emu's \
+         default tracker and stall policy (auto-converge by throttling, from 20% in 10% steps). Guest rate: its own \
+         once-a-second reports (pages written per second), median before, during and after the migration.\n\n",
+        machine(),
+        CAPPED_SCENARIO.name,
+        CAPPED_BANDWIDTH >> 20,
+        MIGRATION_TIMEOUT.as_secs(),
+    );
+    md += "| VMM | round | status | total ms | downtime ms | MB sent | passes | guest rate before / during / after (pages/s) |\n";
+    md += "|---|---|---|---|---|---|---|---|\n";
+    for r in &runs {
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} |\n",
+            r["vmm"].as_str().unwrap_or("?"),
+            r["round"],
+            r["status"].as_str().unwrap_or("?"),
+            num(&r["total-ms"], 0),
+            num(&r["downtime-ms"], 1),
+            r["bytes"].as_f64().map(|b| format!("{:.0}", b / 1e6)).unwrap_or_else(|| "-".into()),
+            r["passes"],
+            rate(&r["guest-rate-before"]),
+            rate(&r["guest-rate-during"]),
+            rate(&r["guest-rate-after"]),
+        );
+    }
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    if let Err(e) = std::fs::write(docs.join("vs-qemu-capped.md"), md) {
+        eprintln!("cannot write docs/vs-qemu-capped.md: {e}");
     }
 }
 
@@ -797,24 +929,28 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
          unlimited, `RATE_LIMIT_DISABLED` in `migration/migration-stats.c`; its default is 128 MiB/s). QEMU runs with \
          `-enable-kvm -cpu host,-arch-capabilities -m {MEM} -nographic -monitor none -serial file:... -qmp unix:...` and \
          `-incoming defer` + `migrate-incoming` on the destination; `qemu-multifd4` sets the `multifd` capability and \
-         `multifd-channels` {MULTIFD_CHANNELS} on both sides. `emu` is emu's default tracker (`kvm-dirty-log`), \
-         `emu-uffd-wp-async` the userfaultfd write-protect tracker (async). A migration still running after \
+         `multifd-channels` {MULTIFD_CHANNELS} on both sides. `emu-kvm-dirty-log` and `emu-uffd-wp-async` are emu \
+         with its defaults ({} channels, compression off) and that tracker (`{}` is the default); `emu-1-channel` is \
+         emu's defaults with one channel. A migration still running after \
          {} s is cancelled and reported as not converged (QEMU has no pass limit; emu forces the switchover after \
          `max-passes` 30, which it reports as not converged either). Everything else is each VMM's default: QEMU \
          without auto-converge; emu with `stall-policy` {stall} (auto-converge once passes stop paying; *converged* \
          says when it throttled). The emu binary and the guest image are copied at the start of the run, so a \
          rebuild during it does not change them.\n\n",
+        migrate::sender::DEFAULT_CHANNELS,
+        migrate::sender::DEFAULT_TRACKER.name(),
         MIGRATION_TIMEOUT.as_secs()
     );
     md += "Columns: *total* and *downtime* as each VMM reports them in `query-migrate` (QEMU: whole ms); *MB sent* \
            `ram.transferred` (QEMU counts multifd bytes in it); *passes* `ram.dirty-sync-count`; *guest rate* pages \
            written per second by the guest (its own once-a-second report: `rate=` of `dirty`, the growth of \
-           `written=` of `verify`), median of the reports before the migration on the source and after it on the \
-           destination (the first report of each side left out); *goes on*: a workload line came from the \
+           `written=` of `verify`), median of the reports before the migration on the source, during it on the \
+           source (migrations shorter than a second have none) and after it on the destination (the first report \
+           of each side left out); *goes on*: a workload line came from the \
            destination after the migration.\n\n";
     for s in scenarios {
         md += &format!("## `wl={}`\n\n", s.name);
-        md += "| VMM | round | total ms | downtime ms | MB sent | passes | converged | guest rate before / after (pages/s) | goes on | ratio to qemu-multifd4 |\n|---|---|---|---|---|---|---|---|---|---|\n";
+        md += "| VMM | round | total ms | downtime ms | MB sent | passes | converged | guest rate before / during / after (pages/s) | goes on | ratio to qemu-multifd4 |\n|---|---|---|---|---|---|---|---|---|---|\n";
         for vmm in VMMS {
             for r in runs.iter().filter(|r| r["scenario"] == s.name && r["vmm"] == vmm.name()) {
                 let mut goes_on = if r["guest-goes-on"] == true { "yes".to_string() } else { "no".to_string() };
@@ -822,7 +958,7 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
                     goes_on += &format!(", failures={}", r["verify"]["failures"]);
                 }
                 md += &format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
                     vmm.name(),
                     r["round"],
                     num(&r["total-ms"], 0),
@@ -834,6 +970,7 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
                     r["passes"].as_u64().map(|p| p.to_string()).unwrap_or("-".into()),
                     converged_cell(r),
                     rate(&r["guest-rate-before"]),
+                    rate(&r["guest-rate-during"]),
                     rate(&r["guest-rate-after"]),
                     goes_on,
                     num(&r["ratio-to-qemu-multifd4"], 2),

@@ -41,7 +41,7 @@ const ABORT_NOTICES: u32 = 5;
 const WRITE_BUFFER: usize = 256 << 10;
 
 /// The tracker a migration uses unless told otherwise (README.md: "Dirty trackers" says why).
-pub const DEFAULT_TRACKER: TrackerKind = TrackerKind::KvmDirtyLog;
+pub const DEFAULT_TRACKER: TrackerKind = TrackerKind::UffdWpAsync;
 
 /// Tunables of an outgoing migration (`migrate-set-parameters`).
 #[derive(Clone, Debug, PartialEq, Eq)]
