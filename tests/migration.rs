@@ -528,19 +528,18 @@ fn a_writer_migrates_over_four_channels() {
     assert_eq!(src.qmp_ok("query-migrate-parameters", json!({}))["channels"], 2);
 }
 
-/// The verify guest with its pages compressed (zstd): RAM equal page for page, compression
-/// reported, and the guest goes on checking at the destination.
+/// A writer whose memory compresses (words built from the page number), over a link held to 64
+/// MiB/s, with zstd: compression pays there, RAM arrives equal page for page, and the writer goes on.
 #[test]
 fn a_writer_migrates_compressed() {
     require_kvm!();
-    let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:32:20000"]);
-    src.expect_line("verify: written=", T);
-    src.qmp_ok("migrate-set-parameters", json!({"compress": "zstd", "compress-level": 3}));
+    let src = Emu::boot(&["--mem", "256M", "--append", "wl=dirty:32:25000"]);
+    src.expect_line("dirty: rate=", T);
+    src.qmp_ok("migrate-set-parameters", json!({"compress": "zstd", "compress-level": 3, "max-bandwidth": 64 << 20}));
     let (dst, info) = migrate_checked(&src);
     let c = &info["compression"];
     assert_eq!(c["codec"], "zstd", "{info}");
-    assert!(c["pages"].as_u64().unwrap() > 0 && c["ratio"].as_f64().unwrap() > 1.0, "{info}");
+    assert!(c["pages"].as_u64().unwrap() > 0 && c["ratio"].as_f64().unwrap() > 2.0, "{info}");
     let n = dst.line_count();
-    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
-    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+    dst.wait_line_from(n, |l| l.contains("dirty: rate="), T).expect("the writer goes on");
 }

@@ -87,7 +87,8 @@ const CAPPED_BANDWIDTH: u64 = 100 << 20;
 /// A quarter of the capped link, in pages per second.
 const CAPPED_DIRTY_RATE: u64 = CAPPED_BANDWIDTH / 4096 / 4;
 
-const VMMS: &[Vmm] = &[Vmm::QemuPrecopy, Vmm::QemuMultifd4, Vmm::EmuKvmDirtyLog, Vmm::EmuUffdWpAsync, Vmm::EmuOneChannel];
+const VMMS: &[Vmm] =
+    &[Vmm::QemuPrecopy, Vmm::QemuMultifd4, Vmm::EmuKvmDirtyLog, Vmm::EmuUffdWpAsync, Vmm::EmuOneChannel];
 /// What every total time is divided by.
 const REFERENCE: Vmm = Vmm::QemuMultifd4;
 
@@ -459,10 +460,7 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Re
         set_multifd(src.as_ref())?;
     }
     if vmm == Vmm::QemuAutoConverge {
-        src.qmp(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
-        )?;
+        src.qmp("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": true}]}))?;
     }
     // What the source will migrate with, as it says (the parameters this benchmark sets).
     let all = src.qmp("query-migrate-parameters", json!({}))?;

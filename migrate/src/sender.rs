@@ -867,6 +867,12 @@ impl Sender<'_> {
     ) -> Result<(), MigrationError> {
         self.progress.update(|p| p.pass = pass);
         let max_bandwidth = if self.throttle { self.params().max_bandwidth } else { 0 };
+        // Each channel gets its share of the cap; compression weighs itself against it.
+        let share = max_bandwidth / (1 + self.extra.len() as u64);
+        self.out.enc.set_link_cap(share);
+        for (o, _) in &mut self.extra {
+            o.enc.set_link_cap(share);
+        }
         let channels = 1 + self.extra.len() as u32;
         let bytes_before = self.bytes_written();
         let page_conns: Vec<Connection> = self.extra.iter().filter_map(|(_, c)| c.try_clone().ok()).collect();

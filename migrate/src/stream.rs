@@ -441,6 +441,14 @@ impl<W: Write> Encoder<W> {
         self.compressor = Some(c);
     }
 
+    /// The link's cap for the pass to come (`max-bandwidth`; 0: none): part of whether compressing
+    /// pays.
+    pub fn set_link_cap(&mut self, cap: u64) {
+        if let Some(c) = self.compressor.as_mut() {
+            c.set_cap(cap);
+        }
+    }
+
     /// The codec PAGES records may be compressed with.
     pub fn codec(&self) -> Codec {
         self.compressor.as_ref().map_or(Codec::None, |c| c.codec())
@@ -526,6 +534,7 @@ impl<W: Write> Encoder<W> {
             }
         }
         let payload_len = PAGES_PREFIX + data_len;
+        let sending = self.compressor.is_some().then(std::time::Instant::now);
         let b = &mut batch.buf;
         b[FRAME_LEN..FRAME_LEN + 8].copy_from_slice(&batch.gpa.to_le_bytes());
         b[FRAME_LEN + 8..FRAME_LEN + 12].copy_from_slice(&(batch.count as u32).to_le_bytes());
@@ -536,6 +545,9 @@ impl<W: Write> Encoder<W> {
         let total = FRAME_LEN + payload_len;
         self.w.write_all(&batch.buf[..total])?;
         self.bytes += total as u64;
+        if let (Some(c), Some(t)) = (self.compressor.as_mut(), sending) {
+            c.sent(total, t.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 

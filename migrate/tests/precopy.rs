@@ -92,6 +92,10 @@ fn whole_migration_with(guest_running: bool, channels: u32, slow_channels: bool,
         p.max_passes = 3;
         p.channels = channels;
         p.compress = codec;
+        if codec != migrate::compress::Codec::None {
+            // A link slow enough for compressing to pay (3 MiB of RAM: about 0.1 s).
+            p.max_bandwidth = 32 << 20;
+        }
     });
     let outgoing = sender::start(src.clone(), source_uri, params, trackers).expect("start the migration");
     let cancel = outgoing.cancel.clone();
