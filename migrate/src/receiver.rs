@@ -17,6 +17,7 @@
 //! (`MAX_STATE_BLOB` each), and at most `MAX_DEVICES` device states.
 
 use std::io::BufReader;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::bitmap::PageBitmap;
@@ -166,6 +167,8 @@ pub fn receive<V: RestorableVm>(
     let mut rx = Receiver {
         dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, clone()?)),
         replies: Encoder::new(clone()?),
+        handover: handover.clone(),
+        bytes_before: bytes_so_far,
     };
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase, header, create).and_then(|(vm, passes, guest_running)| {
@@ -177,7 +180,7 @@ pub fn receive<V: RestorableVm>(
     match result {
         Ok((vm, passes)) => {
             let bytes = bytes_so_far + rx.dec.bytes_read();
-            let Receiver { dec, replies } = rx;
+            let Receiver { dec, replies, .. } = rx;
             let h = handover.clone();
             std::thread::Builder::new()
                 .name("incoming-handover".into())
@@ -203,6 +206,10 @@ pub fn receive<V: RestorableVm>(
 struct Receiver<R: std::io::Read> {
     dec: Decoder<BufReader<R>>,
     replies: Encoder<Connection>,
+    /// Where the counters of what has arrived are kept (`Handover::received`).
+    handover: Arc<Handover>,
+    /// Stream bytes read before the decoder took over (preamble and header).
+    bytes_before: u64,
 }
 
 impl<R: std::io::Read> Receiver<R> {
@@ -220,6 +227,7 @@ impl<R: std::io::Read> Receiver<R> {
                 StreamError::Closed => Refusal::SourceClosed,
                 e => Refusal::Stream(e),
             })?;
+            self.handover.received.bytes.store(self.bytes_before + self.dec.bytes_read(), Relaxed);
             let current = std::mem::replace(phase, Phase::AwaitHeader);
             match self.step(current, frame) {
                 Ok(Step::Next(p)) => *phase = p,
@@ -306,6 +314,7 @@ impl<R: std::io::Read> Receiver<R> {
             return Err(Refusal::VcpuMismatch { stream: h.vcpu_count, vm: vm.vcpu_count() });
         }
         let pages = layout.page_count();
+        self.handover.received.ram_total.store(layout.total_bytes(), Relaxed);
         Ok(Target {
             vm,
             received: PageBitmap::new(pages),
@@ -346,6 +355,7 @@ impl<R: std::io::Read> Receiver<R> {
         let first = t.layout.page_of(gpa).expect("checked in page_range");
         t.received.set_range(first, count);
         t.nonzero.set_range(first, count);
+        self.handover.received.normal_pages.fetch_add(count as u64, Relaxed);
         Ok(())
     }
 
@@ -365,6 +375,7 @@ impl<R: std::io::Read> Receiver<R> {
                     t.nonzero.clear_bit(p);
                 }
                 t.received.set_range(first, count);
+                self.handover.received.zero_pages.fetch_add(count as u64, Relaxed);
                 Ok(())
             }
             Record::PassEnd { pass, .. } => {
@@ -373,6 +384,7 @@ impl<R: std::io::Read> Receiver<R> {
                     return Err(Refusal::PassOrder { got: pass, due: expected });
                 }
                 t.last_pass = Some(pass);
+                self.handover.received.passes.store(u64::from(pass) + 1, Relaxed);
                 Ok(())
             }
             _ => unreachable!("only called for ZERO_PAGES and PASS_END"),

@@ -22,7 +22,7 @@ use crate::bitmap::PageBitmap;
 use crate::convergence::{self, Decision, PassOutcome};
 use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
-use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
+use crate::progress::{Observer, PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, PageBatch, Record, Resolution, ResolveAction, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
@@ -305,8 +305,24 @@ pub fn start(
     params: Arc<Mutex<MigrationParams>>,
     trackers: Arc<dyn TrackerFactory>,
 ) -> std::io::Result<Outgoing> {
+    start_observed(vm, uri, params, trackers, None)
+}
+
+/// [`start`], with an observer told of every status change and pass from the first moment (the
+/// monitor's MIGRATION and MIGRATION_PASS events).
+pub fn start_observed(
+    vm: Arc<dyn MigratableVm>,
+    uri: Uri,
+    params: Arc<Mutex<MigrationParams>>,
+    trackers: Arc<dyn TrackerFactory>,
+    observer: Option<Observer>,
+) -> std::io::Result<Outgoing> {
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
-    let progress = Arc::new(ProgressCell::new(Progress::new(kind, vm.ram().layout().total_bytes())));
+    let initial = Progress::new(kind, vm.ram().layout().total_bytes());
+    let progress = Arc::new(match observer {
+        Some(o) => ProgressCell::observed(initial, o),
+        None => ProgressCell::new(initial),
+    });
     let cancel = Arc::new(Cancel::default());
     let resolve = Arc::new(OperatorChoice::default());
     let (p, c, r) = (progress.clone(), cancel.clone(), resolve.clone());
