@@ -133,3 +133,45 @@ fn a_failed_migration_says_so_by_event_and_the_capability_silences_them() {
     sq.wait_event("MIGRATION", |e| e["data"]["status"] == "failed", T);
     assert_eq!(statuses(&sq.events), vec!["setup", "failed"], "the silenced migration told nothing");
 }
+
+#[test]
+fn migrate_sh_shows_progress_that_never_runs_backwards_and_sums_up_as_json() {
+    require_kvm!();
+    let src = Emu::boot(&["--mem", "64M", "--append", "wl=dirty:16:500"]);
+    src.expect_line("dirty: rate=", T);
+    let (dst, uri) = Emu::incoming(&[]);
+    // Slow enough for several samples at 0.2 s.
+    src.qmp_ok("migrate-set-parameters", json!({"max-bandwidth": 12 << 20}));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/migrate.sh");
+    let svg = src.dir.path("passes.svg");
+    let monitor = format!("unix:{}", src.monitor_path().display());
+    let out = std::process::Command::new(&script)
+        .args(["--json", "--interval", "0.2", "--plot", svg.to_str().unwrap(), &monitor, &uri])
+        .env("EMU", emu_harness::emu_bin())
+        .output()
+        .expect("run scripts/migrate.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"))).collect();
+    let (summary, samples) = lines.split_last().expect("a summary");
+    assert!(samples.len() >= 3, "{stdout}");
+    let shown: Vec<u64> = samples.iter().map(|s| s["in-place-percent"].as_u64().unwrap()).collect();
+    assert!(shown.windows(2).all(|w| w[0] <= w[1]), "progress ran backwards: {shown:?}");
+    assert!(shown.iter().all(|&p| p < 100) && shown.last() > shown.first(), "{shown:?}");
+    let passes: Vec<u64> = samples.iter().map(|s| s["pass"].as_u64().unwrap()).collect();
+    assert!(passes.windows(2).all(|w| w[0] <= w[1]), "{passes:?}");
+    for key in ["mbps", "dirty-pages-rate", "dirty-pages", "expected-downtime", "converging"] {
+        assert!(samples[0].get(key).is_some(), "no {key} in {}", samples[0]);
+    }
+    assert_eq!(summary["result"], "completed", "{summary}");
+    assert_eq!(summary["ram"], 64 << 20, "{summary}");
+    assert!(summary["passes"].as_u64().unwrap() >= 1 && summary["downtime-us"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(summary["plot"], svg.to_str().unwrap());
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("throughput per pass"));
+    assert_eq!(dst.status(), "running");
+    // A wrong call says how to call it.
+    let bad = std::process::Command::new(&script).arg("--bogus").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).starts_with("usage: "));
+}

@@ -586,7 +586,7 @@ impl Connection {
 }
 
 /// `emu qmp SOCKET COMMAND [ARGS] [--get FIELD]...`: prints the "return" value as JSON (or just the
-/// fields asked for); an error reply goes to stderr and the exit status is 1.
+/// fields asked for; a text return as text); an error reply goes to stderr and the exit status is 1.
 pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>, get: &[String]) -> Result<ExitCode> {
     let args: Value = match arguments {
         Some(a) => serde_json::from_str(a).with_context(|| format!("arguments are not JSON: {a}"))?,
@@ -603,6 +603,8 @@ pub fn client(socket: &UnixAddr, command: &str, arguments: Option<&str>, get: &[
         }
     };
     match conn.call(command, &args)? {
+        // Text (human-monitor-command's) as it is, with its lines as a terminal wants them.
+        Ok(Value::String(text)) if get.is_empty() => print!("{}", text.replace("\r\n", "\n")),
         Ok(r) if get.is_empty() => println!("{r}"),
         Ok(r) => println!("{}", get.iter().map(|f| field(&r, f)).collect::<Vec<_>>().join(" ")),
         Err(desc) => {
