@@ -502,7 +502,6 @@ fn the_human_monitor_speaks_qemus_text() {
     assert!(hmp("help").contains("migrate_cancel  -- cancel the current migration\r\n"));
     assert!(hmp("info").contains("info status  -- "));
     assert_eq!(hmp("migrate_cancel"), "");
-    drop(hmp);
     assert_eq!(q.call_ok("query-migrate-parameters", json!({}))["downtime-limit"], 123);
     // quit through the human monitor ends emu too
     q.call_ok("human-monitor-command", json!({"command-line": "quit"}));
