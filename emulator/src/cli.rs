@@ -42,7 +42,7 @@ pub struct RunArgs {
     /// Where the guest's serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "SINK", default_value = "stdio")]
     pub serial: SerialArg,
-    /// Serve the QMP-shaped monitor on a Unix socket: unix:PATH.
+    /// Serve the QMP monitor (QEMU's protocol) on a Unix socket: unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     pub monitor: Option<UnixAddr>,
     /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH, or `defer`

@@ -1,6 +1,7 @@
-//! What ends the VM, sent by vCPUs, devices and the monitor to the main thread. A leaf module: the
-//! parts that report (vCPU loop, exit device, monitor) and the part that acts (main) meet here,
-//! without knowing each other.
+//! What ends the VM, sent by vCPUs, devices and the monitor to the main thread ([`VmEvent`]), and
+//! what monitor clients hear about as it happens ([`Notice`]). A leaf module: the parts that report
+//! (vCPU loop, exit device, VM lifecycle, migrations, monitor) and the parts that act (main, the
+//! monitor's event bus) meet here, without knowing each other.
 
 use migrate::ram::RamError;
 use migrate::tracker::TrackerError;
@@ -52,8 +53,8 @@ pub enum Notice {
     Stop,
     /// The guest runs again (or for the first time here).
     Resume,
-    /// emu is ending: `guest` when the guest asked for it; `reason` with QEMU's names
-    /// (`host-qmp-quit`, `guest-shutdown`, `guest-panic`).
+    /// emu is ending: `guest` when the guest caused it; `reason` with QEMU's names
+    /// (`host-qmp-quit`, `guest-shutdown`, `guest-reset`, `host-error`).
     Shutdown { guest: bool, reason: &'static str },
     /// A migration, outgoing or incoming, changed status (QEMU's status names).
     Migration { status: &'static str },

@@ -1,4 +1,4 @@
-//! `emu`: boots a Multiboot guest under KVM, serves a QMP-shaped monitor, and live-migrates.
+//! `emu`: boots a Multiboot guest under KVM, serves a QMP monitor, and live-migrates.
 
 mod cli;
 mod devices;
