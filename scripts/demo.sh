@@ -6,7 +6,8 @@
 #   scripts/demo.sh
 #
 # Knobs (environment): PORT (4444), MEM (1G), WORKLOAD (wl=verify:128:5000), DEMO_BANDWIDTH in bytes/s
-# (100 MiB/s, so the progress is visible for a few seconds; 0 = as fast as the link goes).
+# (100 MiB/s, so the progress is visible for a few seconds; 0 = as fast as the link goes). The passes
+# are drawn in target/demo-passes.svg.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 PORT=${PORT:-4444}
@@ -39,8 +40,9 @@ for _ in $(seq 100); do [ -S "$work/src.sock" ] && break; sleep 0.1; done
 sleep 3
 "$EMU" qmp "unix:$work/src.sock" migrate-set-parameters "{\"max-bandwidth\": $DEMO_BANDWIDTH}" >/dev/null
 
-echo "== scripts/migrate.sh unix:$work/src.sock tcp:127.0.0.1:$PORT"
-"$top/scripts/migrate.sh" "unix:$work/src.sock" "tcp:127.0.0.1:$PORT"
+plot=$top/target/demo-passes.svg
+echo "== scripts/migrate.sh --plot $plot unix:$work/src.sock tcp:127.0.0.1:$PORT"
+"$top/scripts/migrate.sh" --plot "$plot" "unix:$work/src.sock" "tcp:127.0.0.1:$PORT"
 
 sleep 4
 echo "== source is $("$EMU" qmp "unix:$work/src.sock" query-status --get status)," \

@@ -9,7 +9,7 @@
 //!                       collect a pass per GiB, and the precopy scenarios; writes docs/trackers.md
 //!                       and docs/trackers-dirty-per-pass.svg
 
-mod plot;
+use emu_plot as plot;
 mod vs_qemu;
 
 use emu_harness as common;
@@ -463,7 +463,7 @@ fn tracker_table(costs: &[Value], runs: &[(String, Value)], loopback: Loopback) 
 }
 
 /// Dirty pages left after each pass, per tracker, for the writing scenarios.
-fn plot_dirty_per_pass(runs: &[(String, Value)], path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+fn plot_dirty_per_pass(runs: &[(String, Value)], path: &std::path::Path) -> Result<(), plot::PlotError> {
     let scenarios = ["dirty-256M-25k", "dirty-256M-250k", "dirty-256M-max", ITERATING.name];
     let panels = scenarios
         .iter()

@@ -1030,21 +1030,21 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
 }
 
 /// emu's dirty pages left after each pass, per emu variant and round, for the writing scenarios.
-fn plot_emu_dirty_per_pass(runs: &[Value], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+fn plot_emu_dirty_per_pass(runs: &[Value], path: &Path) -> Result<(), emu_plot::PlotError> {
     let panels = SCENARIOS
         .iter()
         .filter(|s| s.kind != Kind::Idle)
-        .map(|s| crate::plot::Panel {
+        .map(|s| emu_plot::Panel {
             caption: format!("wl={}", s.name),
             series: runs
                 .iter()
                 .filter(|r| r["scenario"] == s.name && r["emu"]["pass-dirty-pages"].is_array())
                 .map(|r| {
                     let name = format!("{} r{}", r["vmm"].as_str().unwrap_or("?"), r["round"]);
-                    (name, crate::plot::points(&r["emu"]["pass-dirty-pages"]))
+                    (name, emu_plot::points(&r["emu"]["pass-dirty-pages"]))
                 })
                 .collect(),
         })
         .collect();
-    crate::plot::dirty_per_pass(path, panels)
+    emu_plot::dirty_per_pass(path, panels)
 }

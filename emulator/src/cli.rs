@@ -42,12 +42,16 @@ pub struct RunArgs {
     /// Where the guest's serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "SINK", default_value = "stdio")]
     pub serial: SerialArg,
-    /// Serve the QMP-shaped monitor on a Unix socket: unix:PATH.
+    /// Serve the QMP monitor (QEMU's protocol) on a Unix socket: unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     pub monitor: Option<UnixAddr>,
-    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH.
-    #[arg(long, value_name = "URI", conflicts_with_all = ["guest", "append"])]
+    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH, or `defer`
+    /// to wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
+    #[arg(long, value_name = "URI|defer", conflicts_with_all = ["guest", "append"])]
     pub incoming: Option<String>,
+    /// The VM's name, as the monitor's query-name reports it.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
     /// Do not run the guest until the monitor's `cont` (after boot, or after an incoming migration).
     #[arg(short = 'S', long)]
     pub paused: bool,

@@ -1,8 +1,10 @@
-//! `emu`: boots a Multiboot guest under KVM, serves a QMP-shaped monitor, and live-migrates.
+//! `emu`: boots a Multiboot guest under KVM, serves a QMP monitor, and live-migrates.
 
 mod cli;
 mod devices;
 mod events;
+mod hmp;
+mod json_stream;
 mod loader;
 mod migration;
 mod monitor;
@@ -15,6 +17,7 @@ mod write_fault;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -22,10 +25,11 @@ use crossbeam_channel::{Receiver, Sender};
 
 use cli::{Cli, RunArgs, SerialArg};
 use devices::serial::SerialSink;
-use events::VmEvent;
+use events::{Notice, Notifier, VmEvent};
 use migrate::handover::Decision;
 use migrate::incoming::IncomingServer;
 use migrate::tracker::TrackerKind;
+use qmp::EventBus;
 use vm::{Vm, VmConfig};
 
 /// Default guest RAM when neither `--mem` nor a migration stream says otherwise.
@@ -66,58 +70,110 @@ fn read_image(args: &RunArgs, mem: u64) -> Result<(Vec<u8>, String)> {
     Ok((image, args.append.clone().unwrap_or_default()))
 }
 
+/// How long an ending emu waits for its monitor clients to be written SHUTDOWN.
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+
+/// The monitor and where its events go: what the booted and the incoming paths share.
+struct MonitorSide {
+    commands: Arc<monitor::Commands>,
+    bus: Arc<EventBus>,
+    notify: Notifier,
+}
+
+impl MonitorSide {
+    fn new(args: &RunArgs, events: Sender<VmEvent>, incoming: Option<Sender<IncomingServer>>) -> Self {
+        let bus = Arc::new(EventBus::default());
+        let commands = Arc::new(monitor::Commands::new(monitor::Setup {
+            events,
+            bus: bus.clone(),
+            tracker: args.dirty_tracker,
+            name: args.name.clone(),
+            incoming,
+        }));
+        let notify = commands.notifier();
+        MonitorSide { commands, bus, notify }
+    }
+
+    fn serve(&self, args: &RunArgs) -> Result<Option<qmp::Monitor>> {
+        args.monitor.as_ref().map(|addr| qmp::serve(addr, self.commands.clone(), self.bus.clone())).transpose()
+    }
+
+    /// SHUTDOWN, as QEMU names its causes, and a moment for the clients to read it.
+    fn shutdown(&self, guest: bool, reason: &'static str) {
+        self.notify.notify(Notice::Shutdown { guest, reason });
+        self.bus.flush(SHUTDOWN_FLUSH);
+    }
+}
+
 /// Waits for what ends the VM and turns it into emu's exit status.
-fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>) -> ExitCode {
-    let code = match events.recv() {
-        Ok(VmEvent::GuestExit(status)) => status,
-        Ok(VmEvent::Quit) | Err(_) => 0,
+fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>, monitor: &MonitorSide) -> ExitCode {
+    let (code, guest, reason) = match events.recv() {
+        Ok(VmEvent::GuestExit(status)) => (status, true, "guest-shutdown"),
+        Ok(VmEvent::Quit) | Err(_) => (0, false, "host-qmp-quit"),
         Ok(VmEvent::Crashed { vcpu, reason }) => {
             eprintln!("emu: vCPU {vcpu}: {}", migrate::report(&reason));
-            1
+            // A triple fault is the guest's doing (QEMU resets it: guest-reset); the rest are emu's.
+            match reason {
+                events::Crash::TripleFault => (1, true, "guest-reset"),
+                _ => (1, false, "host-error"),
+            }
         }
     };
     vm.flush_serial();
+    monitor.shutdown(guest, reason);
     ExitCode::from(code)
 }
 
-fn start_monitor(args: &RunArgs, commands: &Arc<monitor::Commands>) -> Result<Option<qmp::Monitor>> {
-    args.monitor.as_ref().map(|addr| qmp::serve(addr, commands.clone())).transpose()
-}
-
 /// Serial input and the wait for the end: what a booted and a migrated-in VM share.
-fn serve_vm(vm: &Vm, args: &RunArgs, events: &Receiver<VmEvent>) -> ExitCode {
+fn serve_vm(vm: &Vm, args: &RunArgs, events: &Receiver<VmEvent>, monitor: &MonitorSide) -> ExitCode {
     if matches!(args.serial, SerialArg::Stdio) {
         vm::connect_stdin(vm);
     }
-    wait_for_end(vm, events)
+    wait_for_end(vm, events, monitor)
 }
 
-/// `--incoming`: listen, receive one guest, and run it only once the source says GO (or the
-/// handover is resolved so); the monitor is up from the start.
+/// `--incoming`: listen (at once, or on the monitor's `migrate-incoming` after `--incoming
+/// defer`), receive one guest, and run it only once the source says GO (or the handover is
+/// resolved so); the monitor is up from the start.
 fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Receiver<VmEvent>) -> Result<ExitCode> {
-    let uri: migrate::transport::Uri = uri.parse()?;
-    let server = IncomingServer::bind(&uri).with_context(|| format!("cannot listen on {uri}"))?;
-    eprintln!("emu: waiting for an incoming migration on {}", server.local_uri());
+    let (servers_tx, servers) = crossbeam_channel::bounded(1);
+    let monitor = MonitorSide::new(&args, events_tx.clone(), Some(servers_tx));
+    if uri != "defer" {
+        monitor.commands.start_incoming(uri).map_err(|e| anyhow::anyhow!("{}", e.desc))?;
+    }
+    let _monitor = monitor.serve(&args)?;
+    let server: IncomingServer = crossbeam_channel::select! {
+        recv(events) -> _ => {
+            monitor.shutdown(false, "host-qmp-quit");
+            return Ok(ExitCode::SUCCESS); // quit before anything was received
+        }
+        recv(servers) -> s => s.context("the monitor is gone")?,
+    };
     let handover = server.handover().clone();
-    let commands = Arc::new(monitor::Commands::new(events_tx.clone(), Some(handover.clone())));
-    let _monitor = start_monitor(&args, &commands)?;
+    let commands = monitor.commands.clone();
+    let notify = monitor.notify.clone();
 
     let serial = serial_sink(&args.serial)?;
     let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
     let tracker = args.dirty_tracker;
     let dirty_ring = tracker == TrackerKind::KvmDirtyRing;
-    let make_config = move |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring };
+    let vm_notify = notify.clone();
+    let make_config = move |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring, notify: vm_notify };
     // Receiving and waiting for GO happen off the main thread, so that `quit` still works meanwhile
     // (the guest never ran here, so nothing is lost by it).
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let (c, h, paused) = (commands.clone(), handover.clone(), args.paused);
+    // The destination's MIGRATION events, with QEMU's statuses: setup and active once the source
+    // is in, then completed or failed.
+    let status = move |status| notify.notify(Notice::Migration { status });
     std::thread::Builder::new().name("incoming-migration".into()).spawn(move || {
-        let received = server
-            .next_migration()
-            .map_err(anyhow::Error::from)
-            .and_then(|accepted| migration::receive(accepted, &h, limits, make_config, events_tx));
+        let received = server.next_migration().map_err(anyhow::Error::from).and_then(|accepted| {
+            status("setup");
+            status("active");
+            migration::receive(accepted, &h, limits, make_config, events_tx)
+        });
         let outcome = received.and_then(|mut r| {
-            c.attach(r.vm.clone(), tracker);
+            c.attach(r.vm.clone());
             let decision = h.wait_decision();
             // Decided: STARTED first, then the resume, right here. Once the guest runs it takes a
             // core, and on a small host a reply queued behind it (or behind a hop to another
@@ -128,10 +184,17 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
             }
             Ok((r, decision))
         });
+        status(match &outcome {
+            Ok((_, Decision::Run { .. })) => "completed",
+            _ => "failed",
+        });
         let _ = done_tx.send((outcome, server));
     })?;
     let (outcome, server) = crossbeam_channel::select! {
-        recv(events) -> _ => return Ok(ExitCode::SUCCESS), // quit before the guest was ours
+        recv(events) -> _ => {
+            monitor.shutdown(false, "host-qmp-quit");
+            return Ok(ExitCode::SUCCESS); // quit before the guest was ours
+        }
         recv(done) -> d => d.context("the incoming migration thread ended")?,
     };
     let (received, decision) = outcome?;
@@ -144,7 +207,7 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
         }
         Decision::Discard(why) => anyhow::bail!("incoming migration: the guest will not run here: {why}"),
     }
-    Ok(serve_vm(&vm, &args, &events))
+    Ok(serve_vm(&vm, &args, &events, &monitor))
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
@@ -154,20 +217,21 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let (image, cmdline) = read_image(&args, mem)?;
+    let monitor = MonitorSide::new(&args, events_tx.clone(), None);
     let config = VmConfig {
         mem_bytes: mem,
         vcpus: usize::from(args.smp.unwrap_or(1)),
         serial: serial_sink(&args.serial)?,
         dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
+        notify: monitor.notify.clone(),
     };
-    let vm: Arc<Vm> = Vm::create(config, events_tx.clone(), Some((&image, &cmdline)))?;
-    let commands = Arc::new(monitor::Commands::new(events_tx, None));
-    commands.attach(vm.clone(), args.dirty_tracker);
-    let _monitor = start_monitor(&args, &commands)?;
+    let vm: Arc<Vm> = Vm::create(config, events_tx, Some((&image, &cmdline)))?;
+    monitor.commands.attach(vm.clone());
+    let _monitor = monitor.serve(&args)?;
     if !args.paused {
         vm.start()?;
     }
-    Ok(serve_vm(&vm, &args, &events))
+    Ok(serve_vm(&vm, &args, &events, &monitor))
 }
 
 fn main() -> ExitCode {

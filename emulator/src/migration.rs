@@ -9,7 +9,7 @@ use std::time::Duration;
 use migrate::compress::Codec;
 use migrate::handover::{DestPhase, Handover, Side};
 use migrate::incoming::Accepted;
-use migrate::progress::{Progress, Status};
+use migrate::progress::{Change, Observer, Progress, Status};
 use migrate::receiver::{self, ReceiveError, Received};
 use migrate::sender::{self, MigrationParams, Outgoing, StallPolicy, MAX_THROTTLE};
 use migrate::stream::StreamHeader;
@@ -18,6 +18,7 @@ use migrate::transport::Uri;
 use migrate::vm::MigratableVm;
 use serde_json::{json, Map, Value};
 
+use crate::events::{Notice, Notifier};
 use crate::qmp::QmpError;
 use crate::vm::{Vm, VmConfig};
 
@@ -32,6 +33,15 @@ pub struct MigrationController {
     vm: Arc<Vm>,
     params: Arc<Mutex<MigrationParams>>,
     current: Mutex<Option<Outgoing>>,
+    /// Told of each migration's status changes and passes (MIGRATION, MIGRATION_PASS).
+    notify: Notifier,
+}
+
+/// The parameters every migration from this emu starts with, `tracker` (`--dirty-tracker`) as the
+/// dirty tracker. They exist before the guest does: a destination takes them before its incoming
+/// migration, for the guest's next migration from there.
+pub fn new_params(tracker: TrackerKind) -> Arc<Mutex<MigrationParams>> {
+    Arc::new(Mutex::new(MigrationParams { tracker, ..MigrationParams::default() }))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -39,10 +49,40 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl MigrationController {
-    /// `tracker` is the default dirty tracker (`--dirty-tracker`).
-    pub fn new(vm: Arc<Vm>, tracker: TrackerKind) -> Self {
-        let params = MigrationParams { tracker, ..MigrationParams::default() };
-        MigrationController { vm, params: Arc::new(Mutex::new(params)), current: Mutex::new(None) }
+    pub fn new(vm: Arc<Vm>, params: Arc<Mutex<MigrationParams>>, notify: Notifier) -> Self {
+        MigrationController { vm, params, current: Mutex::new(None), notify }
+    }
+
+    /// What the sender tells about a migration, as notices for the monitor's events.
+    fn observer(&self) -> Observer {
+        let notify = self.notify.clone();
+        Box::new(move |change| match change {
+            Change::Status(s) => notify.notify(Notice::Migration { status: s.name() }),
+            Change::PassesDone(n) => notify.notify(Notice::MigrationPass { pass: n as u64 }),
+        })
+    }
+
+    /// `x-migration-plot {"filename"}`: draws the last outgoing migration's passes (dirty pages
+    /// left after each, and the rate each was sent at) as an SVG.
+    pub fn plot(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let path = args
+            .get("filename")
+            .and_then(Value::as_str)
+            .ok_or_else(|| QmpError::generic("x-migration-plot needs \"filename\" (where the SVG goes)"))?;
+        let p = self
+            .current()
+            .as_ref()
+            .map(|o| o.progress.snapshot())
+            .filter(|p| !p.passes.is_empty())
+            .ok_or_else(|| QmpError::not_active("no migration with a completed pass to draw"))?;
+        let passes: Vec<emu_plot::Pass> = p
+            .passes
+            .iter()
+            .map(|r| emu_plot::Pass { dirty_after: r.dirty_after, bytes: r.bytes, seconds: r.duration.as_secs_f64() })
+            .collect();
+        let title = format!("{} ({})", p.status.name(), p.tracker.name());
+        emu_plot::migration_passes(std::path::Path::new(path), &title, &passes)?;
+        Ok(json!({"filename": path, "passes": passes.len()}))
     }
 
     fn current(&self) -> MutexGuard<'_, Option<Outgoing>> {
@@ -99,11 +139,6 @@ impl MigrationController {
         Ok(json!({}))
     }
 
-    /// `query-migrate-parameters`.
-    pub fn parameters(&self) -> Value {
-        params_json(&self.params.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
     /// `migrate {"uri"}`: starts an outgoing migration in the background.
     pub fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
@@ -121,7 +156,7 @@ impl MigrationController {
         }
         self.vm.begin_outgoing_migration()?;
         let vm: Arc<dyn MigratableVm> = self.vm.clone();
-        let outgoing = sender::start(vm, uri, self.params.clone(), self.vm.trackers())?;
+        let outgoing = sender::start_observed(vm, uri, self.params.clone(), self.vm.trackers(), Some(self.observer()))?;
         *current = Some(outgoing);
         Ok(json!({}))
     }
@@ -163,85 +198,89 @@ impl MigrationController {
             "pages-total": sample.collects.iter().map(|c| c.pages).sum::<usize>(),
         }))
     }
+}
 
-    /// `migrate-set-parameters`: checks every argument before changing any.
-    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        // Check everything before changing anything.
-        let mut p = self.params.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for (key, value) in args {
-            let number =
-                || value.as_u64().ok_or_else(|| QmpError::generic(format!("{key} must be a non-negative integer")));
-            match key.as_str() {
-                "downtime-limit" => {
-                    let v = number()?;
-                    if v > MAX_DOWNTIME_LIMIT_MS {
-                        return Err(QmpError::generic(format!("downtime-limit is at most {MAX_DOWNTIME_LIMIT_MS} ms")));
-                    }
-                    p.downtime_limit = Duration::from_millis(v);
+/// `query-migrate-parameters`.
+pub fn parameters(params: &Mutex<MigrationParams>) -> Value {
+    params_json(&params.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// `migrate-set-parameters`: checks every argument before changing any.
+pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let mut p = params.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (key, value) in args {
+        let number =
+            || value.as_u64().ok_or_else(|| QmpError::generic(format!("{key} must be a non-negative integer")));
+        match key.as_str() {
+            "downtime-limit" => {
+                let v = number()?;
+                if v > MAX_DOWNTIME_LIMIT_MS {
+                    return Err(QmpError::generic(format!("downtime-limit is at most {MAX_DOWNTIME_LIMIT_MS} ms")));
                 }
-                "max-bandwidth" => p.max_bandwidth = number()?,
-                // QEMU's name for the same thing (there it also needs the multifd capability).
-                "channels" | "multifd-channels" => {
-                    let max = migrate::stream::MAX_CHANNELS;
-                    p.channels = u32::try_from(number()?)
-                        .ok()
-                        .filter(|n| (1..=max).contains(n))
-                        .ok_or_else(|| QmpError::generic(format!("{key} is 1 to {max}")))?;
-                }
-                "dirty-rate-limit" => p.dirty_rate_limit = number()?,
-                "switchover-timeout" => {
-                    let v = number()?;
-                    if !(1..=MAX_SWITCHOVER_TIMEOUT_MS).contains(&v) {
-                        return Err(QmpError::generic(format!(
-                            "switchover-timeout is 1 to {MAX_SWITCHOVER_TIMEOUT_MS} ms"
-                        )));
-                    }
-                    p.switchover_timeout = Duration::from_millis(v);
-                }
-                "max-passes" => {
-                    p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
-                }
-                "x-drop-final-pages" => {
-                    p.drop_final_pages =
-                        u32::try_from(number()?).map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
-                }
-                "compress" | "multifd-compression" => {
-                    let s = value.as_str().ok_or_else(|| QmpError::generic(format!("{key} must be a string")))?;
-                    p.compress = s.parse::<Codec>().map_err(QmpError::generic)?;
-                }
-                "compress-level" | "multifd-zstd-level" => {
-                    let levels = migrate::compress::ZSTD_LEVELS;
-                    p.compress_level = i32::try_from(number()?)
-                        .ok()
-                        .filter(|l| levels.contains(l))
-                        .ok_or_else(|| QmpError::generic(format!("{key} is {} to {}", levels.start(), levels.end())))?;
-                }
-                "dirty-tracker" => {
-                    let s = value.as_str().ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
-                    p.tracker = s.parse::<TrackerKind>().map_err(QmpError::generic)?;
-                }
-                "stall-policy" => {
-                    let s = value.as_str().ok_or_else(|| QmpError::generic("stall-policy must be a string"))?;
-                    p.stall_policy = s.parse::<StallPolicy>().map_err(QmpError::generic)?;
-                }
-                "cpu-throttle-initial" | "cpu-throttle-increment" => {
-                    let v = number()?;
-                    let v = u8::try_from(v)
-                        .ok()
-                        .filter(|v| (1..=MAX_THROTTLE).contains(v))
-                        .ok_or_else(|| QmpError::generic(format!("{key} is 1 to {MAX_THROTTLE} (percent)")))?;
-                    if key == "cpu-throttle-initial" {
-                        p.throttle_initial = v;
-                    } else {
-                        p.throttle_increment = v;
-                    }
-                }
-                other => return Err(QmpError::generic(format!("unknown migration parameter {other}"))),
+                p.downtime_limit = Duration::from_millis(v);
             }
+            "max-bandwidth" => p.max_bandwidth = number()?,
+            // QEMU's name for the same thing (there it also needs the multifd capability).
+            "channels" | "multifd-channels" => {
+                let max = migrate::stream::MAX_CHANNELS;
+                p.channels = u32::try_from(number()?)
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| QmpError::generic(format!("{key} is 1 to {max}")))?;
+            }
+            "compress" | "multifd-compression" => {
+                let s = value.as_str().ok_or_else(|| QmpError::generic(format!("{key} must be a string")))?;
+                p.compress = s.parse::<Codec>().map_err(QmpError::generic)?;
+            }
+            "compress-level" | "multifd-zstd-level" => {
+                let levels = migrate::compress::ZSTD_LEVELS;
+                p.compress_level = i32::try_from(number()?)
+                    .ok()
+                    .filter(|l| levels.contains(l))
+                    .ok_or_else(|| QmpError::generic(format!("{key} is {} to {}", levels.start(), levels.end())))?;
+            }
+            "dirty-rate-limit" => p.dirty_rate_limit = number()?,
+            "switchover-timeout" => {
+                let v = number()?;
+                if !(1..=MAX_SWITCHOVER_TIMEOUT_MS).contains(&v) {
+                    return Err(QmpError::generic(format!(
+                        "switchover-timeout is 1 to {MAX_SWITCHOVER_TIMEOUT_MS} ms"
+                    )));
+                }
+                p.switchover_timeout = Duration::from_millis(v);
+            }
+            "max-passes" => {
+                p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
+            }
+            "x-drop-final-pages" => {
+                p.drop_final_pages =
+                    u32::try_from(number()?).map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
+            }
+            "dirty-tracker" => {
+                let s = value.as_str().ok_or_else(|| QmpError::generic("dirty-tracker must be a string"))?;
+                p.tracker = s.parse::<TrackerKind>().map_err(QmpError::generic)?;
+            }
+            "stall-policy" => {
+                let s = value.as_str().ok_or_else(|| QmpError::generic("stall-policy must be a string"))?;
+                p.stall_policy = s.parse::<StallPolicy>().map_err(QmpError::generic)?;
+            }
+            "cpu-throttle-initial" | "cpu-throttle-increment" => {
+                let v = number()?;
+                let v = u8::try_from(v)
+                    .ok()
+                    .filter(|v| (1..=MAX_THROTTLE).contains(v))
+                    .ok_or_else(|| QmpError::generic(format!("{key} is 1 to {MAX_THROTTLE} (percent)")))?;
+                if key == "cpu-throttle-initial" {
+                    p.throttle_initial = v;
+                } else {
+                    p.throttle_increment = v;
+                }
+            }
+            other => return Err(QmpError::generic(format!("unknown migration parameter {other}"))),
         }
-        *self.params.lock().unwrap_or_else(|e| e.into_inner()) = p;
-        Ok(json!({}))
     }
+    *params.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    Ok(json!({}))
 }
 
 fn params_json(p: &MigrationParams) -> Value {
@@ -353,7 +392,9 @@ pub struct IncomingLimits {
     pub vcpus: Option<usize>,
 }
 
-/// `query-migrate` on a destination: where the incoming migration stands.
+/// `query-migrate` on a destination: where the incoming migration stands, and what has arrived
+/// (QEMU's `ram` names; `transferred` counts stream bytes, `dirty-sync-count` the passes the source
+/// ended).
 pub fn incoming_json(h: &Handover) -> Value {
     let (status, reason) = match h.phase() {
         DestPhase::Receiving => ("active", None),
@@ -362,7 +403,22 @@ pub fn incoming_json(h: &Handover) -> Value {
         DestPhase::Taken { by } => ("completed", Some(format!("the guest is this emu's (by {by})"))),
         DestPhase::Discarded(why) => ("failed", Some(why)),
     };
-    let mut v = json!({"status": status, "incoming": true});
+    let r = &h.received;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let normal = get(&r.normal_pages);
+    let mut v = json!({
+        "status": status,
+        "incoming": true,
+        "ram": {
+            "total": get(&r.ram_total),
+            "transferred": get(&r.bytes),
+            "normal": normal,
+            "normal-bytes": normal * 4096,
+            "duplicate": get(&r.zero_pages),
+            "dirty-sync-count": get(&r.passes),
+            "page-size": 4096,
+        },
+    });
     if let Some(r) = reason {
         v["error-desc"] = json!(r);
     }

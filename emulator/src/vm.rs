@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::devices::exit::{ExitDevice, EXIT_PORT};
 use crate::devices::serial::{self, IrqTrigger, SerialDevice, SerialSink, COM1_IRQ, COM1_PORT, COM1_PORTS};
 use crate::devices::PioBus;
-use crate::events::VmEvent;
+use crate::events::{Notice, Notifier, VmEvent};
 use crate::state::{self, StateError, StateKind, Versioned};
 use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle, VcpuState};
 use crate::{loader, mptable};
@@ -112,6 +112,8 @@ pub struct VmConfig {
     /// Set up KVM's per-vCPU dirty rings (needed by the kvm-dirty-ring tracker; it must happen
     /// before the vCPUs exist, and rules out KVM's dirty bitmap).
     pub dirty_ring: bool,
+    /// Told when the guest stops and resumes (the monitor's STOP and RESUME events).
+    pub notify: Notifier,
 }
 
 /// Bytes of each vCPU's dirty ring: 4096 entries. A full ring costs its vCPU one exit and a harvest.
@@ -153,6 +155,7 @@ pub struct Vm {
     throttle: Mutex<Option<Throttle>>,
     /// This VM, for threads it starts (they must not keep it alive).
     me: Weak<Vm>,
+    notify: Notifier,
 }
 
 /// Auto-converge as QEMU does it: in every [`THROTTLE_PERIOD`] the vCPUs are paused for `percent`
@@ -360,6 +363,7 @@ impl Vm {
                 lifecycle: Mutex::new(Lifecycle { state, running_at_switchover: false }),
                 throttle: Mutex::new(None),
                 me: me_for_vm,
+                notify: config.notify,
             }
         }))
     }
@@ -380,6 +384,18 @@ impl Vm {
 
     pub fn run_state(&self) -> RunState {
         self.lifecycle().state
+    }
+
+    /// Every change of run state goes through here, so that leaving or entering `Running` is
+    /// always reported (STOP, RESUME), whatever caused it.
+    fn set_state(&self, l: &mut Lifecycle, state: RunState) {
+        let was_running = l.state == RunState::Running;
+        l.state = state;
+        match (was_running, state == RunState::Running) {
+            (true, false) => self.notify.notify(Notice::Stop),
+            (false, true) => self.notify.notify(Notice::Resume),
+            _ => {}
+        }
     }
 
     pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
@@ -413,7 +429,7 @@ impl Vm {
     pub fn start(&self) -> Result<(), VmError> {
         let mut l = self.lifecycle();
         self.resume_vcpus()?;
-        l.state = RunState::Running;
+        self.set_state(&mut l, RunState::Running);
         Ok(())
     }
 
@@ -423,7 +439,7 @@ impl Vm {
         match l.state {
             RunState::Running => {
                 self.pause_vcpus()?;
-                l.state = RunState::Paused;
+                self.set_state(&mut l, RunState::Paused);
                 Ok(())
             }
             RunState::Paused | RunState::PostMigrate | RunState::Unresolved => Ok(()),
@@ -445,7 +461,7 @@ impl Vm {
             s => return Err(VmError::WrongState { action: "continue", state: s.name() }),
         }
         self.resume_vcpus()?;
-        l.state = RunState::Running;
+        self.set_state(&mut l, RunState::Running);
         Ok(())
     }
 
@@ -551,7 +567,8 @@ impl Vm {
         if run {
             self.start()
         } else {
-            self.lifecycle().state = RunState::Paused;
+            let mut l = self.lifecycle();
+            self.set_state(&mut l, RunState::Paused);
             Ok(())
         }
     }
@@ -574,7 +591,7 @@ impl MigratableVm for Vm {
             self.pause_vcpus().map_err(|e| MigrateVmError::Pause(e.into()))?;
         }
         l.running_at_switchover = running;
-        l.state = RunState::FinishMigrate;
+        self.set_state(&mut l, RunState::FinishMigrate);
         Ok(running)
     }
 
@@ -583,7 +600,8 @@ impl MigratableVm for Vm {
     }
 
     fn migration_completed(&self) {
-        self.lifecycle().state = RunState::PostMigrate;
+        let mut l = self.lifecycle();
+        self.set_state(&mut l, RunState::PostMigrate);
     }
 
     fn set_throttle(&self, percent: u8) {
@@ -599,7 +617,8 @@ impl MigratableVm for Vm {
     }
 
     fn migration_unresolved(&self) {
-        self.lifecycle().state = RunState::Unresolved;
+        let mut l = self.lifecycle();
+        self.set_state(&mut l, RunState::Unresolved);
     }
 
     fn migration_failed(&self) {
@@ -609,14 +628,14 @@ impl MigratableVm for Vm {
         }
         if l.running_at_switchover {
             match self.resume_vcpus() {
-                Ok(()) => l.state = RunState::Running,
+                Ok(()) => self.set_state(&mut l, RunState::Running),
                 Err(e) => {
                     log::error!("cannot resume the guest after a failed migration: {e}");
-                    l.state = RunState::Paused;
+                    self.set_state(&mut l, RunState::Paused);
                 }
             }
         } else {
-            l.state = RunState::Paused;
+            self.set_state(&mut l, RunState::Paused);
         }
     }
 }

@@ -144,11 +144,26 @@ impl Emu {
         let mut args = vec!["--incoming", "tcp:127.0.0.1:0"];
         args.extend_from_slice(extra);
         let emu = Emu::spawn(&args);
-        let line = emu
-            .wait_stderr(|l| l.contains("waiting for an incoming migration on "), BOOT_TIMEOUT)
-            .unwrap_or_else(|| panic!("destination did not start listening; stderr: {}", emu.stderr()));
-        let uri = line.rsplit(' ').next().unwrap().to_string();
+        let uri = emu.listening_uri();
         (emu, uri)
+    }
+
+    /// Starts a destination with `--incoming defer` and waits for its monitor: it listens once
+    /// told to (`migrate-incoming`, then [`Emu::listening_uri`]).
+    pub fn incoming_deferred(extra: &[&str]) -> Emu {
+        let mut args = vec!["--incoming", "defer"];
+        args.extend_from_slice(extra);
+        let emu = Emu::spawn(&args);
+        assert!(emu.wait_monitor(BOOT_TIMEOUT), "emu {args:?} did not come up; stderr: {}", emu.stderr());
+        emu
+    }
+
+    /// The address a destination listens on, from its stderr (a `tcp:...:0` gets a port there).
+    pub fn listening_uri(&self) -> String {
+        let line = self
+            .wait_stderr(|l| l.contains("waiting for an incoming migration on "), BOOT_TIMEOUT)
+            .unwrap_or_else(|| panic!("destination did not start listening; stderr: {}", self.stderr()));
+        line.rsplit(' ').next().unwrap().to_string()
     }
 
     pub fn pid(&self) -> u32 {
@@ -214,23 +229,19 @@ impl Emu {
         false
     }
 
-    /// One monitor command; `Err` carries the error's description.
+    /// The monitor socket.
+    pub fn monitor_path(&self) -> &Path {
+        &self.monitor
+    }
+
+    /// A negotiated monitor connection of its own, which also hears events.
+    pub fn qmp_client(&self) -> Result<Qmp, String> {
+        Qmp::connect(&self.monitor)
+    }
+
+    /// One monitor command on a connection of its own; `Err` carries the error's description.
     pub fn qmp(&self, command: &str, arguments: Value) -> Result<Value, String> {
-        let conn = UnixStream::connect(&self.monitor).map_err(|e| format!("connect: {e}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut w = conn.try_clone().unwrap();
-        let mut r = BufReader::new(conn);
-        let mut line = String::new();
-        r.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
-        writeln!(w, "{}", json!({"execute": command, "arguments": arguments})).map_err(|e| e.to_string())?;
-        line.clear();
-        r.read_line(&mut line).map_err(|e| e.to_string())?;
-        let reply: Value = serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
-        match (reply.get("return"), reply.get("error")) {
-            (Some(v), _) => Ok(v.clone()),
-            (_, Some(e)) => Err(e["desc"].as_str().unwrap_or("?").to_string()),
-            _ => Err(format!("reply without return or error: {line}")),
-        }
+        self.qmp_client()?.call(command, arguments)
     }
 
     pub fn qmp_ok(&self, command: &str, arguments: Value) -> Value {
@@ -291,6 +302,96 @@ impl Drop for Emu {
         if self.exit.is_none() {
             self.kill();
         }
+    }
+}
+
+/// A negotiated QMP connection: commands, and the events that arrive meanwhile (kept in order
+/// until someone waits for them).
+pub struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    next_id: u64,
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub fn connect(socket: &Path) -> Result<Qmp, String> {
+        let conn = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        let w = conn.try_clone().map_err(|e| e.to_string())?;
+        let mut q = Qmp { w, r: BufReader::new(conn), next_id: 0, events: Vec::new() };
+        let greeting = q.message()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("no greeting: {greeting}"));
+        }
+        q.call("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn message(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) => Err("the monitor closed the connection".to_string()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("bad message {line:?}: {e}")),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// One command; `Err` carries the error's description. Events that come first are kept.
+    pub fn call(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        self.next_id += 1;
+        let id = json!(self.next_id);
+        // A wait for an event may have shortened it.
+        self.r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+        let request = json!({"execute": command, "arguments": arguments, "id": id});
+        writeln!(self.w, "{request}").map_err(|e| e.to_string())?;
+        loop {
+            let m = self.message()?;
+            if m.get("event").is_some() {
+                self.events.push(m);
+                continue;
+            }
+            if m.get("id") != Some(&id) {
+                return Err(format!("a reply to another request: {m}"));
+            }
+            return match (m.get("return"), m.get("error")) {
+                (Some(v), _) => Ok(v.clone()),
+                (_, Some(e)) => Err(e["desc"].as_str().unwrap_or("?").to_string()),
+                _ => Err(format!("reply without return or error: {m}")),
+            };
+        }
+    }
+
+    pub fn call_ok(&mut self, command: &str, arguments: Value) -> Value {
+        self.call(command, arguments).unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
+    /// The first event `name` (kept, or arriving within `timeout`) for which `pred` holds, and the
+    /// events before it (they stay in `events`, so later waits see them too). Fails the test with
+    /// the events seen if none comes.
+    pub fn wait_event(&mut self, name: &str, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let matches = |e: &Value| e["event"] == name && pred(e);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events.iter().find(|e| matches(e)) {
+                return e.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {name} event in {timeout:?}; events: {:?}", self.events);
+            self.r.get_ref().set_read_timeout(Some(left)).expect("set a read timeout");
+            match self.message() {
+                Ok(m) if m.get("event").is_some() => self.events.push(m),
+                Ok(m) => panic!("a reply while waiting for {name}: {m}"),
+                Err(e) if e.contains("timed out") || e.contains("temporarily unavailable") => {}
+                Err(e) => panic!("waiting for {name}: {e}; events: {:?}", self.events),
+            }
+        }
+    }
+
+    /// The names of the events so far, in order.
+    pub fn event_names(&self) -> Vec<String> {
+        self.events.iter().map(|e| e["event"].as_str().unwrap_or("?").to_string()).collect()
     }
 }
 

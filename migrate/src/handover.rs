@@ -15,6 +15,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::progress::IncomingCounters;
 use crate::stream::{Decoder, Encoder, Record, Resolution, ResolveAction, StreamError};
 use crate::transport::{self, Connection, Uri};
 
@@ -91,6 +92,8 @@ struct Inner {
 pub struct Handover {
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// What the receiver has taken in so far (the destination's `query-migrate`).
+    pub received: IncomingCounters,
 }
 
 impl Default for Handover {
@@ -104,6 +107,7 @@ impl Default for Handover {
                 conn: None,
             }),
             changed: Condvar::new(),
+            received: IncomingCounters::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! What a running (or finished) outgoing migration reports: `query-migrate` and the benchmarks
 //! read it.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -150,19 +151,106 @@ impl Progress {
     }
 }
 
+/// What a destination has received so far, for `query-migrate` there: written by the receiver as
+/// records arrive, read by the monitor at any time (relaxed atomics: each is a counter on its own).
+#[derive(Debug, Default)]
+pub struct IncomingCounters {
+    /// Stream bytes read, from the preamble on.
+    pub bytes: AtomicU64,
+    /// Guest RAM the header declared.
+    pub ram_total: AtomicU64,
+    /// Pages that arrived with data, and as zero markers (resends counted each time, like the
+    /// source's `normal` and `duplicate`).
+    pub normal_pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    /// Passes the source has ended (PASS_END records).
+    pub passes: AtomicU64,
+}
+
+/// What an observer of a migration hears: each change of status, and each pass completed (the
+/// count so far, which `query-migrate` calls `dirty-sync-count`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Status(Status),
+    PassesDone(usize),
+}
+
+/// Told of [`Change`]s as they happen, in the updating thread (so it must be quick and must not
+/// read the progress itself: the lock is held).
+pub type Observer = Box<dyn Fn(Change) + Send + Sync>;
+
 /// Progress shared between the migration thread and its readers.
-pub struct ProgressCell(Mutex<Progress>);
+pub struct ProgressCell(Mutex<Progress>, Option<Observer>);
 
 impl ProgressCell {
     pub fn new(p: Progress) -> Self {
-        ProgressCell(Mutex::new(p))
+        ProgressCell(Mutex::new(p), None)
+    }
+
+    /// A cell whose changes `observer` hears about, starting with the status it starts in.
+    pub fn observed(p: Progress, observer: Observer) -> Self {
+        observer(Change::Status(p.status));
+        ProgressCell(Mutex::new(p), Some(observer))
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (status, passes) = (p.status, p.passes.len());
+        f(&mut p);
+        if let Some(observe) = &self.1 {
+            if p.passes.len() != passes {
+                observe(Change::PassesDone(p.passes.len()));
+            }
+            if p.status != status {
+                observe(Change::Status(p.status));
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Progress {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn an_observer_hears_each_status_change_and_each_pass_once() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let cell = ProgressCell::observed(
+            Progress::new(TrackerKind::UffdWp, 1 << 20),
+            Box::new(move |c| h.lock().unwrap().push(c)),
+        );
+        let pass = |n| PassRecord {
+            pass: n,
+            pages: 1,
+            bytes: 1,
+            duration: Duration::ZERO,
+            send: Duration::ZERO,
+            bandwidth_wait: Duration::ZERO,
+            dirty_after: 0,
+        };
+        cell.update(|p| p.status = Status::Active);
+        cell.update(|p| p.bytes += 10); // neither
+        cell.update(|p| p.passes.push(pass(0)));
+        cell.update(|p| p.status = Status::Active); // no change
+        cell.update(|p| {
+            p.passes.push(pass(1));
+            p.status = Status::Completed;
+        });
+        assert_eq!(
+            *heard.lock().unwrap(),
+            vec![
+                Change::Status(Status::Setup),
+                Change::Status(Status::Active),
+                Change::PassesDone(1),
+                Change::PassesDone(2),
+                Change::Status(Status::Completed)
+            ]
+        );
     }
 }

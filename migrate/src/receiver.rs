@@ -17,6 +17,7 @@
 //! (`MAX_STATE_BLOB` each), and at most `MAX_DEVICES` device states.
 
 use std::io::BufReader;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -137,6 +138,8 @@ impl<V> Received<V> {
 /// thread has its own, for its own share of the pages (`channel.rs`).
 struct PageSink {
     ram: Arc<GuestRam>,
+    /// Where `query-migrate` on the destination reads what has arrived.
+    handover: Arc<Handover>,
     layout: RamLayout,
     index: u32,
     channels: u32,
@@ -147,10 +150,11 @@ struct PageSink {
 }
 
 impl PageSink {
-    fn new(ram: Arc<GuestRam>, index: u32, channels: u32) -> Self {
+    fn new(ram: Arc<GuestRam>, handover: Arc<Handover>, index: u32, channels: u32) -> Self {
         let layout = ram.layout().clone();
         let pages = layout.page_count();
-        PageSink { ram, layout, index, channels, received: PageBitmap::new(pages), nonzero: PageBitmap::new(pages) }
+        let (received, nonzero) = (PageBitmap::new(pages), PageBitmap::new(pages));
+        PageSink { ram, handover, layout, index, channels, received, nonzero }
     }
 
     /// The page range of a record, checked to be RAM, inside one region, and this channel's.
@@ -185,6 +189,7 @@ impl PageSink {
         let first = self.layout.page_of(gpa).expect("checked in page_range");
         self.received.set_range(first, count);
         self.nonzero.set_range(first, count);
+        self.handover.received.normal_pages.fetch_add(count as u64, Relaxed);
         Ok(())
     }
 
@@ -201,6 +206,7 @@ impl PageSink {
             self.nonzero.clear_bit(p);
         }
         self.received.set_range(first, count);
+        self.handover.received.zero_pages.fetch_add(count as u64, Relaxed);
         Ok(())
     }
 }
@@ -227,7 +233,12 @@ impl Lanes {
     }
 
     /// Waits for channels 1..`channels` to connect, and starts a thread for each.
-    fn start(joins: &mpsc::Receiver<ChannelJoin>, channels: u32, ram: &Arc<GuestRam>) -> Result<Lanes, Refusal> {
+    fn start(
+        joins: &mpsc::Receiver<ChannelJoin>,
+        channels: u32,
+        ram: &Arc<GuestRam>,
+        handover: &Arc<Handover>,
+    ) -> Result<Lanes, Refusal> {
         let mut lanes = Lanes::none();
         lanes.state.0.lock().unwrap_or_else(|e| e.into_inner()).applied = vec![None; channels as usize - 1];
         let mut conns: Vec<Option<Connection>> = (1..channels).map(|_| None).collect();
@@ -249,7 +260,7 @@ impl Lanes {
             let reader = conn.try_clone().map_err(Refusal::Reply)?;
             reader.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(Refusal::Reply)?;
             lanes.conns.push(conn);
-            let (state, sink) = (lanes.state.clone(), PageSink::new(ram.clone(), index, channels));
+            let (state, sink) = (lanes.state.clone(), PageSink::new(ram.clone(), handover.clone(), index, channels));
             let t = std::thread::Builder::new()
                 .name(format!("incoming-ch{index}"))
                 .spawn(move || run_lane(reader, sink, &state))
@@ -322,7 +333,11 @@ fn run_lane(conn: Connection, mut sink: PageSink, state: &(Mutex<LaneProgress>, 
     let index = sink.index;
     let mut dec = Decoder::new(BufReader::with_capacity(READ_BUFFER, conn));
     let mut last_pass: Option<u32> = None;
+    let mut counted = 0;
     let result = loop {
+        let read = dec.bytes_read();
+        sink.handover.received.bytes.fetch_add(read - counted, Relaxed);
+        counted = read;
         let frame = match dec.next_frame() {
             Ok(f) => f,
             Err(StreamError::Closed) if last_pass.is_some() => break Ok(()),
@@ -416,6 +431,8 @@ pub fn receive<V: RestorableVm>(
     let mut rx = Receiver {
         dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, clone()?)),
         replies: Encoder::new(clone()?),
+        handover: handover.clone(),
+        bytes_before: bytes_so_far,
     };
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase, header, &channels, create).and_then(|(vm, passes, guest_running)| {
@@ -427,7 +444,7 @@ pub fn receive<V: RestorableVm>(
     match result {
         Ok((vm, passes)) => {
             let bytes = bytes_so_far + rx.dec.bytes_read();
-            let Receiver { dec, replies } = rx;
+            let Receiver { dec, replies, .. } = rx;
             let h = handover.clone();
             std::thread::Builder::new()
                 .name("incoming-handover".into())
@@ -453,6 +470,10 @@ pub fn receive<V: RestorableVm>(
 struct Receiver<R: std::io::Read> {
     dec: Decoder<BufReader<R>>,
     replies: Encoder<Connection>,
+    /// Where the counters of what has arrived are kept (`Handover::received`).
+    handover: Arc<Handover>,
+    /// Stream bytes read before the decoder took over (preamble and header).
+    bytes_before: u64,
 }
 
 impl<R: std::io::Read> Receiver<R> {
@@ -466,11 +487,16 @@ impl<R: std::io::Read> Receiver<R> {
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
     ) -> Result<(Arc<V>, u32, bool), Refusal> {
         *phase = Phase::Ram(Box::new(self.accept_header(header, joins, create)?));
+        // Added, not stored: the page channels add what they read to the same counter.
+        let mut counted = 0;
         loop {
             let frame = self.dec.next_frame().map_err(|e| match e {
                 StreamError::Closed => Refusal::SourceClosed,
                 e => Refusal::Stream(e),
             })?;
+            let read = self.bytes_before + self.dec.bytes_read();
+            self.handover.received.bytes.fetch_add(read - counted, Relaxed);
+            counted = read;
             let current = std::mem::replace(phase, Phase::AwaitHeader);
             match self.step(current, frame) {
                 Ok(Step::Next(p)) => *phase = p,
@@ -565,10 +591,11 @@ impl<R: std::io::Read> Receiver<R> {
             return Err(Refusal::VcpuMismatch { stream: h.vcpu_count, vm: vm.vcpu_count() });
         }
         let ram = vm.ram().clone();
-        let lanes = if h.channels > 1 { Lanes::start(joins, h.channels, &ram)? } else { Lanes::none() };
+        let lanes = if h.channels > 1 { Lanes::start(joins, h.channels, &ram, &self.handover)? } else { Lanes::none() };
+        self.handover.received.ram_total.store(layout.total_bytes(), Relaxed);
         Ok(Target {
             vm,
-            sink: PageSink::new(ram, 0, h.channels),
+            sink: PageSink::new(ram, self.handover.clone(), 0, h.channels),
             lanes,
             last_pass: None,
             vcpus: vec![None; h.vcpu_count as usize],
@@ -586,6 +613,7 @@ impl<R: std::io::Read> Receiver<R> {
                     return Err(Refusal::PassOrder { got: pass, due: expected });
                 }
                 t.last_pass = Some(pass);
+                self.handover.received.passes.store(u64::from(pass) + 1, Relaxed);
                 Ok(())
             }
             _ => unreachable!("only called for ZERO_PAGES and PASS_END"),

@@ -24,7 +24,7 @@ use crate::compress::{Codec, CompressStats, Compressor};
 use crate::convergence::{self, Decision, PassOutcome};
 use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
-use crate::progress::{PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
+use crate::progress::{Observer, PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{GuestRam, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Record, Resolution, ResolveAction, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
@@ -319,8 +319,24 @@ pub fn start(
     params: Arc<Mutex<MigrationParams>>,
     trackers: Arc<dyn TrackerFactory>,
 ) -> std::io::Result<Outgoing> {
+    start_observed(vm, uri, params, trackers, None)
+}
+
+/// [`start`], with an observer told of every status change and pass from the first moment (the
+/// monitor's MIGRATION and MIGRATION_PASS events).
+pub fn start_observed(
+    vm: Arc<dyn MigratableVm>,
+    uri: Uri,
+    params: Arc<Mutex<MigrationParams>>,
+    trackers: Arc<dyn TrackerFactory>,
+    observer: Option<Observer>,
+) -> std::io::Result<Outgoing> {
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
-    let progress = Arc::new(ProgressCell::new(Progress::new(kind, vm.ram().layout().total_bytes())));
+    let initial = Progress::new(kind, vm.ram().layout().total_bytes());
+    let progress = Arc::new(match observer {
+        Some(o) => ProgressCell::observed(initial, o),
+        None => ProgressCell::new(initial),
+    });
     let cancel = Arc::new(Cancel::default());
     let resolve = Arc::new(OperatorChoice::default());
     let (p, c, r) = (progress.clone(), cancel.clone(), resolve.clone());
