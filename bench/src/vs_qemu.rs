@@ -687,11 +687,7 @@ pub fn vs_qemu(args: &[String]) {
         eprintln!("no scenario among {names:?}; scenarios: {:?}", SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>());
         std::process::exit(2);
     }
-    let version = Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
-        .unwrap_or_else(|e| format!("{QEMU}: {e}"));
+    let version = qemu_version();
     if let Err(e) = freeze() {
         eprintln!("vs-qemu: {e}");
         std::process::exit(1);
@@ -748,6 +744,15 @@ pub fn vs_qemu(args: &[String]) {
     }
 }
 
+/// QEMU's first `--version` line (or why there is none).
+fn qemu_version() -> String {
+    Command::new(QEMU)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_else(|e| format!("{QEMU}: {e}"))
+}
+
 /// `--capped`: 1 GiB `dirty:256:0` over a link held to 100 MiB/s, where plain precopy cannot converge:
 /// QEMU precopy and auto-converge against emu's dirty-rate limiting and its throttling, alternating.
 /// Writes docs/vs-qemu-capped.md.
@@ -756,11 +761,7 @@ fn vs_qemu_capped(rounds: usize) {
         eprintln!("vs-qemu: {e}");
         std::process::exit(1);
     }
-    let version = Command::new(QEMU)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
-        .unwrap_or_else(|e| format!("{QEMU}: {e}"));
+    let version = qemu_version();
     let revision = emu_revision();
     let started = Instant::now();
     emit(json!({"bench": "vs-qemu-capped", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));

@@ -475,6 +475,7 @@ fn migrate(
         out: ChannelOut::new(encoder(&conn, &params.lock().unwrap_or_else(|e| e.into_inner()))?),
         conn,
         extra: Vec::new(),
+        extra_conns: Vec::new(),
         log,
         params,
         progress,
@@ -527,7 +528,9 @@ struct Sender<'a> {
     out: ChannelOut,
     conn: Connection,
     /// Channels 1..n: pages only (`channel.rs`).
-    extra: Vec<(ChannelOut, Connection)>,
+    extra: Vec<ChannelOut>,
+    /// Their connections (timeouts, closing, and shutting them when one fails), in the same order.
+    extra_conns: Vec<Connection>,
     log: DirtyLog,
     params: &'a Mutex<MigrationParams>,
     progress: &'a ProgressCell,
@@ -705,7 +708,7 @@ impl Sender<'_> {
         let timeout = self.params().switchover_timeout;
         self.conn.set_write_timeout(Some(timeout))?;
         self.conn.set_read_timeout(Some(timeout))?;
-        for (_, c) in &self.extra {
+        for c in &self.extra_conns {
             c.set_write_timeout(Some(timeout))?;
         }
         self.throttle = false;
@@ -719,7 +722,7 @@ impl Sender<'_> {
         }
         self.send_pass(pass, &last, None)?;
         // The page channels are done: closing them tells the destination their last pass is whole.
-        for (_, c) in &self.extra {
+        for c in &self.extra_conns {
             c.finish_writing()?;
         }
         times.last_pass = step.elapsed();
@@ -864,13 +867,14 @@ impl Sender<'_> {
         let mut out = ChannelOut::new(encoder(&conn, &self.params())?);
         out.enc.preamble()?;
         out.enc.channel(self.migration_id, index)?;
-        self.extra.push((out, conn));
+        self.extra.push(out);
+        self.extra_conns.push(conn);
         Ok(())
     }
 
     /// Stream bytes written so far, all channels together.
     fn bytes_written(&self) -> u64 {
-        self.out.enc.bytes_written() + self.extra.iter().map(|(o, _)| o.enc.bytes_written()).sum::<u64>()
+        self.out.enc.bytes_written() + self.extra.iter().map(|o| o.enc.bytes_written()).sum::<u64>()
     }
 
     /// Sends the pages of `pages` (those in `known_zero` as zero without reading them), each
@@ -886,12 +890,11 @@ impl Sender<'_> {
         // Each channel gets its share of the cap; compression weighs itself against it.
         let share = max_bandwidth / (1 + self.extra.len() as u64);
         self.out.enc.set_link_cap(share);
-        for (o, _) in &mut self.extra {
+        for o in &mut self.extra {
             o.enc.set_link_cap(share);
         }
         let channels = 1 + self.extra.len() as u32;
         let bytes_before = self.bytes_written();
-        let page_conns: Vec<Connection> = self.extra.iter().filter_map(|(_, c)| c.try_clone().ok()).collect();
         let shared = PassShared::new(
             &self.ram,
             pages,
@@ -902,7 +905,7 @@ impl Sender<'_> {
             max_bandwidth,
             bytes_before,
             (self.throughput.bytes, self.throughput.time),
-            &page_conns,
+            &self.extra_conns,
         );
         let (out, conn, extra) = (&mut self.out, &self.conn, &mut self.extra);
         let sent = if extra.is_empty() {
@@ -913,7 +916,7 @@ impl Sender<'_> {
                 let others: Vec<_> = extra
                     .iter_mut()
                     .enumerate()
-                    .map(|(i, (o, _))| s.spawn(move || shared.send_share(i as u32 + 1, pass, o, None)))
+                    .map(|(i, o)| s.spawn(move || shared.send_share(i as u32 + 1, pass, o, None)))
                     .collect();
                 // Channel 0's error first: a refusal from the destination comes on it.
                 let mut result = shared.send_share(0, pass, out, Some(conn));
@@ -937,7 +940,7 @@ impl Sender<'_> {
         let nanos =
             |a: &std::sync::atomic::AtomicU64| Duration::from_nanos(a.load(std::sync::atomic::Ordering::Relaxed));
         let mut compressed = self.out.enc.compress_stats();
-        for (o, _) in &self.extra {
+        for o in &self.extra {
             compressed.add(&o.enc.compress_stats());
         }
         let codec = self.out.enc.codec();
@@ -1037,7 +1040,7 @@ impl Drop for Sender<'_> {
         }
         let _ = self.out.enc.get_mut().flush();
         self.conn.shutdown();
-        for (_, c) in &self.extra {
+        for c in &self.extra_conns {
             c.shutdown();
         }
     }
