@@ -160,19 +160,21 @@ fn assert_source_recovered(src: &Emu, rate_before: u64) {
     let ram_bytes = src.qmp_ok("query-migrate", json!({}))["ram"]["total"].as_u64().expect("query-migrate ram.total");
     let left = common::ram_protection_left(src.pid(), ram_bytes);
     assert!(left.is_empty(), "guest RAM still protected after the migration ended:\n{}", left.join("\n"));
-    let n = src.line_count();
+    // Write-protected pages would cost a fault per page per pass, every window; unprotected, the
+    // guest is back to native speed. A busy 2-core host (CI runs other tests beside this one) can
+    // slow any single window, so the best of a few one-second windows is compared, with a wide margin.
+    let mut best = 0;
+    let mut n = src.line_count();
     src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("guest runs");
-    let line = src.wait_line_from(n + 1, |l| l.contains("verify: written="), T).expect("guest runs");
-    let prev = src.lines()[..src.lines().iter().position(|l| l == &line).unwrap()]
-        .iter()
-        .rev()
-        .find(|l| l.contains("written="))
-        .cloned()
-        .unwrap();
-    let rate = number_after(&line, "written=").unwrap() - number_after(&prev, "written=").unwrap();
-    // Write-protected pages would cost a fault per page per pass; unprotected, the guest is back to
-    // native speed (allow a wide margin for a busy 2-core host).
-    assert!(rate * 3 > rate_before, "guest writes {rate}/s after, {rate_before}/s before");
+    for _ in 0..5 {
+        n = src.line_count();
+        src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("guest runs");
+        best = best.max(verify_rate(&src));
+        if best * 3 > rate_before {
+            break;
+        }
+    }
+    assert!(best * 3 > rate_before, "guest writes {best}/s after (best of 5 windows), {rate_before}/s before");
     assert!(!src.output().contains("VERIFY-FAIL"), "{}", src.output());
 }
 
