@@ -169,7 +169,7 @@ fn assert_source_recovered(src: &Emu, rate_before: u64) {
     for _ in 0..5 {
         n = src.line_count();
         src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("guest runs");
-        best = best.max(verify_rate(&src));
+        best = best.max(verify_rate(src));
         if best * 3 > rate_before {
             break;
         }
