@@ -353,7 +353,7 @@ pub fn start_observed(
     let (p, c, r, pc) = (progress.clone(), cancel.clone(), resolve.clone(), postcopy.clone());
     let thread = std::thread::Builder::new().name("migration".into()).spawn(move || {
         let id = migration_id();
-        let result = migrate(&*vm, &uri, id, &params, &*trackers, &p, &c, &pc);
+        let result = migrate(&*vm, &uri, id, &params, &*trackers, &p, Steering { cancel: &c, postcopy: &pc });
         // Whatever happened, the guest (here, or resumed later) runs at full speed again.
         if p.snapshot().throttle_percent > 0 {
             vm.set_throttle(0);
@@ -451,6 +451,12 @@ fn settle(vm: &dyn MigratableVm, uri: &Uri, id: u64, why: &str, progress: &Progr
     }
 }
 
+/// What steers a migration from outside its thread.
+struct Steering<'a> {
+    cancel: &'a Cancel,
+    postcopy: &'a PostcopyControl,
+}
+
 fn migrate(
     vm: &dyn MigratableVm,
     uri: &Uri,
@@ -458,9 +464,9 @@ fn migrate(
     params: &Mutex<MigrationParams>,
     trackers: &dyn TrackerFactory,
     progress: &ProgressCell,
-    cancel: &Cancel,
-    postcopy: &PostcopyControl,
+    steering: Steering<'_>,
 ) -> Result<(), MigrationError> {
+    let Steering { cancel, postcopy } = steering;
     let conn = transport::connect(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
     // A destination that stops taking data fails the migration rather than hanging it.
     conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
