@@ -111,10 +111,11 @@ fn the_verify_guest_runs_on_while_its_pages_arrive() {
     src.qmp_ok("quit", json!({}));
 }
 
-/// The link is cut during postcopy (at the destination's first page request), twice: both sides
-/// pause, nothing is lost, and recovery on a new connection each time finishes the migration.
+/// The link breaks three times during postcopy (cut at the destination's first page request, a
+/// corrupt record, cut again): both sides pause, nothing is lost, and recovery on a new connection
+/// each time finishes the migration.
 #[test]
-fn a_link_cut_twice_during_postcopy_is_recovered() {
+fn a_link_broken_three_times_during_postcopy_is_recovered() {
     require_kvm!();
     let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
     src.expect_line("verify: written=", T);
@@ -128,29 +129,60 @@ fn a_link_cut_twice_during_postcopy_is_recovered() {
     // The source refuses to quit: it holds pages the destination's guest needs.
     let refused = src.qmp("quit", json!({})).expect_err("quit during postcopy");
     assert!(refused.contains("postcopy"), "{refused}");
-    // Recovery through a second proxy that cuts again at its first page record.
-    let again = dst.qmp_ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
-    let proxy2 = Proxy::start(again["uri"].as_str().unwrap(), Dir::ToDestination, PAGES, Action::Cut);
-    src.qmp_ok("migrate", json!({"uri": proxy2.uri, "resume": true}));
-    let deadline = Instant::now() + T;
-    loop {
-        let s = src.qmp_ok("query-migrate", json!({}));
-        if s["status"] == "completed" {
-            panic!("the second cut did not come: {s}");
+    // Recovery through proxies that break the new link again at its first page record: by a
+    // corrupt record (caught by its checksum before anything is written), then by a cut.
+    let mut proxies = vec![proxy];
+    for (n, action) in [(1, Action::CorruptLength), (2, Action::Cut)] {
+        let again = dst.qmp_ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
+        let p = Proxy::start(again["uri"].as_str().unwrap(), Dir::ToDestination, PAGES, action);
+        src.qmp_ok("migrate", json!({"uri": p.uri, "resume": true}));
+        let deadline = Instant::now() + T;
+        loop {
+            let s = src.qmp_ok("query-migrate", json!({}));
+            assert_ne!(s["status"], "completed", "the break {action:?} did not come: {s}");
+            if s["status"] == "postcopy-paused" && s["postcopy"]["recoveries"] == n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{s}");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if s["status"] == "postcopy-paused" && s["postcopy"]["recoveries"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{s}");
-        std::thread::sleep(Duration::from_millis(20));
+        let d = wait_status(&dst, "postcopy-paused");
+        assert!(d["error-desc"].as_str().is_some_and(|e| e.contains("missing")), "{d}");
+        proxies.push(p);
     }
     let again = dst.qmp_ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
     src.qmp_ok("migrate", json!({"uri": again["uri"], "resume": true}));
     let info = common::wait_migration(&src, T);
     assert_eq!(info["status"], "completed", "{info}\n{}\n{}", src.stderr(), dst.stderr());
-    assert_eq!(info["postcopy"]["recoveries"], 2, "{info}");
+    assert_eq!(info["postcopy"]["recoveries"], 3, "{info}");
     let dinfo = wait_status(&dst, "completed");
     assert_eq!(dinfo["postcopy"]["owed-left"], 0, "{dinfo}");
-    assert!(proxy.fired() && proxy2.fired());
+    assert!(proxies.iter().all(Proxy::fired));
     verify_goes_on(&dst);
+}
+
+/// The source dies during postcopy: the destination says that its guest waits for pages it may
+/// never get, and how many, and the guest does not run on with a hole (no VERIFY-FAIL).
+#[test]
+fn a_source_killed_during_postcopy_leaves_the_destination_waiting() {
+    require_kvm!();
+    let mut src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
+    src.expect_line("verify: written=", T);
+    let (dst, uri) = Emu::incoming(&[]);
+    let proxy = Proxy::start(&uri, Dir::ToSource, PAGE_REQUEST, Action::Hold);
+    start_then_postcopy(&src, &proxy.uri);
+    assert!(proxy.wait_held(T), "no page request came");
+    src.kill();
+    proxy.release(common::proxy::Release::Cut);
+    let d = wait_status(&dst, "postcopy-paused");
+    let left = d["postcopy"]["owed-left"].as_u64().unwrap();
+    assert!(left > 0, "{d}");
+    assert!(d["error-desc"].as_str().is_some_and(|e| e.contains(&format!("{left} of"))), "{d}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+    assert_eq!(
+        wait_status(&dst, "postcopy-paused")["postcopy"]["owed-left"],
+        left,
+        "nothing arrives from a dead source"
+    );
 }

@@ -471,7 +471,12 @@ pub fn incoming_json(h: &Handover) -> Value {
         Some(PostcopyPhase::Active | PostcopyPhase::Prepared) => status = "postcopy-active",
         Some(PostcopyPhase::Paused(why)) => {
             status = "postcopy-paused";
-            reason = Some(format!("{why}; the guest waits for its missing pages: migrate-recover listens again"));
+            let s = h.postcopy().map(|pc| pc.stats()).unwrap_or_default();
+            reason = Some(format!(
+                "{why}; {} of {} owed pages still missing: the guest waits for them and cannot go on without \
+                 its source (migrate-recover listens for it again)",
+                s.owed_left, s.owed_at_switchover
+            ));
         }
         _ => {}
     }
