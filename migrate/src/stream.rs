@@ -91,6 +91,12 @@
 //!   | postmigrate                                   |
 //! ```
 //!
+//! Postcopy (`postcopy/mod.rs` draws it): precopy may stop at any page; OWED records then list
+//! every page still to come, END carries the postcopy flag, and after GO, STARTED and DONE the
+//! source sends the owed pages (PAGES, ZERO_PAGES) on the same connection while the destination
+//! asks for pages (PAGE_REQUEST) and finally says COMPLETE. A broken postcopy goes on over a new
+//! connection that opens with RESUME, which the destination answers with OWED and RESUMED.
+//!
 //! # At most one running copy
 //!
 //! The destination never runs the guest without GO (or RESOLVE with action GO), and the source never
