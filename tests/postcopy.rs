@@ -186,3 +186,18 @@ fn a_source_killed_during_postcopy_leaves_the_destination_waiting() {
         "nothing arrives from a dead source"
     );
 }
+
+/// `postcopy-after-passes`: the migration switches to postcopy by itself after that many passes.
+#[test]
+fn postcopy_after_passes_switches_by_itself() {
+    require_kvm!();
+    let src = Emu::boot(&["--mem", "128M", "--append", "wl=dirty:64:0"]);
+    src.expect_line("dirty: rate=", T);
+    let (dst, uri) = Emu::incoming(&[]);
+    src.qmp_ok("migrate-set-parameters", json!({"postcopy-after-passes": 1, "stall-policy": "keep-going", "downtime-limit": 1}));
+    let info = common::migrate(&src, &uri, T);
+    assert_eq!(info["status"], "completed", "{info}\n{}", dst.stderr());
+    assert_eq!(info["stop-reason"], "postcopy", "{info}");
+    assert_eq!(info["ram"]["dirty-sync-count"], 2, "pass 0 and pass 1, then postcopy: {info}");
+    dst.wait_line(|l| l.contains("dirty: rate="), T).expect("the writer goes on");
+}

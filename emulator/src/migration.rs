@@ -289,6 +289,10 @@ pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>
             "max-passes" => {
                 p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
             }
+            "postcopy-after-passes" => {
+                p.postcopy_after_passes =
+                    u32::try_from(number()?).map_err(|_| QmpError::generic("postcopy-after-passes is too large"))?
+            }
             "x-drop-final-pages" => {
                 p.drop_final_pages =
                     u32::try_from(number()?).map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
@@ -325,6 +329,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "downtime-limit": ms(p.downtime_limit),
         "max-bandwidth": p.max_bandwidth,
         "max-passes": p.max_passes,
+        "postcopy-after-passes": p.postcopy_after_passes,
         "channels": p.channels,
         "compress": p.compress.name(),
         "compress-level": p.compress_level,

@@ -62,6 +62,9 @@ pub struct MigrationParams {
     /// limit. 30 bounds the migration of a guest that writes faster than the link (QEMU would loop
     /// until cancelled); converging guests stop far earlier.
     pub max_passes: u32,
+    /// Switch to postcopy once this many passes after pass 0 are done (0: only when told, or by
+    /// the stall policy).
+    pub postcopy_after_passes: u32,
     /// How dirty pages are tracked (takes effect at the next `migrate`).
     pub tracker: TrackerKind,
     /// While the guest is paused for the switchover, the longest the source waits on the
@@ -154,6 +157,7 @@ impl Default for MigrationParams {
             downtime_limit: Duration::from_millis(50),
             max_bandwidth: 0,
             max_passes: 30,
+            postcopy_after_passes: 0,
             tracker: DEFAULT_TRACKER,
             switchover_timeout: Duration::from_secs(1),
             stall_policy: StallPolicy::Throttle,
@@ -613,6 +617,11 @@ impl Sender<'_> {
         let mut last_pass_pages = self.ram.page_count() as u64;
         loop {
             let left = self.collect(&mut dirty, &mut last_collect)?;
+            let after = self.params().postcopy_after_passes;
+            if after > 0 && pass >= after && !self.postcopy.is_requested() {
+                log::info!("switching to postcopy after {pass} passes (postcopy-after-passes)");
+                self.postcopy.start();
+            }
             if self.postcopy.is_requested() {
                 log::info!(
                     "precopy stops after pass {pass} for postcopy: {left} dirty pages, {} unsent",
