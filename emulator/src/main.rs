@@ -241,7 +241,7 @@ fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Re
     vm.finish_incoming(info.guest_was_running && !args.paused)?;
     eprintln!(
         "emu: restored {path} ({} MiB of data{}) in {:.1} ms",
-        info.data_pages * 4096 >> 20,
+        (info.data_pages * 4096) >> 20,
         if info.live { ", a live checkpoint" } else { "" },
         started.elapsed().as_secs_f64() * 1e3
     );
