@@ -28,6 +28,7 @@ fn header(mem: u64, vcpus: u32) -> StreamHeader {
         vcpu_count: vcpus,
         migration_id: 1,
         channels: 1,
+        asks_base: false,
         regions: vec![RamRegion { gpa: 0, size: mem }],
     }
 }

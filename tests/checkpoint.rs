@@ -117,3 +117,59 @@ fn a_damaged_truncated_or_foreign_checkpoint_is_refused() {
     refused("foreign.ckpt", &image, &[], "not an emu checkpoint");
     refused("mem.ckpt", &bytes, &["--mem", "128M"], "--mem asks for");
 }
+
+/// Incremental migration: the destination starts from an older checkpoint of the guest
+/// (`--base`), and the source sends only what changed since; RAM ends equal page for page. A base
+/// of another guest (another RAM size) or a damaged one is not used, and the migration is a full
+/// one, equal all the same.
+#[test]
+fn a_migration_from_a_base_sends_only_what_changed() {
+    require_kvm!();
+    let dir = ScratchDir::new();
+    let base = dir.path("base.ckpt");
+    // 64 MiB of data, rewritten at 2000 pages/s: about an eighth changes per second.
+    let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64:2000"]);
+    src.expect_line("verify: written=", T);
+    checkpoint(&src, &base);
+    src.qmp_ok("cont", json!({}));
+    let n = src.line_count();
+    src.wait_line_from(n, |l| l.contains("verify: written="), T).expect("the guest goes on");
+    let arg = base.display().to_string();
+    let (dst, uri) = Emu::incoming(&["-S", "--base", &arg]);
+    let info = common::migrate(&src, &uri, T);
+    assert_eq!(info["status"], "completed", "{info}\n{}", dst.stderr());
+    let skipped = info["ram"]["skipped"].as_u64().unwrap_or(0);
+    assert!(skipped > 8192, "most of the 16384 data pages were the base's: {info}");
+    assert!(dst.wait_monitor(T));
+    assert!(dst.qmp_ok("query-migrate", json!({}))["base"].as_str().is_some_and(|b| b.starts_with("used")));
+    let (a, b) = (src.ram_digest(), dst.ram_digest());
+    assert_eq!(a["digest"], b["digest"], "RAM differs after an incremental migration");
+    dst.qmp_ok("cont", json!({}));
+    let n = dst.line_count();
+    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+
+    // A base of another guest, and a damaged one: not used, and the full migration is equal.
+    let other = Emu::boot(&["--mem", "128M", "--append", "wl=verify:8"]);
+    other.expect_line("verify: written=", T);
+    let wrong = dir.path("other.ckpt");
+    checkpoint(&other, &wrong);
+    let damaged = dir.path("damaged.ckpt");
+    let mut bytes = std::fs::read(&base).unwrap();
+    bytes[200] ^= 1;
+    std::fs::write(&damaged, bytes).unwrap();
+    let mut from = dst;
+    for (bad, why) in [(&wrong, "RAM layout"), (&damaged, "header fails its checksum")] {
+        let arg = bad.display().to_string();
+        let (next, uri) = Emu::incoming(&["-S", "--base", &arg]);
+        let info = common::migrate(&from, &uri, T);
+        assert_eq!(info["status"], "completed", "{info}\n{}", next.stderr());
+        assert!(info["ram"]["skipped"].is_null(), "{info}");
+        assert!(next.wait_monitor(T));
+        let note = next.qmp_ok("query-migrate", json!({}))["base"].as_str().unwrap_or("").to_string();
+        assert!(note.starts_with("not used") && note.contains(why), "{note}");
+        assert_eq!(from.ram_digest()["digest"], next.ram_digest()["digest"]);
+        next.qmp_ok("cont", json!({}));
+        from = next;
+    }
+}

@@ -46,9 +46,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "unix:PATH")]
     pub monitor: Option<UnixAddr>,
     /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH, or `defer`
+    /// (file:PATH restores a checkpoint)
     /// to wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
     #[arg(long, value_name = "URI|defer", conflicts_with_all = ["guest", "append"])]
     pub incoming: Option<String>,
+    /// With --incoming tcp:/unix:: start from this older checkpoint of the same guest
+    /// (`migrate {"uri": "file:PATH"}`); the source then sends only the pages that changed.
+    #[arg(long, value_name = "PATH", requires = "incoming")]
+    pub base: Option<std::path::PathBuf>,
     /// The VM's name, as the monitor's query-name reports it.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

@@ -163,6 +163,16 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     // (the guest never ran here, so nothing is lost by it).
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let (c, h, paused) = (commands.clone(), handover.clone(), args.paused);
+    // A base that cannot be read is reported and left out: the migration is then a full one.
+    let base = args.base.as_ref().and_then(|p| match migrate::checkpoint::Checkpoint::open(p) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            let why = migrate::report(&e);
+            eprintln!("emu: --base not used: {why}");
+            *handover.base_note.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("not used: {why}"));
+            None
+        }
+    });
     // The destination's MIGRATION events, with QEMU's statuses: setup and active once the source
     // is in, then completed or failed.
     let status = move |status| notify.notify(Notice::Migration { status });
@@ -170,7 +180,7 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
         let received = server.next_migration().map_err(anyhow::Error::from).and_then(|accepted| {
             status("setup");
             status("active");
-            migration::receive(accepted, &h, limits, make_config, events_tx)
+            migration::receive(accepted, &h, limits, make_config, events_tx, base.as_ref())
         });
         let outcome = received.and_then(|mut r| {
             c.attach(r.vm.clone());

@@ -445,6 +445,10 @@ pub fn progress_json(p: &Progress) -> Value {
     if p.dirty_rate_limit > 0 {
         v["dirty-rate-limit"] = json!(p.dirty_rate_limit);
     }
+    if p.base_skipped > 0 {
+        // Pages the destination held already (its base checkpoint, `--base`).
+        v["ram"]["skipped"] = json!(p.base_skipped);
+    }
     if let Some(pc) = &p.postcopy {
         v["ram"]["postcopy-requests"] = json!(pc.requests);
         v["postcopy"] = postcopy_json(pc);
@@ -529,6 +533,9 @@ pub fn incoming_json(h: &Handover) -> Value {
     if let Some(r) = reason {
         v["error-desc"] = json!(r);
     }
+    if let Some(note) = h.base_note.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        v["base"] = json!(note);
+    }
     if let Some(pc) = h.postcopy() {
         let stats = pc.stats();
         v["ram"]["postcopy-requests"] = json!(stats.requests);
@@ -545,6 +552,7 @@ pub fn receive(
     limits: IncomingLimits,
     make_config: impl FnOnce(u64, usize) -> VmConfig,
     events: crossbeam_channel::Sender<crate::events::VmEvent>,
+    base: Option<&migrate::checkpoint::Checkpoint>,
 ) -> anyhow::Result<Received<Vm>> {
     let create = |h: &StreamHeader| -> Result<Arc<Vm>, String> {
         let mem: u64 = h.regions.iter().map(|r| r.size).sum();
@@ -557,5 +565,5 @@ pub fn receive(
         }
         Vm::create(make_config(mem, vcpus), events, None).map_err(|e| format!("cannot create the VM: {e}"))
     };
-    receiver::receive(accepted, handover, create).map_err(|e: ReceiveError| anyhow::anyhow!(e))
+    receiver::receive_with_base(accepted, handover, create, base).map_err(|e: ReceiveError| anyhow::anyhow!(e))
 }

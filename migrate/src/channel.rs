@@ -87,6 +87,10 @@ pub(crate) struct PassShared<'a> {
     pub stop: Option<&'a AtomicBool>,
     /// (channel, first page of its share it did not send), for each channel that stopped early.
     pub stopped: Mutex<Vec<(u32, usize)>>,
+    /// Pass 0 of an incremental migration: the digest of every page the destination holds from
+    /// its base; a page whose digest matches is not sent.
+    pub base: Option<&'a [u128]>,
+    pub base_skipped: AtomicU64,
 }
 
 impl<'a> PassShared<'a> {
@@ -121,6 +125,8 @@ impl<'a> PassShared<'a> {
             page_channels,
             stop: None,
             stopped: Mutex::new(Vec::new()),
+            base: None,
+            base_skipped: AtomicU64::new(0),
         }
     }
 
@@ -197,6 +203,11 @@ impl<'a> PassShared<'a> {
             }
             let slot = out.batch.next_slot(gpa);
             self.ram.read_page(page, slot);
+            if self.base.is_some_and(|b| b[page] == crate::checkpoint::page_digest(slot)) {
+                // The destination has it already (its base); the slot is reused by the next page.
+                self.base_skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if is_zero_page(slot) {
                 self.add_zero(out, gpa)?;
             } else {

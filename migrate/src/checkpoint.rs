@@ -593,3 +593,21 @@ pub fn start(
     })?;
     Ok(crate::sender::Outgoing::from_thread(progress, thread))
 }
+
+/// The digest by which a destination's base page and a source page are found to be the same
+/// (XXH3-128: a chance collision between two different pages is about 2^-128).
+pub fn page_digest(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
+}
+
+impl Checkpoint {
+    /// Pages that hold data in this checkpoint.
+    pub fn data_pages(&self) -> PageBitmap {
+        let pages = self.digests.len();
+        let mut b = PageBitmap::new(pages);
+        for p in (0..pages).filter(|&p| self.data[p / 8] & (1 << (p % 8)) != 0) {
+            b.set(p);
+        }
+        b
+    }
+}

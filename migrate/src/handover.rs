@@ -95,6 +95,8 @@ pub struct Handover {
     changed: Condvar,
     /// What the receiver has taken in so far (the destination's `query-migrate`).
     pub received: IncomingCounters,
+    /// Whether the base checkpoint (`--base`) was used, and why not (`query-migrate`).
+    pub base_note: Mutex<Option<String>>,
     /// Postcopy: the pages the guest still waits for (`query-migrate`, `migrate-recover`).
     postcopy: std::sync::OnceLock<std::sync::Arc<IncomingPostcopy>>,
 }
@@ -111,6 +113,7 @@ impl Default for Handover {
             }),
             changed: Condvar::new(),
             received: IncomingCounters::default(),
+            base_note: Mutex::new(None),
             postcopy: std::sync::OnceLock::new(),
         }
     }

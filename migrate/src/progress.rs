@@ -135,6 +135,8 @@ pub struct Progress {
     pub switchover: Option<SwitchoverTimes>,
     /// Postcopy, once the migration switched to it.
     pub postcopy: Option<PostcopyStats>,
+    /// Pages not sent because the destination held them already (its base checkpoint).
+    pub base_skipped: u64,
 }
 
 /// A postcopy phase, as either side sees it.
@@ -210,6 +212,7 @@ impl Progress {
             compression: None,
             switchover: None,
             postcopy: None,
+            base_skipped: 0,
         }
     }
 }

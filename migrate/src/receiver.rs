@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
 use crate::channel;
+use crate::checkpoint::Checkpoint;
 use crate::handover::{self, Handover};
 use crate::incoming::{Accepted, ChannelJoin};
 use crate::postcopy::dest::IncomingPostcopy;
@@ -174,6 +175,19 @@ impl PageSink {
         PageSink { ram, handover, layout, index, channels, received, nonzero }
     }
 
+    /// Starts from a base checkpoint: the base's pages with data hold data (a zero marker must
+    /// clear them), and, once the source has their digests, every page counts as arrived (the
+    /// source sends each that differs).
+    fn with_base(mut self, base: Option<&BaseLoaded>) -> Self {
+        if let Some(b) = base {
+            if b.told {
+                self.received = PageBitmap::full(self.layout.page_count());
+            }
+            self.nonzero.union_with(&b.data);
+        }
+        self
+    }
+
     /// The page range of a record, checked to be RAM, inside one region, and this channel's.
     fn page_range(&self, gpa: u64, count: u64) -> Result<usize, Refusal> {
         let first = self.layout.page_of(gpa).ok_or(Refusal::NotRam(gpa))?;
@@ -228,6 +242,14 @@ impl PageSink {
     }
 }
 
+/// A base checkpoint loaded into guest RAM before the stream's pages.
+struct BaseLoaded {
+    /// Pages that may hold the base's data (all of them, when loading failed part-way).
+    data: PageBitmap,
+    /// Whether the source has the digests (and skips the pages that match).
+    told: bool,
+}
+
 /// What the page channels 1..n have applied, as their threads report it.
 #[derive(Default)]
 struct LaneProgress {
@@ -255,6 +277,7 @@ impl Lanes {
         channels: u32,
         ram: &Arc<GuestRam>,
         handover: &Arc<Handover>,
+        base: Option<&BaseLoaded>,
     ) -> Result<Lanes, Refusal> {
         let mut lanes = Lanes::none();
         lanes.state.0.lock().unwrap_or_else(|e| e.into_inner()).applied = vec![None; channels as usize - 1];
@@ -277,7 +300,8 @@ impl Lanes {
             let reader = conn.try_clone().map_err(Refusal::Reply)?;
             reader.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(Refusal::Reply)?;
             lanes.conns.push(conn);
-            let (state, sink) = (lanes.state.clone(), PageSink::new(ram.clone(), handover.clone(), index, channels));
+            let sink = PageSink::new(ram.clone(), handover.clone(), index, channels).with_base(base);
+            let state = lanes.state.clone();
             let t = std::thread::Builder::new()
                 .name(format!("incoming-ch{index}"))
                 .spawn(move || run_lane(reader, sink, &state))
@@ -442,6 +466,19 @@ pub fn receive<V: RestorableVm>(
     handover: &Arc<Handover>,
     create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
 ) -> Result<Received<V>, ReceiveError> {
+    receive_with_base(accepted, handover, create, None)
+}
+
+/// [`receive`], starting from `base`, an older checkpoint of the same guest (`--base`): its pages
+/// are loaded first and their digests told to the source, which then sends only the pages that
+/// differ. A base that does not fit the incoming guest (another RAM layout) is left unused, and
+/// the migration is a full one; `query-migrate` says which.
+pub fn receive_with_base<V: RestorableVm>(
+    accepted: Accepted,
+    handover: &Arc<Handover>,
+    create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
+    base: Option<&Checkpoint>,
+) -> Result<Received<V>, ReceiveError> {
     let start_err = |e: std::io::Error| ReceiveError { phase: "starting".into(), problem: Refusal::Reply(e) };
     let Accepted { conn, header, bytes_so_far, channels } = accepted;
     handover.begin(header.migration_id, conn.try_clone().ok());
@@ -452,6 +489,7 @@ pub fn receive<V: RestorableVm>(
         replies: Encoder::new(clone()?),
         handover: handover.clone(),
         bytes_before: bytes_so_far,
+        base,
     };
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase, header, &channels, create).and_then(|restored| {
@@ -496,16 +534,17 @@ pub fn receive<V: RestorableVm>(
     }
 }
 
-struct Receiver<R: std::io::Read> {
+struct Receiver<'b, R: std::io::Read> {
     dec: Decoder<BufReader<R>>,
     replies: Encoder<Connection>,
     /// Where the counters of what has arrived are kept (`Handover::received`).
     handover: Arc<Handover>,
     /// Stream bytes read before the decoder took over (preamble and header).
     bytes_before: u64,
+    base: Option<&'b Checkpoint>,
 }
 
-impl<R: std::io::Read> Receiver<R> {
+impl<R: std::io::Read> Receiver<'_, R> {
     /// Checks the header, then steps through records until END has been applied; returns the
     /// restored VM, the passes seen, and whether the guest ran on the source.
     fn run<V: RestorableVm>(
@@ -624,11 +663,17 @@ impl<R: std::io::Read> Receiver<R> {
             return Err(Refusal::VcpuMismatch { stream: h.vcpu_count, vm: vm.vcpu_count() });
         }
         let ram = vm.ram().clone();
-        let lanes = if h.channels > 1 { Lanes::start(joins, h.channels, &ram, &self.handover)? } else { Lanes::none() };
+        // Before the page channels start: their pages may come from the base.
+        let base = if h.asks_base { self.answer_base(&ram)? } else { None };
+        let lanes = if h.channels > 1 {
+            Lanes::start(joins, h.channels, &ram, &self.handover, base.as_ref())?
+        } else {
+            Lanes::none()
+        };
         self.handover.received.ram_total.store(layout.total_bytes(), Relaxed);
         Ok(Target {
             vm,
-            sink: PageSink::new(ram, self.handover.clone(), 0, h.channels),
+            sink: PageSink::new(ram, self.handover.clone(), 0, h.channels).with_base(base.as_ref()),
             lanes,
             last_pass: None,
             owed: None,
@@ -636,6 +681,47 @@ impl<R: std::io::Read> Receiver<R> {
             vm_state: None,
             devices: Vec::new(),
         })
+    }
+
+    /// HEADER asked for a base: loads it into `ram` and sends the digest of every page (BASE),
+    /// or says there is none (BASE_END 0). Returns the base's pages holding data.
+    fn answer_base(&mut self, ram: &GuestRam) -> Result<Option<BaseLoaded>, Refusal> {
+        let loaded = match self.base {
+            None => None,
+            Some(b) => match b.restore_ram(ram) {
+                Ok(()) => Some(b.data_pages()),
+                Err(e) => {
+                    // Partly loaded pages are rewritten or cleared by the full migration (they
+                    // count as holding data), so nothing of a bad base survives.
+                    let why = crate::report(&e);
+                    log::warn!("incoming migration: base not used: {why}");
+                    *self.handover.base_note.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(format!("not used: {why}"));
+                    self.replies.base(&[]).and_then(|_| self.replies.flush()).map_err(Refusal::Reply)?;
+                    return Ok(Some(BaseLoaded { data: PageBitmap::full(ram.page_count()), told: false }));
+                }
+            },
+        };
+        let Some(data) = loaded else {
+            self.replies.base(&[]).and_then(|_| self.replies.flush()).map_err(Refusal::Reply)?;
+            return Ok(None);
+        };
+        let zero = crate::checkpoint::page_digest(&[0u8; PAGE_SIZE]);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let digests: Vec<u128> = (0..ram.page_count())
+            .map(|p| {
+                if data.get(p) {
+                    ram.read_page(p, &mut buf);
+                    crate::checkpoint::page_digest(&buf)
+                } else {
+                    zero
+                }
+            })
+            .collect();
+        self.replies.base(&digests).and_then(|_| self.replies.flush()).map_err(Refusal::Reply)?;
+        *self.handover.base_note.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(format!("used: {} pages with data", data.count()));
+        Ok(Some(BaseLoaded { data, told: true }))
     }
 
     fn read_ram_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {

@@ -523,6 +523,7 @@ fn migrate(
         end_sent: false,
         postcopy,
         unsent: PageBitmap::new(vm.ram().page_count()),
+        base: None,
     };
     let result = sender.run().map_err(|e| sender.explain(e));
     if let Err(e) = &result {
@@ -583,6 +584,8 @@ struct Sender<'a> {
     postcopy: &'a PostcopyControl,
     /// Pages of a pass cut short by the switch to postcopy (`channel.rs`), owed with the dirty ones.
     unsent: PageBitmap,
+    /// During pass 0: the digests of the pages the destination holds from its base checkpoint.
+    base: Option<Vec<u128>>,
 }
 
 impl Sender<'_> {
@@ -599,11 +602,13 @@ impl Sender<'_> {
             page_size: PAGE_SIZE as u32,
             vcpu_count: self.vm.vcpu_count() as u32,
             channels: self.params().channels,
+            asks_base: true,
             regions: layout.regions().to_vec(),
         };
         self.out.enc.header(&header)?;
         // The destination knows the migration before its other channels knock.
         self.out.enc.flush()?;
+        let base = self.read_base()?;
         for index in 1..header.channels {
             self.connect_channel(index)?;
         }
@@ -618,7 +623,9 @@ impl Sender<'_> {
             // dirty set, and the pass being sent), 32 KiB per GiB of guest RAM each.
             let known_zero = pagemap::zero_pages(&self.ram, ZeroHints::get()).ok();
             let all = PageBitmap::full(self.ram.page_count());
+            self.base = base;
             self.send_pass(0, &all, known_zero.as_ref())?;
+            self.base = None;
         }
 
         // Passes 1..n while the guest runs. Before stopping the guest, wait until the destination has
@@ -880,6 +887,42 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// The destination's answer to HEADER: the digests of the pages it holds from a base
+    /// checkpoint (`--base`), or none.
+    fn read_base(&mut self) -> Result<Option<Vec<u128>>, MigrationError> {
+        let pages = self.ram.page_count();
+        self.conn.set_read_timeout(Some(transport::STALL_TIMEOUT))?;
+        // Unbuffered: nothing after BASE_END is read here.
+        let mut dec = Decoder::new(&self.conn);
+        let mut table: Vec<u128> = Vec::new();
+        loop {
+            match dec.next_record() {
+                Ok(Record::Base { first_page, digests }) => {
+                    let n = digests.len() / 16;
+                    if first_page != table.len() as u64 || table.len() + n > pages {
+                        return Err(lost(format!("BASE for pages {first_page}+{n} out of order or beyond RAM"), None));
+                    }
+                    table
+                        .extend(digests.chunks_exact(16).map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes"))));
+                }
+                Ok(Record::BaseEnd { pages: 0 }) if table.is_empty() => return Ok(None),
+                Ok(Record::BaseEnd { pages: n }) if n as usize == pages && table.len() == pages => {
+                    log::info!("the destination holds a base checkpoint: pages it has are not sent");
+                    return Ok(Some(table));
+                }
+                Ok(Record::BaseEnd { pages: n }) => {
+                    return Err(lost(
+                        format!("BASE_END says {n} pages, {} digests came for {pages}", table.len()),
+                        None,
+                    ))
+                }
+                Ok(Record::Error(why)) => return Err(MigrationError::Refused(why.to_string())),
+                Ok(other) => return Err(lost(format!("waiting for BASE_END: {other:?} came"), None)),
+                Err(e) => return Err(lost("waiting for BASE_END", Some(e))),
+            }
+        }
+    }
+
     /// Postcopy after STARTED: the guest runs on the destination, and its owed pages go there.
     /// Nothing here fails the migration (the guest cannot come back: the destination has run
     /// it): a broken link pauses it until the operator resumes it (`migrate {"resume": true}`),
@@ -1114,6 +1157,7 @@ impl Sender<'_> {
             &self.extra_conns,
         );
         shared.stop = Some(self.postcopy.flag());
+        shared.base = self.base.as_deref();
         let (out, conn, extra) = (&mut self.out, &self.conn, &mut self.extra);
         let sent = if extra.is_empty() {
             shared.send_share(0, pass, out, Some(conn))?
@@ -1168,6 +1212,10 @@ impl Sender<'_> {
             });
         });
         self.unsent.union_with(&shared.unsent());
+        let skipped = shared.base_skipped.load(std::sync::atomic::Ordering::Relaxed);
+        if skipped > 0 {
+            self.progress.update(|p| p.base_skipped += skipped);
+        }
         Ok(())
     }
 

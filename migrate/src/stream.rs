@@ -18,7 +18,7 @@
 //!
 //! | type | record       | payload |
 //! |------|--------------|---------|
-//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u32 (0 is read as 1), migration_id: u64, then (gpa: u64, size: u64) per region |
+//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u16 (0 is read as 1), flags: u16 (bit 0: the source asks for the destination's base, see BASE), migration_id: u64, then (gpa: u64, size: u64) per region |
 //! | 0x02 | PAGES        | gpa: u64, count: u32, reserved: u32, then count x 4096 bytes (contiguous pages, one region) |
 //! | 0x03 | ZERO_PAGES   | gpa: u64, count: u64 (contiguous pages that are all zero) |
 //! | 0x04 | PASS_END     | pass: u32, reserved: u32, pages sent in the pass: u64 |
@@ -42,6 +42,8 @@
 //! | 0x86 | PAGE_REQUEST | gpa: u64, count: u64: destination to source in postcopy, a vCPU waits on these pages: send them first |
 //! | 0x87 | COMPLETE     | (empty): destination to source in postcopy: every owed page has arrived; the source may let the guest go |
 //! | 0x88 | RESUMED      | pages_owed: u64: destination to source, answer to RESUME after its OWED records |
+//! | 0x89 | BASE         | first_page: u64, count: u32, reserved: u32, then count x 16 bytes: the XXH3-128 digest (little-endian) of each page the destination holds from its base checkpoint: destination to source, answer to a HEADER that asks, before anything else |
+//! | 0x8a | BASE_END     | pages: u64 (digests sent; 0: no base), reserved: u64: ends the answer; the source skips, in pass 0, every page whose digest matches |
 //! | 0x85 | RESOLVED     | outcome: u32 (1 = the destination has the guest, 2 = it discarded it, 3 = unknown migration): answer to RESOLVE |
 //!
 //! State blobs are opaque here: the emulator versions and checks them (`emulator/src/state.rs`).
@@ -142,6 +144,9 @@ pub const MAX_DEVICE_NAME: usize = 64;
 pub const MAX_CHANNELS: u32 = 16;
 const MAX_ERROR_TEXT: usize = 4096;
 const OWED_PREFIX: usize = 16;
+/// Page digests in one BASE record (1 MiB of them).
+pub const BASE_MAX_PAGES: usize = 65536;
+const HEADER_ASKS_BASE: u32 = 1 << 16;
 /// Pages one OWED record covers (a 1 MiB bitmap: 32 GiB of guest RAM).
 pub const OWED_MAX_PAGES: usize = 8 << 20;
 
@@ -173,10 +178,12 @@ pub enum RecordType {
     PageRequest = 0x86,
     Complete = 0x87,
     Resumed = 0x88,
+    Base = 0x89,
+    BaseEnd = 0x8a,
 }
 
 impl RecordType {
-    const ALL: [RecordType; 25] = [
+    const ALL: [RecordType; 27] = [
         RecordType::Header,
         RecordType::Pages,
         RecordType::ZeroPages,
@@ -202,6 +209,8 @@ impl RecordType {
         RecordType::PageRequest,
         RecordType::Complete,
         RecordType::Resumed,
+        RecordType::Base,
+        RecordType::BaseEnd,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -236,6 +245,8 @@ impl RecordType {
             PageRequest => "PAGE_REQUEST",
             Complete => "COMPLETE",
             Resumed => "RESUMED",
+            Base => "BASE",
+            BaseEnd => "BASE_END",
         }
     }
 }
@@ -248,7 +259,8 @@ pub fn max_payload(kind: RecordType) -> usize {
         Header => HEADER_PREFIX + 16 * MAX_REGIONS,
         // Compressed data is sent only when smaller than the raw pages.
         Pages | PagesCompressed => MAX_PAYLOAD,
-        ZeroPages | PassEnd | Resolve | End | Channel | Resume | PageRequest => 16,
+        ZeroPages | PassEnd | Resolve | End | Channel | Resume | PageRequest | BaseEnd => 16,
+        Base => 16 + 16 * BASE_MAX_PAGES,
         Owed => OWED_PREFIX + OWED_MAX_PAGES / 8,
         Resumed => 8,
         VcpuState => 4 + MAX_STATE_BLOB,
@@ -311,6 +323,8 @@ pub struct StreamHeader {
     pub migration_id: u64,
     /// Connections the migration uses, this one included (1 to [`MAX_CHANNELS`]).
     pub channels: u32,
+    /// The source asks for the destination's base checkpoint (BASE); new sources always do.
+    pub asks_base: bool,
     pub regions: Vec<RamRegion>,
 }
 
@@ -391,6 +405,14 @@ pub enum Record<'a> {
     Complete,
     Resumed {
         pages_owed: u64,
+    },
+    /// Digests of pages `first_page..first_page + count` (16 bytes each).
+    Base {
+        first_page: u64,
+        digests: &'a [u8],
+    },
+    BaseEnd {
+        pages: u64,
     },
     Sync,
     Go,
@@ -568,7 +590,8 @@ impl<W: Write> Encoder<W> {
 
     pub fn header(&mut self, h: &StreamHeader) -> io::Result<()> {
         let mut p = Vec::with_capacity(HEADER_PREFIX + 16 * h.regions.len());
-        for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, h.channels] {
+        let channels = h.channels | if h.asks_base { HEADER_ASKS_BASE } else { 0 };
+        for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, channels] {
             p.extend_from_slice(&v.to_le_bytes());
         }
         p.extend_from_slice(&h.migration_id.to_le_bytes());
@@ -733,6 +756,20 @@ impl<W: Write> Encoder<W> {
 
     pub fn complete(&mut self) -> io::Result<()> {
         self.record(RecordType::Complete, &[])
+    }
+
+    /// The digests of every page (`digests[i]` for page i), in BASE records, then BASE_END.
+    pub fn base(&mut self, digests: &[u128]) -> io::Result<()> {
+        for (i, chunk) in digests.chunks(BASE_MAX_PAGES).enumerate() {
+            let mut p = Vec::with_capacity(16 + 16 * chunk.len());
+            p.extend_from_slice(&((i * BASE_MAX_PAGES) as u64).to_le_bytes());
+            p.extend_from_slice(&two_u32(chunk.len() as u32, 0));
+            for d in chunk {
+                p.extend_from_slice(&d.to_le_bytes());
+            }
+            self.record(RecordType::Base, &p)?;
+        }
+        self.record(RecordType::BaseEnd, &two_u64(digests.len() as u64, 0))
     }
 
     pub fn resumed(&mut self, pages_owed: u64) -> io::Result<()> {
@@ -994,7 +1031,11 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             if count == 0 || count > MAX_REGIONS {
                 return Err(malformed(kind, format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)")));
             }
-            let channels = u32_le(p, 12).max(1);
+            let (word, asks_base) = (u32_le(p, 12), u32_le(p, 12) & HEADER_ASKS_BASE != 0);
+            if word & !(0xffff | HEADER_ASKS_BASE) != 0 {
+                return Err(malformed(kind, format!("unknown flags in {word:#x}")));
+            }
+            let channels = (word & 0xffff).max(1);
             if channels > MAX_CHANNELS {
                 return Err(malformed(kind, format!("{channels} channels (1 to {MAX_CHANNELS} allowed)")));
             }
@@ -1006,6 +1047,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
                 vcpu_count: u32_le(p, 4),
                 migration_id: u64_le(p, 16),
                 channels,
+                asks_base,
                 regions,
             })
         }
@@ -1076,6 +1118,19 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             need(8)?;
             Record::Resumed { pages_owed: u64_le(p, 0) }
         }
+        RecordType::Base => {
+            at_least(16)?;
+            let count = u32_le(p, 8) as usize;
+            if count == 0 || count > BASE_MAX_PAGES || u32_le(p, 12) != 0 {
+                return Err(malformed(kind, format!("{count} digests (1 to {BASE_MAX_PAGES} allowed)")));
+            }
+            need(16 + 16 * count)?;
+            Record::Base { first_page: u64_le(p, 0), digests: &p[16..] }
+        }
+        RecordType::BaseEnd => {
+            need(16)?;
+            Record::BaseEnd { pages: u64_le(p, 0) }
+        }
         RecordType::Resolve => {
             need(16)?;
             let action = match (u32_le(p, 8), u32_le(p, 12)) {
@@ -1131,6 +1186,7 @@ mod tests {
             vcpu_count: 2,
             migration_id: 0x1234_5678_9abc_def0,
             channels: 3,
+            asks_base: true,
             regions: vec![RamRegion { gpa: 0, size: 1 << 20 }],
         }
     }

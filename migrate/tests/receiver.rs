@@ -35,6 +35,7 @@ fn header() -> StreamHeader {
         vcpu_count: VCPUS as u32,
         migration_id: ID,
         channels: 1,
+        asks_base: false,
         regions: layout().regions().to_vec(),
     }
 }

@@ -706,6 +706,10 @@ fn play(conn: &UnixStream, plan: &Plan, seen: &mut Seen, vanish: &mut dyn FnMut(
         other => return Err(format!("first record {other:?}")),
     };
     let layout = RamLayout::new(header.regions.clone()).map_err(|e| e.to_string())?;
+    if header.asks_base {
+        // No base checkpoint here.
+        replies.base(&[]).map_err(|e| e.to_string())?;
+    }
     seen.header = Some(header);
     let mut pass = PassSeen::default();
     let mut buf = vec![0u8; migrate::stream::MAX_PAGES_PER_RECORD * PAGE_SIZE];
