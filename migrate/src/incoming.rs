@@ -138,9 +138,17 @@ fn accept_loop(
     let screening = Arc::new(AtomicUsize::new(0));
     let taken = Arc::new(AtomicBool::new(false));
     let joins = Arc::new(ChannelJoins::default());
+    let single = matches!(listener, Listener::Stdio(_));
     let done =
         || stop.load(Ordering::SeqCst) || (until_informed.load(Ordering::SeqCst) && handover.is_source_informed());
     while !done() {
+        // stdio has one connection: once it is screened (the migration, or refused) nothing more
+        // can come, and a destination whose stream was refused must end instead of waiting. The
+        // migration goes on without this loop (no RESOLVE can reach a pipe: an unresolved
+        // handover waits for the operator's migrate-resolve).
+        if listener.exhausted() && screening.load(Ordering::SeqCst) == 0 {
+            break;
+        }
         let conn = match listener.accept_timeout(ACCEPT_TICK) {
             Ok(Some(c)) => c,
             Ok(None) => continue,
@@ -157,7 +165,7 @@ fn accept_loop(
         }
         let (h, n, t, tx, j) = (handover.clone(), screening.clone(), taken.clone(), tx.clone(), joins.clone());
         let spawned = std::thread::Builder::new().name("incoming-screen".into()).spawn(move || {
-            screen(conn, &h, &t, &j, &tx);
+            screen(conn, &h, &t, &j, &tx, single);
             n.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
@@ -219,6 +227,7 @@ fn screen(
     taken: &AtomicBool,
     joins: &ChannelJoins,
     tx: &mpsc::Sender<Accepted>,
+    single: bool,
 ) {
     match opening(&conn) {
         Ok(Opening::Migration(header, bytes_so_far)) => {
@@ -248,7 +257,7 @@ fn screen(
         Err(e) if e.is_link_failure() => log::info!("incoming: a connection dropped: {}", crate::report(&e)),
         Err(e) => {
             let why = crate::report(&e);
-            eprintln!("emu: incoming: refused a connection: {why}; still listening");
+            eprintln!("emu: incoming: refused a connection: {why}{}", if single { "" } else { "; still listening" });
             refuse(conn, &why);
         }
     }

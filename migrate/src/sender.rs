@@ -449,7 +449,7 @@ fn migrate(
     progress: &ProgressCell,
     cancel: &Cancel,
 ) -> Result<(), MigrationError> {
-    let conn = transport::connect(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
+    let conn = transport::open(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
     // A destination that stops taking data fails the migration rather than hanging it.
     conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
     cancel.attach(&conn);
@@ -555,7 +555,8 @@ impl Sender<'_> {
             migration_id: self.migration_id,
             page_size: PAGE_SIZE as u32,
             vcpu_count: self.vm.vcpu_count() as u32,
-            channels: self.params().channels,
+            // One on exec:/ssh: (a single pipe): their channels could only start more destinations.
+            channels: transport::channels_for(self.uri, self.params().channels),
             regions: layout.regions().to_vec(),
         };
         self.out.enc.header(&header)?;
