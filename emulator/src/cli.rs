@@ -45,9 +45,10 @@ pub struct RunArgs {
     /// Serve the QMP monitor (QEMU's protocol) on a Unix socket: unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     pub monitor: Option<UnixAddr>,
-    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH, or `defer`
-    /// to wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
-    #[arg(long, value_name = "URI|defer", conflicts_with_all = ["guest", "append"])]
+    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT, unix:PATH, stdio (the
+    /// stream on stdin, answers on stdout: what an exec: or ssh: source starts), or `defer` to
+    /// wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
+    #[arg(long, value_name = "URI|stdio|defer", conflicts_with_all = ["guest", "append"])]
     pub incoming: Option<String>,
     /// The VM's name, as the monitor's query-name reports it.
     #[arg(long, value_name = "NAME")]

@@ -143,6 +143,19 @@ impl MigrationController {
     pub fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
         let uri: Uri = uri.parse()?;
+        if uri == Uri::Stdio {
+            return Err(QmpError::generic(
+                "stdio is where a destination reads its stream (emu --incoming stdio); migrate to it with exec: or ssh:",
+            ));
+        }
+        if let Some(warning) = uri.plaintext_warning() {
+            // On stderr either way: the log's if it shows warnings, else a line of its own.
+            if log::log_enabled!(log::Level::Warn) {
+                log::warn!("{warning}");
+            } else {
+                eprintln!("emu: warning: {warning}");
+            }
+        }
         let mut current = self.current();
         match current.as_ref().map(|o| o.progress.snapshot().status) {
             Some(Status::Unresolved) => {

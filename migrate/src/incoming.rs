@@ -107,7 +107,10 @@ impl IncomingServer {
 
     /// Waits for the migration connection (the first valid one).
     pub fn next_migration(&self) -> io::Result<Accepted> {
-        self.migrations.recv().map_err(|_| io::Error::other("the incoming listener stopped"))
+        self.migrations.recv().map_err(|_| match self.local {
+            Uri::Stdio => io::Error::other("no migration came on stdin"),
+            _ => io::Error::other("the incoming listener stopped"),
+        })
     }
 
     /// Goes on listening in the background until the source knows the outcome: until then a
