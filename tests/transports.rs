@@ -7,7 +7,7 @@
 use emu_harness as common;
 use emu_harness::require_kvm;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -228,9 +228,12 @@ impl Sshd {
             .stdin(Stdio::null())
             .spawn()
             .expect("start sshd");
+        let pid_file = dir.path("sshd.pid");
         let sshd = Sshd { child, port, config: dir.path("ssh_config"), _dir: dir };
+        // sshd writes its pid file once it listens (a probe connection instead would make it
+        // complain about a client that said nothing).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !pid_file.exists() {
             assert!(Instant::now() < deadline, "sshd did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -310,4 +313,75 @@ fn plain_tcp_off_this_host_is_warned_about() {
     let info = common::wait_migration(&src, T);
     assert_ne!(info["status"], "completed", "{info}");
     assert_eq!(src.status(), "running");
+}
+
+/// A relay from stdin/stdout to a TCP address, so that an `exec:` migration can go through the
+/// harness's breaking proxy.
+const RELAY: &str = r#"
+import os, socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def up():
+    while True:
+        b = os.read(0, 65536)
+        if not b:
+            break
+        s.sendall(b)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    while b:
+        b = b[os.write(1, b):]
+"#;
+
+/// GO lost on a single-pipe transport: over TCP the source would ask again on a new connection
+/// (RESOLVE), but an `exec:` or `ssh:` source cannot (a new connection would start another
+/// destination). So nothing may decide by itself: both sides stay paused, the source says why,
+/// until the operator's `migrate-resolve`; there is one running copy at the end, never two.
+#[test]
+fn a_lost_go_over_exec_stays_unresolved_until_the_operator_decides() {
+    require_kvm!();
+    use emu_harness::proxy::{Action, Dir, Proxy};
+    let src = Emu::boot(&["--mem", "64M", "--append", "wl=verify:8:20000"]);
+    src.expect_line("verify: written=", T);
+    let (dst, dst_uri) = Emu::incoming(&[]);
+    let proxy = Proxy::start(&dst_uri, Dir::ToDestination, migrate::stream::RecordType::Go as u8, Action::Drop);
+    let dir = ScratchDir::new();
+    std::fs::write(dir.path("relay.py"), RELAY).unwrap();
+    let port = proxy.uri.rsplit(':').next().unwrap();
+    let uri = format!("exec:python3 {} {port}", dir.path("relay.py").display());
+    src.qmp_ok("migrate", json!({"uri": uri}));
+    let deadline = Instant::now() + T;
+    let info = loop {
+        let info = src.qmp_ok("query-migrate", json!({}));
+        if info["status"] == "unresolved" && info["error-desc"].as_str().is_some_and(|e| e.contains("asked")) {
+            break info;
+        }
+        assert_ne!(info["status"], "completed", "{info}");
+        assert_ne!(info["status"], "failed", "{info}");
+        assert!(Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(proxy.fired(), "GO was never dropped: {info}");
+    let why = info["error-desc"].as_str().unwrap();
+    assert!(why.contains("one connection") && why.contains("migrate-resolve"), "{why}");
+    // Neither copy runs while it is unresolved.
+    let (n_src, n_dst) = (src.line_count(), dst.line_count());
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(src.status(), "migrate-unresolved");
+    assert_eq!(src.qmp_ok("query-migrate", json!({}))["status"], "unresolved");
+    assert_eq!((src.line_count(), dst.line_count()), (n_src, n_dst), "a copy ran: {}", dst.output());
+    assert!(dst.lines().is_empty(), "the destination ran the guest: {}", dst.output());
+    // The operator keeps it at the destination, on both sides.
+    dst.qmp_ok("migrate-resolve", json!({"keep": "destination"}));
+    let done = src.qmp_ok("migrate-resolve", json!({"keep": "destination"}));
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(src.status(), "postmigrate");
+    dst.expect_line("verify: written=", T);
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+    let n = src.line_count();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(src.line_count(), n, "the source ran again");
 }
