@@ -50,7 +50,10 @@ impl Drop for Remote {
 }
 
 fn assert_ram_equal(src: &Emu, dst: &Remote) {
-    let (a, b) = (src.ram_digest(), dst.qmp("query-ram-digest", json!({"pages": true})));
+    assert_digests_equal(&src.ram_digest(), &dst.qmp("query-ram-digest", json!({"pages": true})));
+}
+
+fn assert_digests_equal(a: &Value, b: &Value) {
     if a["digest"] == b["digest"] {
         return;
     }
@@ -384,4 +387,52 @@ fn a_lost_go_over_exec_stays_unresolved_until_the_operator_decides() {
     let n = src.line_count();
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(src.line_count(), n, "the source ran again");
+}
+
+/// Mutual TLS on tcp: (`--tls-cert`, `--tls-key`, `--tls-ca`, from `scripts/test-certs.sh`): a
+/// plain source is refused by a TLS destination with a clear reason and nothing is started there;
+/// then the verify guest migrates over TLS with RAM equal page for page.
+#[test]
+fn tls_migrates_the_verify_guest_and_a_plain_stream_is_refused() {
+    require_kvm!();
+    let certs = ScratchDir::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-certs.sh");
+    assert!(sh(&format!("sh {} {}", script.display(), certs.0.display())), "scripts/test-certs.sh (needs openssl)");
+    let p = |n: &str| certs.path(n).display().to_string();
+    let tls = |who: &str| {
+        ["--tls-cert".to_string(), p(&format!("{who}.pem")), "--tls-key".into(), p(&format!("{who}.key"))]
+            .into_iter()
+            .chain(["--tls-ca".to_string(), p("ca.pem")])
+            .collect::<Vec<_>>()
+    };
+    let dst_tls = tls("dst");
+    let mut dst_args: Vec<&str> = vec!["-S"];
+    dst_args.extend(dst_tls.iter().map(String::as_str));
+    let (dst, uri) = Emu::incoming(&dst_args);
+    assert!(dst.stderr().contains("TLS: waiting for an incoming migration"), "{}", dst.stderr());
+
+    let plain = verify_source();
+    assert_refused_and_source_runs(&plain, &uri, &["refused", "takes TLS only"]);
+    assert!(dst.wait_monitor(T));
+    assert_eq!(dst.status(), "inmigrate", "the plain stream started something");
+    assert!(dst.stderr().contains("refused a plain (not TLS) migration stream"), "{}", dst.stderr());
+    drop(plain);
+
+    let src_tls = tls("src");
+    let mut src_args = vec!["--mem", "256M", "--append", "wl=verify:64"];
+    src_args.extend(src_tls.iter().map(String::as_str));
+    let src = Emu::boot(&src_args);
+    src.expect_line("verify: written=", T);
+    let params = src.qmp_ok("query-migrate-parameters", json!({}));
+    assert_eq!(params["tls-cert"], p("src.pem"), "{params}");
+    let info = common::migrate(&src, &uri, T);
+    assert_eq!(info["status"], "completed", "{info}\nsource: {}\ndestination: {}", src.stderr(), dst.stderr());
+    assert!(!src.stderr().contains("unencrypted"), "{}", src.stderr());
+    assert_eq!(dst.status(), "paused");
+    assert_digests_equal(&src.ram_digest(), &dst.ram_digest());
+    dst.qmp_ok("cont", json!({}));
+    let n = dst.line_count();
+    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    dst.wait_line_from(n + 1, |l| l.contains("verify: written="), T).expect("verify goes on");
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
 }

@@ -50,6 +50,17 @@ pub struct RunArgs {
     /// wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
     #[arg(long, value_name = "URI|stdio|defer", conflicts_with_all = ["guest", "append"])]
     pub incoming: Option<String>,
+    /// Mutual TLS for tcp: migrations, this end's certificate chain (PEM): the migration
+    /// parameter tls-cert to start with. With --tls-key and --tls-ca.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM): the migration parameter tls-key.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates the peer's certificate must be signed by (PEM): tls-ca. A destination
+    /// with all three takes TLS only.
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
     /// The VM's name, as the monitor's query-name reports it.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

@@ -90,6 +90,11 @@ impl MonitorSide {
             tracker: args.dirty_tracker,
             name: args.name.clone(),
             incoming,
+            tls: migrate::transport::TlsCreds {
+                cert: args.tls_cert.clone(),
+                key: args.tls_key.clone(),
+                ca: args.tls_ca.clone(),
+            },
         }));
         let notify = commands.notifier();
         MonitorSide { commands, bus, notify }

@@ -142,6 +142,7 @@ fn accept_loop(
     let taken = Arc::new(AtomicBool::new(false));
     let joins = Arc::new(ChannelJoins::default());
     let single = matches!(listener, Listener::Stdio(_));
+    let tls = listener.tls();
     let done =
         || stop.load(Ordering::SeqCst) || (until_informed.load(Ordering::SeqCst) && handover.is_source_informed());
     while !done() {
@@ -167,12 +168,41 @@ fn accept_loop(
             continue;
         }
         let (h, n, t, tx, j) = (handover.clone(), screening.clone(), taken.clone(), tx.clone(), joins.clone());
+        let tls = tls.clone();
         let spawned = std::thread::Builder::new().name("incoming-screen".into()).spawn(move || {
-            screen(conn, &h, &t, &j, &tx, single);
+            let conn = match tls {
+                None => Some(conn),
+                Some(config) => secure(conn, &config),
+            };
+            if let Some(conn) = conn {
+                screen(conn, &h, &t, &j, &tx, single);
+            }
             n.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
             screening.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A destination with TLS credentials takes TLS only: the handshake first, within the screening
+/// deadline. A plain emu stream is told so, plainly (its source then says why, instead of seeing a
+/// broken stream), and nothing else happens: the destination goes on listening.
+fn secure(conn: Connection, config: &crate::transport::TlsConfig) -> Option<Connection> {
+    use crate::transport::{secure_incoming, Secured};
+    match secure_incoming(conn, config, Instant::now() + SCREEN_DEADLINE) {
+        Secured::Tls(c) => Some(c),
+        Secured::Plain(c) => {
+            eprintln!("emu: incoming: refused a plain (not TLS) migration stream; still listening");
+            refuse(
+                c,
+                "this destination takes TLS only (it has tls-cert, tls-key and tls-ca): a plain stream is refused",
+            );
+            None
+        }
+        Secured::Failed(e) => {
+            eprintln!("emu: incoming: refused a connection: {e}; still listening");
+            None
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct MigrationParams {
     /// Connections the pages travel on, one sender thread each (`channel.rs`); 1 to
     /// [`crate::stream::MAX_CHANNELS`]. Takes effect at the next `migrate`.
     pub channels: u32,
+    /// Mutual TLS for `tcp:` (`tls-cert`, `tls-key`, `tls-ca`; `transport/tls.rs`): the monitor
+    /// turns a `tcp:` URI into a TLS one with them; the sender never looks.
+    pub tls: crate::transport::TlsCreds,
     /// How page data is compressed where that pays (`compress.rs`), and zstd's level.
     pub compress: Codec,
     pub compress_level: i32,
@@ -153,6 +156,7 @@ impl Default for MigrationParams {
             throttle_increment: 10,
             dirty_rate_limit: 0,
             channels: DEFAULT_CHANNELS,
+            tls: Default::default(),
             compress: Codec::None,
             compress_level: 1,
             drop_final_pages: 0,

@@ -27,11 +27,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod pipe;
+mod tls;
 pub use pipe::Pipe;
+pub use tls::{TlsConfig, TlsCreds, TlsError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Uri {
@@ -45,7 +47,26 @@ pub enum Uri {
     Ssh(SshTarget),
     /// `stdio`: a destination's stdin and stdout.
     Stdio,
+    /// `tcp:HOST:PORT` with mutual TLS: never parsed, made by [`Uri::with_tls`] from a `tcp:` URI
+    /// and the credentials (`tls.rs`). Shown as the `tcp:` URI it came from.
+    Tls {
+        host: String,
+        port: u16,
+        config: Tls,
+    },
 }
+
+/// A TLS configuration in a [`Uri`]; two are equal if they are the same one.
+#[derive(Clone, Debug)]
+pub struct Tls(pub Arc<TlsConfig>);
+
+impl PartialEq for Tls {
+    fn eq(&self, other: &Tls) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Tls {}
 
 /// `ssh:[USER@]HOST[:PORT][?emu=PATH&config=FILE&args=ARGS]`: where and how the destination runs.
 ///
@@ -212,8 +233,10 @@ impl FromStr for Uri {
 impl std::fmt::Display for Uri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Uri::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
-            Uri::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Uri::Tcp { host, port } | Uri::Tls { host, port, .. } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
+            Uri::Tcp { host, port } | Uri::Tls { host, port, .. } => write!(f, "tcp:{host}:{port}"),
             Uri::Unix(p) => write!(f, "unix:{}", p.display()),
             Uri::Exec(cmd) => write!(f, "exec:{cmd}"),
             Uri::Stdio => write!(f, "stdio"),
@@ -249,6 +272,15 @@ impl std::fmt::Display for Uri {
 }
 
 impl Uri {
+    /// `tcp:` with mutual TLS if `config` is there; any other URI as it is (TLS is for TCP: a Unix
+    /// socket stays on this host, and ssh: encrypts already).
+    pub fn with_tls(self, config: Option<Arc<TlsConfig>>) -> Uri {
+        match (self, config) {
+            (Uri::Tcp { host, port }, Some(c)) => Uri::Tls { host, port, config: Tls(c) },
+            (uri, _) => uri,
+        }
+    }
+
     /// Whether the transport carries one connection only (a pipe pair): no page channels, no
     /// resolution connections.
     pub fn single_connection(&self) -> bool {
@@ -462,20 +494,8 @@ pub fn open(uri: &Uri) -> io::Result<Connection> {
 /// knows nothing of this migration.
 pub fn connect(uri: &Uri) -> io::Result<Connection> {
     match uri {
-        Uri::Tcp { host, port } => {
-            let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
-            for addr in (host.as_str(), *port).to_socket_addrs()? {
-                match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-                    Ok(s) => {
-                        // The switchover exchange is latency-bound; bulk data goes in large writes.
-                        s.set_nodelay(true)?;
-                        return Ok(Connection::Tcp(s));
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
-        }
+        Uri::Tcp { host, port } => connect_tcp(host, *port).map(Connection::Tcp),
+        Uri::Tls { host, port, config } => tls::client(connect_tcp(host, *port)?, host, &config.0, CONNECT_TIMEOUT),
         Uri::Unix(path) => UnixStream::connect(path).map(Connection::Unix),
         Uri::Exec(_) | Uri::Ssh(_) => Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -488,12 +508,49 @@ pub fn connect(uri: &Uri) -> io::Result<Connection> {
     }
 }
 
+fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(s) => {
+                // The switchover exchange is latency-bound; bulk data goes in large writes.
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A destination with TLS: the handshake on a connection it accepted, by `until` (in the
+/// connection's screening thread, so that a slow or hostile peer holds up only itself).
+pub(crate) enum Secured {
+    Tls(Connection),
+    /// A plain emu stream: to be told (plainly) that TLS is required.
+    Plain(Connection),
+    Failed(io::Error),
+}
+
+pub(crate) fn secure_incoming(conn: Connection, config: &TlsConfig, until: std::time::Instant) -> Secured {
+    let Connection::Tcp(tcp) = conn else {
+        return Secured::Failed(io::Error::other("TLS is for TCP connections"));
+    };
+    match tls::server(tcp, config, until) {
+        Ok(c) => Secured::Tls(c),
+        Err(tls::NotTls::PlainStream(tcp)) => Secured::Plain(Connection::Tcp(tcp)),
+        Err(tls::NotTls::Failed(e)) => Secured::Failed(e),
+    }
+}
+
 /// Destination side: a listening socket for one incoming migration.
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
     /// emu's stdin and stdout: one connection, handed out once.
     Stdio(Mutex<Option<Connection>>),
+    /// TCP whose connections must be TLS ([`secure_incoming`]).
+    Tls(TcpListener, Arc<TlsConfig>),
 }
 
 impl Listener {
@@ -501,6 +558,9 @@ impl Listener {
     pub fn bind(uri: &Uri) -> io::Result<Listener> {
         let l = match uri {
             Uri::Tcp { host, port } => Listener::Tcp(TcpListener::bind((host.as_str(), *port))?),
+            Uri::Tls { host, port, config } => {
+                Listener::Tls(TcpListener::bind((host.as_str(), *port))?, config.0.clone())
+            }
             Uri::Unix(path) => {
                 if path.exists() && UnixStream::connect(path).is_err() {
                     std::fs::remove_file(path)?; // stale socket of a process that is gone
@@ -516,7 +576,7 @@ impl Listener {
             }
         };
         match &l {
-            Listener::Tcp(t) => t.set_nonblocking(true)?,
+            Listener::Tcp(t) | Listener::Tls(t, _) => t.set_nonblocking(true)?,
             Listener::Unix(u, _) => u.set_nonblocking(true)?,
             Listener::Stdio(_) => {}
         }
@@ -532,6 +592,18 @@ impl Listener {
             }
             Listener::Unix(_, p) => Ok(Uri::Unix(p.clone())),
             Listener::Stdio(_) => Ok(Uri::Stdio),
+            Listener::Tls(l, config) => {
+                let a = l.local_addr()?;
+                Ok(Uri::Tls { host: a.ip().to_string(), port: a.port(), config: Tls(config.clone()) })
+            }
+        }
+    }
+
+    /// The TLS every connection must speak, if any.
+    pub fn tls(&self) -> Option<Arc<TlsConfig>> {
+        match self {
+            Listener::Tls(_, c) => Some(c.clone()),
+            _ => None,
         }
     }
 
@@ -548,7 +620,7 @@ impl Listener {
     pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Connection>> {
         use std::os::fd::AsRawFd;
         let fd = match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Tcp(l) | Listener::Tls(l, _) => l.as_raw_fd(),
             Listener::Unix(l, _) => l.as_raw_fd(),
             Listener::Stdio(c) => {
                 let taken = c.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -566,7 +638,7 @@ impl Listener {
             return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
         }
         let accepted = match self {
-            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
+            Listener::Tcp(l) | Listener::Tls(l, _) => l.accept().and_then(|(s, _)| {
                 s.set_nonblocking(false)?;
                 s.set_nodelay(true)?;
                 Ok(Connection::Tcp(s))
