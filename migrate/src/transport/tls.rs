@@ -218,7 +218,9 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
     let (mut local_r, mut local_w) = (local, local);
     let mut plain: Vec<u8> = Vec::new(); // for the local end, not yet written
     let mut buf = vec![0u8; 64 << 10];
-    let (mut net_done, mut local_done, mut local_told) = (false, false, false);
+    // tcp_eof: the socket ended; net_done: the TLS stream ended (close_notify, every byte of
+    // plaintext before it taken from rustls), which comes after tcp_eof's records are decrypted.
+    let (mut tcp_eof, mut net_done, mut local_done, mut local_told) = (false, false, false, false);
     loop {
         while conn.wants_write() {
             match conn.write_tls(&mut tcp_w) {
@@ -227,10 +229,7 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
                 Err(e) => return Err(e),
             }
         }
-        if local_done && !conn.wants_write() && net_done {
-            return Ok(());
-        }
-        while plain.len() < PLAIN_CAP {
+        while !net_done && plain.len() < PLAIN_CAP {
             match conn.reader().read(&mut buf) {
                 Ok(0) => {
                     net_done = true;
@@ -238,8 +237,10 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
                 }
                 Ok(n) => plain.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // The network ended without close_notify: a truncation, not an end.
-                Err(e) => return Err(e),
+                // The network ended without close_notify: a truncation, not an end. What came
+                // before it still goes to the local end, whose reader then sees the end.
+                Err(e) if plain.is_empty() => return Err(e),
+                Err(_) => break,
             }
         }
         while !plain.is_empty() {
@@ -255,11 +256,14 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
             let _ = local.shutdown(Shutdown::Write);
             local_told = true;
         }
+        if local_done && net_done && plain.is_empty() && !conn.wants_write() {
+            return Ok(());
+        }
         let mut fds = [
             libc::pollfd { fd: tcp.as_raw_fd(), events: 0, revents: 0 },
             libc::pollfd { fd: local.as_raw_fd(), events: 0, revents: 0 },
         ];
-        if !net_done && plain.len() < PLAIN_CAP {
+        if !tcp_eof && plain.len() < PLAIN_CAP {
             fds[0].events |= libc::POLLIN;
         }
         if conn.wants_write() {
@@ -289,7 +293,7 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
         }
         if fds[0].revents & (libc::POLLIN | hup) != 0 && fds[0].events & libc::POLLIN != 0 {
             match conn.read_tls(&mut tcp_r) {
-                Ok(0) => net_done = true,
+                Ok(0) => tcp_eof = true,
                 Ok(_) => {
                     if let Err(e) = conn.process_new_packets() {
                         // The alert, if any, goes out before the connection closes.
