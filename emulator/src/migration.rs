@@ -9,7 +9,8 @@ use std::time::Duration;
 use migrate::compress::Codec;
 use migrate::handover::{DestPhase, Handover, Side};
 use migrate::incoming::Accepted;
-use migrate::progress::{Change, Observer, Progress, Status};
+use migrate::postcopy::dest::Phase as PostcopyPhase;
+use migrate::progress::{Change, Observer, PostcopyStats, Progress, Status};
 use migrate::receiver::{self, ReceiveError, Received};
 use migrate::sender::{self, MigrationParams, Outgoing, StallPolicy, MAX_THROTTLE};
 use migrate::stream::StreamHeader;
@@ -101,6 +102,31 @@ impl MigrationController {
         matches!(p.status, Status::Setup | Status::Active).then_some(p.tracker)
     }
 
+    /// `migrate-start-postcopy`: the migration in precopy switches to postcopy at the next page
+    /// (the guest moves at once; its remaining pages follow). emu needs no `postcopy-ram`
+    /// capability for it: any destination of this version takes postcopy.
+    pub fn start_postcopy(&self) -> Result<Value, QmpError> {
+        let current = self.current();
+        let status = current.as_ref().map(|o| o.progress.snapshot().status);
+        match (current.as_ref(), status) {
+            (Some(o), Some(Status::Setup | Status::Active)) => {
+                o.postcopy.start();
+                Ok(json!({}))
+            }
+            (Some(_), Some(s)) if s.is_postcopy() => Ok(json!({})),
+            (_, s) => Err(QmpError::generic(format!(
+                "no migration in precopy to switch to postcopy (status {})",
+                s.map_or("none", Status::name)
+            ))),
+        }
+    }
+
+    /// Whether an outgoing postcopy still holds pages the destination's guest needs: this emu must
+    /// not end then (`quit` is refused).
+    pub fn holds_postcopy_pages(&self) -> bool {
+        self.current().as_ref().is_some_and(|o| o.progress.snapshot().status.is_postcopy())
+    }
+
     /// `migrate-resolve` on the source: hands the operator's choice to the migration thread and
     /// waits for it to act.
     pub fn resolve(&self, keep: Side) -> Result<Value, QmpError> {
@@ -159,6 +185,17 @@ impl MigrationController {
             }
         }
         let mut current = self.current();
+        if args.get("resume").and_then(Value::as_bool) == Some(true) {
+            // QEMU's way back into a postcopy whose link broke: the destination listens again
+            // (`migrate-recover`), and this reconnects to it.
+            return match current.as_ref() {
+                Some(o) if o.progress.snapshot().status == Status::PostcopyPaused => {
+                    o.postcopy.resume(uri);
+                    Ok(json!({}))
+                }
+                _ => Err(QmpError::generic("resume: no paused postcopy here")),
+            };
+        }
         match current.as_ref().map(|o| o.progress.snapshot().status) {
             Some(Status::Unresolved) => {
                 return Err(QmpError::generic("the last migration is unresolved: migrate-resolve decides it first"))
@@ -277,6 +314,10 @@ pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>
             "max-passes" => {
                 p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
             }
+            "postcopy-after-passes" => {
+                p.postcopy_after_passes =
+                    u32::try_from(number()?).map_err(|_| QmpError::generic("postcopy-after-passes is too large"))?
+            }
             "x-drop-final-pages" => {
                 p.drop_final_pages =
                     u32::try_from(number()?).map_err(|_| QmpError::generic("x-drop-final-pages is too large"))?
@@ -328,6 +369,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "downtime-limit": ms(p.downtime_limit),
         "max-bandwidth": p.max_bandwidth,
         "max-passes": p.max_passes,
+        "postcopy-after-passes": p.postcopy_after_passes,
         "channels": p.channels,
         "compress": p.compress.name(),
         "compress-level": p.compress_level,
@@ -425,9 +467,35 @@ pub fn progress_json(p: &Progress) -> Value {
     if p.dirty_rate_limit > 0 {
         v["dirty-rate-limit"] = json!(p.dirty_rate_limit);
     }
+    if let Some(pc) = &p.postcopy {
+        v["ram"]["postcopy-requests"] = json!(pc.requests);
+        v["postcopy"] = postcopy_json(pc);
+    }
     // QEMU's name; present, as in QEMU, once auto-converge has throttled.
     if p.throttle_percent > 0 || p.stall_reason.is_some() {
         v["cpu-throttle-percentage"] = json!(p.throttle_percent);
+    }
+    v
+}
+
+/// A postcopy's figures, either side's.
+fn postcopy_json(s: &PostcopyStats) -> Value {
+    let mut v = json!({
+        "owed-at-switchover": s.owed_at_switchover,
+        "owed-left": s.owed_left,
+        "requests": s.requests,
+        "pages-requested": s.pages_requested,
+        "pages-pushed": s.pages_pushed,
+        "recoveries": s.recoveries,
+    });
+    if let Some(d) = s.switchover_to_complete {
+        v["switchover-to-complete-ms"] = json!(d.as_secs_f64() * 1e3);
+    }
+    if let Some(l) = s.latency_us {
+        v["fault-latency-us"] = json!({"samples": l.samples, "p50": l.p50, "p99": l.p99, "max": l.max});
+    }
+    if let Some(why) = &s.paused_reason {
+        v["paused-reason"] = json!(why);
     }
     v
 }
@@ -443,13 +511,27 @@ pub struct IncomingLimits {
 /// (QEMU's `ram` names; `transferred` counts stream bytes, `dirty-sync-count` the passes the source
 /// ended).
 pub fn incoming_json(h: &Handover) -> Value {
-    let (status, reason) = match h.phase() {
+    let (mut status, mut reason) = match h.phase() {
         DestPhase::Receiving => ("active", None),
         DestPhase::Ready => ("ready", None),
         DestPhase::Unresolved(why) => ("unresolved", Some(why)),
         DestPhase::Taken { by } => ("completed", Some(format!("the guest is this emu's (by {by})"))),
         DestPhase::Discarded(why) => ("failed", Some(why)),
     };
+    let postcopy = h.postcopy().filter(|_| status == "completed");
+    match postcopy.map(|pc| pc.phase()) {
+        Some(PostcopyPhase::Active | PostcopyPhase::Prepared) => status = "postcopy-active",
+        Some(PostcopyPhase::Paused(why)) => {
+            status = "postcopy-paused";
+            let s = h.postcopy().map(|pc| pc.stats()).unwrap_or_default();
+            reason = Some(format!(
+                "{why}; {} of {} owed pages still missing: the guest waits for them and cannot go on without \
+                 its source (migrate-recover listens for it again)",
+                s.owed_left, s.owed_at_switchover
+            ));
+        }
+        _ => {}
+    }
     let r = &h.received;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let normal = get(&r.normal_pages);
@@ -468,6 +550,11 @@ pub fn incoming_json(h: &Handover) -> Value {
     });
     if let Some(r) = reason {
         v["error-desc"] = json!(r);
+    }
+    if let Some(pc) = h.postcopy() {
+        let stats = pc.stats();
+        v["ram"]["postcopy-requests"] = json!(stats.requests);
+        v["postcopy"] = postcopy_json(&stats);
     }
     v
 }

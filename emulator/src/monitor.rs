@@ -77,13 +77,15 @@ const COMMANDS: &[Command] = &[
     Command { name: "query-name", run: |c, _| Ok(c.name.as_ref().map_or(json!({}), |n| json!({"name": n}))) },
     Command { name: "stop", run: |c, _| c.stop() },
     Command { name: "cont", run: Commands::cont },
-    Command { name: "quit", run: |_, _| Ok(json!({})) },
+    Command { name: "quit", run: |c, _| c.may_quit() },
     Command { name: "human-monitor-command", run: Commands::human_monitor_command },
     Command { name: "query-vcpus", run: |c, _| c.query_vcpus() },
     Command { name: "query-ram-digest", run: Commands::ram_digest },
     Command { name: "migrate", run: |c, a| c.migration()?.migrate(a) },
     Command { name: "migrate-incoming", run: Commands::migrate_incoming },
     Command { name: "migrate-cancel", run: |c, _| c.migration()?.cancel() },
+    Command { name: "migrate-start-postcopy", run: |c, _| c.migration()?.start_postcopy() },
+    Command { name: "migrate-recover", run: Commands::recover },
     Command { name: "migrate-resolve", run: Commands::resolve },
     Command { name: "query-migrate", run: |c, _| c.query_migrate() },
     Command { name: "migrate-set-parameters", run: |c, a| migration::set_parameters(&c.params, a) },
@@ -193,6 +195,30 @@ impl Commands {
         tx.send(server).map_err(|_| QmpError::generic("emu is shutting down"))?;
         *start = None;
         Ok(())
+    }
+
+    /// `quit`, refused on the source of a postcopy that is not complete: the rest of the guest's
+    /// memory is here, and its running copy on the destination needs it.
+    fn may_quit(&self) -> Result<Value, QmpError> {
+        if self.migration.get().is_some_and(|m| m.holds_postcopy_pages()) {
+            return Err(QmpError::generic(
+                "a postcopy migration is not complete: the guest running on the destination still needs memory only \
+                 this emu has; quitting would lose the guest (wait for it, or resume it if paused)",
+            ));
+        }
+        Ok(json!({}))
+    }
+
+    /// `migrate-recover {"uri"}` on the destination of a paused postcopy: listen there for the
+    /// source to come back (`migrate {"uri", "resume": true}` on the source).
+    fn recover(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let uri =
+            args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
+        let uri: migrate::transport::Uri = uri.parse()?;
+        let h = self.handover().ok_or_else(|| QmpError::generic("no incoming migration here"))?;
+        let local = migrate::postcopy::dest::listen_for_resume(h.clone(), &uri)
+            .map_err(|e| QmpError::generic(migrate::report(&e)))?;
+        Ok(json!({"uri": local.to_string()}))
     }
 
     fn migrate_incoming(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {

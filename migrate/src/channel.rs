@@ -15,6 +15,7 @@
 
 use std::io::BufWriter;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::bitmap::PageBitmap;
@@ -81,6 +82,11 @@ pub(crate) struct PassShared<'a> {
     pub failed: AtomicBool,
     /// Channels 1..n, to end them when one channel fails.
     pub page_channels: &'a [Connection],
+    /// Set when the migration is to switch to postcopy: every channel ends its share at the next
+    /// page (after flushing what it has gathered) and notes where in `stopped`.
+    pub stop: Option<&'a AtomicBool>,
+    /// (channel, first page of its share it did not send), for each channel that stopped early.
+    pub stopped: Mutex<Vec<(u32, usize)>>,
 }
 
 impl<'a> PassShared<'a> {
@@ -113,7 +119,21 @@ impl<'a> PassShared<'a> {
             wait_ns: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             page_channels,
+            stop: None,
+            stopped: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The pages of `pages` no channel sent because the pass stopped early for postcopy.
+    pub fn unsent(&self) -> PageBitmap {
+        let mut left = PageBitmap::new(self.pages.len());
+        for &(index, from) in self.stopped.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let rest = self.pages.ones_in_range(from, self.pages.len() - from);
+            for page in rest.filter(|&p| self.channels <= 1 || owner(p, self.channels) == index) {
+                left.set(page);
+            }
+        }
+        left
     }
 
     /// Pages of channel `index`'s share, in order.
@@ -162,6 +182,10 @@ impl<'a> PassShared<'a> {
         let layout = self.ram.layout();
         let mut sent = 0u64;
         for page in self.share(index) {
+            if self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                self.stopped.lock().unwrap_or_else(|e| e.into_inner()).push((index, page));
+                break;
+            }
             let gpa = layout.gpa_of(page);
             sent += 1;
             if self.known_zero.is_some_and(|z| z.get(page)) {

@@ -15,6 +15,7 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::postcopy::dest::IncomingPostcopy;
 use crate::progress::IncomingCounters;
 use crate::stream::{Decoder, Encoder, Record, Resolution, ResolveAction, StreamError};
 use crate::transport::{self, Connection, Uri};
@@ -94,6 +95,8 @@ pub struct Handover {
     changed: Condvar,
     /// What the receiver has taken in so far (the destination's `query-migrate`).
     pub received: IncomingCounters,
+    /// Postcopy: the pages the guest still waits for (`query-migrate`, `migrate-recover`).
+    postcopy: std::sync::OnceLock<std::sync::Arc<IncomingPostcopy>>,
 }
 
 impl Default for Handover {
@@ -108,6 +111,7 @@ impl Default for Handover {
             }),
             changed: Condvar::new(),
             received: IncomingCounters::default(),
+            postcopy: std::sync::OnceLock::new(),
         }
     }
 }
@@ -132,6 +136,14 @@ impl Handover {
         }
         inner.phase = phase;
         self.changed.notify_all();
+    }
+
+    pub fn set_postcopy(&self, pc: std::sync::Arc<IncomingPostcopy>) {
+        let _ = self.postcopy.set(pc);
+    }
+
+    pub fn postcopy(&self) -> Option<&std::sync::Arc<IncomingPostcopy>> {
+        self.postcopy.get()
     }
 
     pub fn phase(&self) -> DestPhase {
@@ -277,7 +289,13 @@ pub const GO_WAIT: Duration = Duration::from_secs(5);
 /// The destination, after READY: reads what the source says on the migration connection until it
 /// is done. GO and ABORT decide; a broken or silent link makes the handover unresolved; DONE
 /// informs. Runs in its own thread; returns when the connection has nothing more to say.
-pub fn read_after_ready<R: std::io::Read>(mut dec: Decoder<R>, conn: &Connection, handover: &Handover) {
+///
+/// Returns the decoder after DONE (in postcopy, the owed pages follow on it).
+pub fn read_after_ready<R: std::io::Read>(
+    mut dec: Decoder<R>,
+    conn: &Connection,
+    handover: &Handover,
+) -> Option<Decoder<R>> {
     let _ = conn.set_read_timeout(Some(GO_WAIT));
     loop {
         let record = dec.next_record().map(|r| match r {
@@ -299,15 +317,16 @@ pub fn read_after_ready<R: std::io::Read>(mut dec: Decoder<R>, conn: &Connection
                 if !handover.abort("the source kept the guest (ABORT)") {
                     log::error!("ABORT after the guest was taken here: ignored");
                 }
-                return;
+                return None;
             }
             Ok(Err(None)) => {
                 handover.source_informed();
-                return;
+                let _ = conn.set_read_timeout(Some(transport::STALL_TIMEOUT));
+                return Some(dec);
             }
             Ok(Err(Some(why))) => {
                 handover.link_lost(&why);
-                return;
+                return None;
             }
             Err(StreamError::Stalled) => {
                 handover.link_lost(&format!("no GO or ABORT from the source within {}s of READY", GO_WAIT.as_secs()));
@@ -316,7 +335,7 @@ pub fn read_after_ready<R: std::io::Read>(mut dec: Decoder<R>, conn: &Connection
             }
             Err(e) => {
                 handover.link_lost(&format!("the connection to the source after READY: {}", crate::report(&e)));
-                return;
+                return None;
             }
         }
     }

@@ -10,6 +10,7 @@
 //! - [`incoming`] and [`receiver`]: the destination's listener and the stream's receiver;
 //! - [`handover`]: who owns the guest at the end (READY, GO, RESOLVE, the operator's choice);
 //! - [`stream`], [`transport`]: the wire format and the byte streams it travels on;
+//! - [`postcopy`]: the guest runs on the destination before all its pages have arrived;
 //! - [`progress`]: what `query-migrate` reports.
 //!
 //! Internal: the page bitmaps, the stop rule, pagemap and userfaultfd plumbing.
@@ -21,6 +22,7 @@ mod convergence;
 pub mod handover;
 pub mod incoming;
 mod pagemap;
+pub mod postcopy;
 pub mod progress;
 pub mod ram;
 pub mod receiver;

@@ -21,6 +21,14 @@ pub enum Status {
     /// GO went out but STARTED did not come back: the guest is paused here and may or may not run
     /// on the destination, until the destination answers or the operator decides.
     Unresolved,
+    /// Postcopy: the guest runs on the destination, which still lacks some pages; this side sends
+    /// them (those it asks for first) and keeps the guest's memory until it has them all.
+    PostcopyActive,
+    /// Postcopy with the link broken: both sides keep what they have; `migrate {"resume": true}`
+    /// reconnects to a destination that listens again (`migrate-recover`).
+    PostcopyPaused,
+    /// Postcopy reconnecting after a broken link.
+    PostcopyRecover,
 }
 
 impl Status {
@@ -33,11 +41,20 @@ impl Status {
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
             Status::Unresolved => "unresolved",
+            Status::PostcopyActive => "postcopy-active",
+            Status::PostcopyPaused => "postcopy-paused",
+            Status::PostcopyRecover => "postcopy-recover",
         }
     }
 
     pub fn is_finished(self) -> bool {
         matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+
+    /// The guest runs on the destination but its memory is not all there yet: this side must
+    /// not quit (it holds the rest) and the guest must never run here again.
+    pub fn is_postcopy(self) -> bool {
+        matches!(self, Status::PostcopyActive | Status::PostcopyPaused | Status::PostcopyRecover)
     }
 }
 
@@ -116,6 +133,51 @@ pub struct Progress {
     /// Compression (`compress`), all channels together, as of the last pass.
     pub compression: Option<(crate::compress::Codec, crate::compress::CompressStats)>,
     pub switchover: Option<SwitchoverTimes>,
+    /// Postcopy, once the migration switched to it.
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// A postcopy phase, as either side sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PostcopyStats {
+    /// Pages the destination lacked when the guest moved to it.
+    pub owed_at_switchover: u64,
+    /// Of them, not yet arrived (destination) or not yet sent (source).
+    pub owed_left: u64,
+    /// PAGE_REQUEST records: a destination vCPU (or emu itself) touched a page it lacked.
+    pub requests: u64,
+    /// Pages sent because they were asked for, and in the background (source).
+    pub pages_requested: u64,
+    pub pages_pushed: u64,
+    /// From the guest's start on the destination to the last page's arrival.
+    pub switchover_to_complete: Option<Duration>,
+    /// Destination: how long a faulting page took to arrive, from the fault being read to the
+    /// page in place (microseconds).
+    pub latency_us: Option<Latency>,
+    /// Times the link broke and was recovered.
+    pub recoveries: u32,
+    /// Why the link is down, while it is.
+    pub paused_reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    pub samples: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    /// Of samples in any order (sorted here).
+    pub fn of(samples: &mut [u32]) -> Option<Latency> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| u64::from(samples[((samples.len() - 1) as f64 * q).round() as usize]);
+        Some(Latency { samples: samples.len() as u64, p50: at(0.5), p99: at(0.99), max: at(1.0) })
+    }
 }
 
 impl Progress {
@@ -147,6 +209,7 @@ impl Progress {
             dirty_rate_limit: 0,
             compression: None,
             switchover: None,
+            postcopy: None,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::bitmap::PageBitmap;
 use crate::channel;
 use crate::handover::{self, Handover};
 use crate::incoming::{Accepted, ChannelJoin};
+use crate::postcopy::dest::IncomingPostcopy;
 use crate::ram::{GuestRam, RamError, RamLayout, RamRegion, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Frame, Record, RecordType, StreamError, StreamHeader, MAX_VCPUS};
 use crate::transport::Connection;
@@ -104,6 +105,12 @@ pub enum Refusal {
     Discarded(String),
     #[error("cannot answer the source")]
     Reply(#[source] std::io::Error),
+    #[error("OWED for pages {first}+{count}, beyond the guest's {pages}")]
+    OwedRange { first: u64, count: u32, pages: usize },
+    #[error("OWED records, but END is not for postcopy")]
+    OwedWithoutPostcopy,
+    #[error("cannot prepare for postcopy")]
+    Postcopy(#[source] crate::postcopy::PostcopyError),
 }
 
 /// Where the receiver was, and what went wrong there.
@@ -122,6 +129,8 @@ pub struct Received<V> {
     pub passes: u32,
     pub bytes: u64,
     replies: Encoder<Connection>,
+    /// Postcopy: the pages still owed, and the fault handling that waits for them.
+    pub postcopy: Option<Arc<IncomingPostcopy>>,
 }
 
 impl<V> Received<V> {
@@ -130,6 +139,14 @@ impl<V> Received<V> {
     pub fn started(&mut self) {
         if let Err(e) = self.replies.started().and_then(|_| self.replies.flush()) {
             log::warn!("incoming migration: cannot send STARTED ({e}); the source will ask");
+        }
+        // Postcopy: faults are served from before the first vCPU instruction. Requests go on the
+        // migration connection, after STARTED.
+        if let Some(pc) = &self.postcopy {
+            let started = self.replies.get_mut().try_clone().and_then(|link| pc.start(Encoder::new(link)));
+            if let Err(e) = started {
+                log::error!("postcopy: cannot start serving faults: {e}");
+            }
         }
     }
 }
@@ -390,6 +407,8 @@ struct Target<V> {
     sink: PageSink,
     lanes: Lanes,
     last_pass: Option<u32>,
+    /// Postcopy: the pages the source will send after GO (OWED records).
+    owed: Option<PageBitmap>,
     vcpus: Vec<Option<Vec<u8>>>,
     vm_state: Option<Vec<u8>>,
     devices: Vec<(String, Vec<u8>)>,
@@ -435,22 +454,32 @@ pub fn receive<V: RestorableVm>(
         bytes_before: bytes_so_far,
     };
     let mut phase = Phase::AwaitHeader;
-    let result = rx.run(&mut phase, header, &channels, create).and_then(|(vm, passes, guest_running)| {
+    let result = rx.run(&mut phase, header, &channels, create).and_then(|restored| {
         // The operator may have given the incoming guest up meanwhile.
-        handover.ready(guest_running).map_err(Refusal::Discarded)?;
+        handover.ready(restored.guest_running).map_err(Refusal::Discarded)?;
+        if let Some(pc) = &restored.postcopy {
+            handover.set_postcopy(pc.clone());
+        }
         rx.replies.ready().and_then(|_| rx.replies.flush()).map_err(Refusal::Reply)?;
-        Ok((vm, passes))
+        Ok(restored)
     });
     match result {
-        Ok((vm, passes)) => {
+        Ok(restored) => {
+            let Restored { vm, passes, postcopy, .. } = *restored;
             let bytes = bytes_so_far + rx.dec.bytes_read();
             let Receiver { dec, replies, .. } = rx;
-            let h = handover.clone();
+            let (h, pc) = (handover.clone(), postcopy.clone());
             std::thread::Builder::new()
                 .name("incoming-handover".into())
-                .spawn(move || handover::read_after_ready(dec, &conn, &h))
+                .spawn(move || {
+                    let rest = handover::read_after_ready(dec, &conn, &h);
+                    // Postcopy: after DONE the same connection carries the owed pages.
+                    if let (Some(mut dec), Some(pc)) = (rest, pc) {
+                        let _ = pc.receive(&mut dec);
+                    }
+                })
                 .map_err(start_err)?;
-            Ok(Received { vm, passes, bytes, replies })
+            Ok(Received { vm, passes, bytes, replies, postcopy })
         }
         Err(problem) => {
             let err = ReceiveError { phase: phase.describe(), problem };
@@ -485,7 +514,7 @@ impl<R: std::io::Read> Receiver<R> {
         header: StreamHeader,
         joins: &mpsc::Receiver<ChannelJoin>,
         create: impl FnOnce(&StreamHeader) -> Result<Arc<V>, String>,
-    ) -> Result<(Arc<V>, u32, bool), Refusal> {
+    ) -> Result<Box<Restored<V>>, Refusal> {
         *phase = Phase::Ram(Box::new(self.accept_header(header, joins, create)?));
         // Added, not stored: the page channels add what they read to the same counter.
         let mut counted = 0;
@@ -500,7 +529,7 @@ impl<R: std::io::Read> Receiver<R> {
             let current = std::mem::replace(phase, Phase::AwaitHeader);
             match self.step(current, frame) {
                 Ok(Step::Next(p)) => *phase = p,
-                Ok(Step::Done(vm, passes, running)) => return Ok((vm, passes, running)),
+                Ok(Step::Done(restored)) => return Ok(restored),
                 Err((p, problem)) => {
                     *phase = p;
                     return Err(problem);
@@ -535,6 +564,10 @@ impl<R: std::io::Read> Receiver<R> {
                     Err(e) => Err((Phase::Ram(t), e)),
                 }
             }
+            (Phase::Ram(mut t), RecordType::Owed) => match self.read_owed(&mut t, &frame) {
+                Ok(()) => Ok(Step::Next(Phase::Ram(t))),
+                Err(e) => Err((Phase::Ram(t), e)),
+            },
             (Phase::Ram(mut t), RecordType::ZeroPages | RecordType::PassEnd) => {
                 match self.read_ram_record(&mut t, &frame) {
                     Ok(()) => Ok(Step::Next(Phase::Ram(t))),
@@ -598,6 +631,7 @@ impl<R: std::io::Read> Receiver<R> {
             sink: PageSink::new(ram, self.handover.clone(), 0, h.channels),
             lanes,
             last_pass: None,
+            owed: None,
             vcpus: vec![None; h.vcpu_count as usize],
             vm_state: None,
             devices: Vec::new(),
@@ -618,6 +652,24 @@ impl<R: std::io::Read> Receiver<R> {
             }
             _ => unreachable!("only called for ZERO_PAGES and PASS_END"),
         }
+    }
+
+    fn read_owed<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
+        let pages = t.sink.layout.page_count();
+        let Record::Owed { first_page, pages: n, bits } = self.dec.read_record(frame)? else {
+            unreachable!("an OWED frame decodes to OWED")
+        };
+        let first = usize::try_from(first_page).ok().filter(|&f| f.saturating_add(n as usize) <= pages);
+        let Some(first) = first else {
+            return Err(Refusal::OwedRange { first: first_page, count: n, pages });
+        };
+        let owed = t.owed.get_or_insert_with(|| PageBitmap::new(pages));
+        for i in 0..n as usize {
+            if bits[i / 8] & (1 << (i % 8)) != 0 {
+                owed.set(first + i);
+            }
+        }
+        Ok(())
     }
 
     fn read_state_record<V: RestorableVm>(&mut self, t: &mut Target<V>, frame: &Frame) -> Result<(), Refusal> {
@@ -656,9 +708,9 @@ impl<R: std::io::Read> Receiver<R> {
         mut t: Box<Target<V>>,
         frame: &Frame,
     ) -> Result<Step<V>, (Phase<V>, Refusal)> {
-        let (vcpu_states, device_states, guest_running) = match self.dec.read_record(frame) {
-            Ok(Record::End { vcpu_states, device_states, guest_running }) => {
-                (vcpu_states, device_states, guest_running)
+        let (vcpu_states, device_states, guest_running, postcopy) = match self.dec.read_record(frame) {
+            Ok(Record::End { vcpu_states, device_states, guest_running, postcopy }) => {
+                (vcpu_states, device_states, guest_running, postcopy)
             }
             Ok(_) => unreachable!("an END frame decodes to END"),
             Err(e) => return Err((Phase::State(t), e.into())),
@@ -668,9 +720,18 @@ impl<R: std::io::Read> Receiver<R> {
             Ok(sinks) => sinks,
             Err(e) => return Err((Phase::State(t), e)),
         };
-        let received = t.sink.received.count() + others.iter().map(|s| s.received.count()).sum::<usize>();
-        let missing_pages = t.sink.layout.page_count() - received;
-        let problem = if missing_pages > 0 {
+        // Every page arrived, or (postcopy) is owed.
+        let pages = t.sink.layout.page_count();
+        let owed = if postcopy { Some(t.owed.take().unwrap_or_else(|| PageBitmap::new(pages))) } else { None };
+        let mut have = owed.clone().unwrap_or_else(|| PageBitmap::new(pages));
+        have.union_with(&t.sink.received);
+        for s in &others {
+            have.union_with(&s.received);
+        }
+        let missing_pages = pages - have.count();
+        let problem = if t.owed.is_some() {
+            Some(Refusal::OwedWithoutPostcopy)
+        } else if missing_pages > 0 {
             Some(Refusal::MissingPages(missing_pages))
         } else if let Some(i) = t.vcpus.iter().position(Option::is_none) {
             Some(Refusal::MissingVcpu(i))
@@ -694,16 +755,32 @@ impl<R: std::io::Read> Receiver<R> {
             vm: t.vm_state.take().unwrap_or_default(),
             devices: std::mem::take(&mut t.devices),
         };
+        // Postcopy: the owed pages are dropped and RAM registered before anything can touch it.
+        let postcopy = match owed {
+            Some(owed) => match IncomingPostcopy::prepare(t.vm.ram().clone(), owed) {
+                Ok(pc) => Some(pc),
+                Err(e) => return Err((Phase::State(t), Refusal::Postcopy(e))),
+            },
+            None => None,
+        };
         if let Err(e) = t.vm.restore_state(&state) {
             return Err((Phase::State(t), Refusal::Restore(e)));
         }
         let passes = t.last_pass.map_or(0, |p| p + 1);
-        Ok(Step::Done(t.vm, passes, guest_running))
+        Ok(Step::Done(Box::new(Restored { vm: t.vm, passes, guest_running, postcopy })))
     }
 }
 
 enum Step<V> {
     Next(Phase<V>),
-    /// Restored: the VM, the passes seen, whether the guest ran on the source.
-    Done(Arc<V>, u32, bool),
+    Done(Box<Restored<V>>),
+}
+
+/// A guest whose state is restored: the VM, the passes seen, whether it ran on the source, and
+/// (postcopy) what it still waits for.
+struct Restored<V> {
+    vm: Arc<V>,
+    passes: u32,
+    guest_running: bool,
+    postcopy: Option<Arc<IncomingPostcopy>>,
 }

@@ -24,7 +24,11 @@ use crate::compress::{Codec, CompressStats, Compressor};
 use crate::convergence::{self, Decision, PassOutcome};
 use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
-use crate::progress::{Observer, PassRecord, Progress, ProgressCell, Status, SwitchoverTimes};
+use crate::postcopy::{
+    self,
+    source::{OwedPages, PostcopyControl},
+};
+use crate::progress::{Observer, PassRecord, PostcopyStats, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{GuestRam, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, Record, Resolution, ResolveAction, StreamError, StreamHeader};
 use crate::tracker::{DirtyLog, TrackerError, TrackerFactory, TrackerKind};
@@ -58,6 +62,9 @@ pub struct MigrationParams {
     /// limit. 30 bounds the migration of a guest that writes faster than the link (QEMU would loop
     /// until cancelled); converging guests stop far earlier.
     pub max_passes: u32,
+    /// Switch to postcopy once this many passes after pass 0 are done (0: only when told, or by
+    /// the stall policy).
+    pub postcopy_after_passes: u32,
     /// How dirty pages are tracked (takes effect at the next `migrate`).
     pub tracker: TrackerKind,
     /// While the guest is paused for the switchover, the longest the source waits on the
@@ -110,15 +117,18 @@ pub enum StallPolicy {
     /// Hold the guest's dirty rate in the fault path, to a quarter of the link's measured rate,
     /// halved at each further stall (uffd-wp only; other trackers throttle instead).
     RateLimit,
+    /// Switch to postcopy: the guest moves now and its remaining pages follow (`postcopy`).
+    Postcopy,
 }
 
 impl StallPolicy {
-    pub const ALL: [StallPolicy; 5] = [
+    pub const ALL: [StallPolicy; 6] = [
         StallPolicy::Throttle,
         StallPolicy::KeepGoing,
         StallPolicy::Switchover,
         StallPolicy::Fail,
         StallPolicy::RateLimit,
+        StallPolicy::Postcopy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +138,7 @@ impl StallPolicy {
             StallPolicy::Switchover => "switchover",
             StallPolicy::Fail => "fail",
             StallPolicy::RateLimit => "rate-limit",
+            StallPolicy::Postcopy => "postcopy",
         }
     }
 }
@@ -149,6 +160,7 @@ impl Default for MigrationParams {
             downtime_limit: Duration::from_millis(50),
             max_bandwidth: 0,
             max_passes: 30,
+            postcopy_after_passes: 0,
             tracker: DEFAULT_TRACKER,
             switchover_timeout: Duration::from_secs(1),
             stall_policy: StallPolicy::Throttle,
@@ -301,6 +313,8 @@ impl OperatorChoice {
 pub struct Outgoing {
     pub progress: Arc<ProgressCell>,
     pub cancel: Arc<Cancel>,
+    /// `migrate-start-postcopy`, and resuming a postcopy whose link broke.
+    pub postcopy: Arc<PostcopyControl>,
     pub resolve: Arc<OperatorChoice>,
     thread: Option<JoinHandle<()>>,
 }
@@ -343,10 +357,11 @@ pub fn start_observed(
     });
     let cancel = Arc::new(Cancel::default());
     let resolve = Arc::new(OperatorChoice::default());
-    let (p, c, r) = (progress.clone(), cancel.clone(), resolve.clone());
+    let postcopy = Arc::new(PostcopyControl::default());
+    let (p, c, r, pc) = (progress.clone(), cancel.clone(), resolve.clone(), postcopy.clone());
     let thread = std::thread::Builder::new().name("migration".into()).spawn(move || {
         let id = migration_id();
-        let result = migrate(&*vm, &uri, id, &params, &*trackers, &p, &c);
+        let result = migrate(&*vm, &uri, id, &params, &*trackers, &p, Steering { cancel: &c, postcopy: &pc });
         // Whatever happened, the guest (here, or resumed later) runs at full speed again.
         if p.snapshot().throttle_percent > 0 {
             vm.set_throttle(0);
@@ -374,7 +389,7 @@ pub fn start_observed(
             }
         }
     })?;
-    Ok(Outgoing { progress, cancel, resolve, thread: Some(thread) })
+    Ok(Outgoing { progress, cancel, resolve, postcopy, thread: Some(thread) })
 }
 
 fn finish(progress: &ProgressCell, status: Status, error: Option<String>) {
@@ -444,6 +459,12 @@ fn settle(vm: &dyn MigratableVm, uri: &Uri, id: u64, why: &str, progress: &Progr
     }
 }
 
+/// What steers a migration from outside its thread.
+struct Steering<'a> {
+    cancel: &'a Cancel,
+    postcopy: &'a PostcopyControl,
+}
+
 fn migrate(
     vm: &dyn MigratableVm,
     uri: &Uri,
@@ -451,8 +472,9 @@ fn migrate(
     params: &Mutex<MigrationParams>,
     trackers: &dyn TrackerFactory,
     progress: &ProgressCell,
-    cancel: &Cancel,
+    steering: Steering<'_>,
 ) -> Result<(), MigrationError> {
+    let Steering { cancel, postcopy } = steering;
     let conn = transport::open(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
     // A destination that stops taking data fails the migration rather than hanging it.
     conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
@@ -487,6 +509,8 @@ fn migrate(
         throughput: Throughput::default(),
         throttle: true,
         end_sent: false,
+        postcopy,
+        unsent: PageBitmap::new(vm.ram().page_count()),
     };
     let result = sender.run().map_err(|e| sender.explain(e));
     if let Err(e) = &result {
@@ -544,6 +568,9 @@ struct Sender<'a> {
     throttle: bool,
     /// END went out: the destination may hold a complete guest, waiting for GO.
     end_sent: bool,
+    postcopy: &'a PostcopyControl,
+    /// Pages of a pass cut short by the switch to postcopy (`channel.rs`), owed with the dirty ones.
+    unsent: PageBitmap,
 }
 
 impl Sender<'_> {
@@ -595,6 +622,19 @@ impl Sender<'_> {
         let mut last_pass_pages = self.ram.page_count() as u64;
         loop {
             let left = self.collect(&mut dirty, &mut last_collect)?;
+            let after = self.params().postcopy_after_passes;
+            if after > 0 && pass >= after && !self.postcopy.is_requested() {
+                log::info!("switching to postcopy after {pass} passes (postcopy-after-passes)");
+                self.postcopy.start();
+            }
+            if self.postcopy.is_requested() {
+                log::info!(
+                    "precopy stops after pass {pass} for postcopy: {left} dirty pages, {} unsent",
+                    self.unsent.count()
+                );
+                self.progress.update(|p| p.stop_reason = Some("postcopy"));
+                return self.switchover(pass + 1, &mut dirty, true);
+            }
             let params = self.params();
             let outcome = PassOutcome {
                 remaining_bytes: (left * PAGE_SIZE) as u64,
@@ -635,7 +675,7 @@ impl Sender<'_> {
             self.send_pass(pass, &to_send, None)?;
         }
 
-        self.switchover(pass + 1, &mut dirty)
+        self.switchover(pass + 1, &mut dirty, false)
     }
 
     /// Precopy goes on; if it has stopped paying, says so and applies the stall policy: returns
@@ -685,6 +725,11 @@ impl Sender<'_> {
             StallPolicy::Switchover => Ok(Decision::Stalled),
             StallPolicy::Fail => Err(MigrationError::NotConverging(why)),
             StallPolicy::RateLimit => unreachable!("handled above"),
+            StallPolicy::Postcopy => {
+                log::info!("switching to postcopy (stall policy)");
+                self.postcopy.start();
+                Ok(Decision::Continue)
+            }
             StallPolicy::Throttle => {
                 let now = self.progress.snapshot().throttle_percent;
                 let next =
@@ -702,8 +747,9 @@ impl Sender<'_> {
         }
     }
 
-    /// Pause, final pages, state, READY, GO, STARTED.
-    fn switchover(&mut self, pass: u32, dirty: &mut PageBitmap) -> Result<(), MigrationError> {
+    /// Pause, final pages (or, for postcopy, the list of pages still owed), state, READY, GO,
+    /// STARTED; for postcopy, then the owed pages.
+    fn switchover(&mut self, pass: u32, dirty: &mut PageBitmap, postcopy: bool) -> Result<(), MigrationError> {
         self.cancel.check()?;
         self.progress.update(|p| p.status = Status::Device);
         let paused_at = Instant::now();
@@ -720,12 +766,27 @@ impl Sender<'_> {
         let step = Instant::now();
         self.log.collect_final(dirty)?;
         let mut last = dirty.take();
-        let drop: Vec<usize> = last.iter_ones().take(self.params().drop_final_pages as usize).collect();
-        for page in drop {
-            log::warn!("fault injection: page {page} left out of the final pass");
-            last.clear_bit(page);
+        let mut owed = None;
+        if postcopy {
+            // No final pass: what is dirty or was never sent is owed, and follows after GO.
+            last.union_with(&self.unsent);
+            self.out.enc.owed(&last)?;
+            self.progress.update(|p| {
+                p.postcopy = Some(PostcopyStats {
+                    owed_at_switchover: last.count() as u64,
+                    owed_left: last.count() as u64,
+                    ..Default::default()
+                })
+            });
+            owed = Some(OwedPages::new(last));
+        } else {
+            let drop: Vec<usize> = last.iter_ones().take(self.params().drop_final_pages as usize).collect();
+            for page in drop {
+                log::warn!("fault injection: page {page} left out of the final pass");
+                last.clear_bit(page);
+            }
+            self.send_pass(pass, &last, None)?;
         }
-        self.send_pass(pass, &last, None)?;
         // The page channels are done: closing them tells the destination their last pass is whole.
         for c in &self.extra_conns {
             c.finish_writing()?;
@@ -744,7 +805,7 @@ impl Sender<'_> {
             self.out.enc.device_state(name, blob)?;
         }
         self.end_sent = true;
-        self.out.enc.end(state.vcpus.len() as u32, state.devices.len() as u32, was_running)?;
+        self.out.enc.end_with(state.vcpus.len() as u32, state.devices.len() as u32, was_running, postcopy)?;
         self.out.enc.flush()?;
         self.expect_reply(Reply::Ready, "READY")?;
         times.send_state_and_ready = step.elapsed();
@@ -766,6 +827,16 @@ impl Sender<'_> {
             Ok(Reply::Started) => {}
             // ERROR means the destination discarded the guest and never runs it.
             Ok(Reply::Refused(reason)) => return Err(MigrationError::Refused(reason)),
+            // The destination may be running the guest, which then needs its owed pages: a
+            // postcopy whose link broke (RESUME, on a destination that missed GO, counts as GO).
+            Ok(other) if owed.is_some() => {
+                let why = format!("{} instead of STARTED after GO", other.name());
+                return self.postcopy_unstarted(owed, why, paused_at);
+            }
+            Err(e) if owed.is_some() => {
+                let why = format!("no STARTED after GO: {}", crate::report(&e));
+                return self.postcopy_unstarted(owed, why, paused_at);
+            }
             Ok(other) => {
                 return Err(MigrationError::Unresolved(format!("{} instead of STARTED after GO", other.name())))
             }
@@ -782,14 +853,133 @@ impl Sender<'_> {
         if let Err(e) = self.log.stop() {
             log::error!("stopping the dirty tracker after the switchover: {}", crate::report(&e));
         }
-        self.vm.migration_completed();
         let bytes = self.bytes_written();
         self.progress.update(|p| {
             p.downtime = Some(downtime);
             p.switchover = Some(times);
             p.bytes = bytes;
         });
+        if let Some(owed) = owed {
+            self.postcopy_phase(owed, None);
+        }
+        self.vm.migration_completed();
+        let bytes = self.bytes_written();
+        self.progress.update(|p| p.bytes = bytes);
         finish(self.progress, Status::Completed, None);
+        Ok(())
+    }
+
+    /// Postcopy after STARTED: the guest runs on the destination, and its owed pages go there.
+    /// Nothing here fails the migration (the guest cannot come back: the destination has run
+    /// it): a broken link pauses it until the operator resumes it (`migrate {"resume": true}`),
+    /// as often as it takes.
+    fn postcopy_phase(&mut self, mut owed: OwedPages, mut broken: Option<String>) {
+        loop {
+            if let Some(mut why) = broken.take() {
+                self.conn.shutdown();
+                loop {
+                    log::warn!("postcopy paused: {why}; {} pages owed", owed.owed.count());
+                    self.progress.update(|p| {
+                        p.status = Status::PostcopyPaused;
+                        if let Some(s) = p.postcopy.as_mut() {
+                            s.paused_reason = Some(why.clone());
+                        }
+                    });
+                    let uri = self.postcopy.wait_resume();
+                    self.progress.update(|p| p.status = Status::PostcopyRecover);
+                    match self.reconnect(&uri, &mut owed) {
+                        Ok(()) => break,
+                        Err(e) => why = format!("resuming at {uri}: {}", crate::report(&e)),
+                    }
+                }
+                owed.stats.recoveries += 1;
+                owed.stats.paused_reason = None;
+                log::info!("postcopy resumed; {} pages still owed", owed.owed.count());
+            }
+            self.progress.update(|p| p.status = Status::PostcopyActive);
+            let pushed = postcopy::source::push(&self.ram, &mut self.out.enc, &self.conn, &mut owed, self.progress);
+            let bytes = self.bytes_written();
+            let stats = owed.stats.clone();
+            self.progress.update(|p| {
+                p.bytes = bytes;
+                p.postcopy = Some(stats);
+            });
+            match pushed {
+                Ok(()) => {
+                    log::info!("postcopy complete in {:?}", owed.elapsed());
+                    return;
+                }
+                Err(e) => broken = Some(crate::report(&e)),
+            }
+        }
+    }
+
+    /// GO went out for a postcopy and STARTED did not come back: the pages must follow whether or
+    /// not the destination runs the guest yet, so this is a paused postcopy from the start.
+    fn postcopy_unstarted(
+        &mut self,
+        owed: Option<OwedPages>,
+        why: String,
+        paused_at: Instant,
+    ) -> Result<(), MigrationError> {
+        if let Err(e) = self.log.stop() {
+            log::error!("stopping the dirty tracker after the switchover: {}", crate::report(&e));
+        }
+        self.progress.update(|p| p.downtime = Some(paused_at.elapsed()));
+        if let Some(owed) = owed {
+            self.postcopy_phase(owed, Some(why));
+        }
+        self.vm.migration_completed();
+        finish(self.progress, Status::Completed, None);
+        Ok(())
+    }
+
+    /// A new connection for a paused postcopy: RESUME, and the destination's word on what it
+    /// still lacks (OWED, RESUMED).
+    fn reconnect(&mut self, uri: &Uri, owed: &mut OwedPages) -> Result<(), MigrationError> {
+        let conn =
+            transport::connect(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
+        conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
+        conn.set_read_timeout(Some(transport::STALL_TIMEOUT))?;
+        let mut out = ChannelOut::new(encoder(&conn, &self.params())?);
+        out.enc.preamble()?;
+        out.enc.resume(self.migration_id)?;
+        out.enc.flush()?;
+        let pages = self.ram.page_count();
+        let mut lacking = PageBitmap::new(pages);
+        // Unbuffered, so that nothing after RESUMED (the requests) is read here.
+        let mut dec = Decoder::new(&conn);
+        loop {
+            match dec.next_record() {
+                Ok(Record::Owed { first_page, pages: n, bits }) => {
+                    let first = usize::try_from(first_page).ok().filter(|&f| f.saturating_add(n as usize) <= pages);
+                    let Some(first) = first else {
+                        return Err(lost(format!("resuming: OWED for pages {first_page}+{n}, beyond RAM"), None));
+                    };
+                    for i in 0..n as usize {
+                        if bits[i / 8] & (1 << (i % 8)) != 0 {
+                            lacking.set(first + i);
+                        }
+                    }
+                }
+                Ok(Record::Resumed { pages_owed }) if pages_owed == lacking.count() as u64 => break,
+                Ok(Record::Resumed { pages_owed }) => {
+                    return Err(lost(
+                        format!("resuming: RESUMED says {pages_owed} pages, OWED listed {}", lacking.count()),
+                        None,
+                    ))
+                }
+                Ok(Record::Error(why)) => return Err(MigrationError::Refused(why.to_string())),
+                Ok(other) => return Err(lost(format!("resuming: unexpected {other:?}"), None)),
+                Err(e) => return Err(lost("resuming", Some(e))),
+            }
+        }
+        // Requests may wait long now (the guest asks only when it faults).
+        conn.set_read_timeout(None)?;
+        log::info!("postcopy resumed at {uri}: the destination lacks {} pages", lacking.count());
+        owed.replace(lacking);
+        self.out = out;
+        self.conn = conn;
         Ok(())
     }
 
@@ -900,7 +1090,7 @@ impl Sender<'_> {
         }
         let channels = 1 + self.extra.len() as u32;
         let bytes_before = self.bytes_written();
-        let shared = PassShared::new(
+        let mut shared = PassShared::new(
             &self.ram,
             pages,
             known_zero,
@@ -912,6 +1102,7 @@ impl Sender<'_> {
             (self.throughput.bytes, self.throughput.time),
             &self.extra_conns,
         );
+        shared.stop = Some(self.postcopy.flag());
         let (out, conn, extra) = (&mut self.out, &self.conn, &mut self.extra);
         let sent = if extra.is_empty() {
             shared.send_share(0, pass, out, Some(conn))?
@@ -965,6 +1156,7 @@ impl Sender<'_> {
                 dirty_after: 0,
             });
         });
+        self.unsent.union_with(&shared.unsent());
         Ok(())
     }
 

@@ -25,7 +25,7 @@
 //! | 0x05 | VCPU_STATE   | index: u32, then the vCPU's state blob |
 //! | 0x06 | VM_STATE     | the VM's state blob (irqchip, PIT, clock) |
 //! | 0x07 | DEVICE_STATE | name_length: u16, name (UTF-8), then the device's state blob |
-//! | 0x08 | END          | vcpu_states: u32, device_states: u32, flags: u32 (bit 0: the guest was running), reserved: u32 |
+//! | 0x08 | END          | vcpu_states: u32, device_states: u32, flags: u32 (bit 0: the guest was running; bit 1: postcopy, the pages of OWED follow after GO), reserved: u32 |
 //! | 0x09 | SYNC         | (empty): answer SYNCED once everything before this record is applied |
 //! | 0x0a | GO           | (empty): the guest is the destination's; resume it if END says it was running |
 //! | 0x0b | ABORT        | (empty): the source keeps the guest; discard it |
@@ -33,10 +33,15 @@
 //! | 0x0d | DONE         | (empty): the source has STARTED; nothing is left to resolve |
 //! | 0x0f | PAGES_COMPRESSED | gpa: u64, count: u32, codec: u8 (1 = lz4 block, 2 = zstd frame), reserved: 3 bytes, then the count x 4096 bytes compressed (`compress.rs`) |
 //! | 0x0e | CHANNEL      | migration_id: u64, index: u32, reserved: u32: first record of page channel `index` (1 to channels - 1) |
+//! | 0x10 | OWED         | first_page: u64, pages: u32, reserved: u32, then ceil(pages / 8) bytes: bit i (byte i / 8, bit i % 8) set = page first_page + i is still owed. Source to destination before END in postcopy (the pages it will send after GO); destination to source after RESUME (the pages it still lacks) |
+//! | 0x11 | RESUME       | migration_id: u64, reserved: u64: first record of a connection that resumes a broken postcopy |
 //! | 0x81 | READY        | (empty): destination to source, state restored, guest paused, waiting for GO |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
 //! | 0x83 | SYNCED       | (empty): destination to source, answer to SYNC |
 //! | 0x84 | STARTED      | (empty): destination to source, answer to GO: the guest is the destination's now |
+//! | 0x86 | PAGE_REQUEST | gpa: u64, count: u64: destination to source in postcopy, a vCPU waits on these pages: send them first |
+//! | 0x87 | COMPLETE     | (empty): destination to source in postcopy: every owed page has arrived; the source may let the guest go |
+//! | 0x88 | RESUMED      | pages_owed: u64: destination to source, answer to RESUME after its OWED records |
 //! | 0x85 | RESOLVED     | outcome: u32 (1 = the destination has the guest, 2 = it discarded it, 3 = unknown migration): answer to RESOLVE |
 //!
 //! State blobs are opaque here: the emulator versions and checks them (`emulator/src/state.rs`).
@@ -86,6 +91,12 @@
 //!   | postmigrate                                   |
 //! ```
 //!
+//! Postcopy (`postcopy/mod.rs` draws it): precopy may stop at any page; OWED records then list
+//! every page still to come, END carries the postcopy flag, and after GO, STARTED and DONE the
+//! source sends the owed pages (PAGES, ZERO_PAGES) on the same connection while the destination
+//! asks for pages (PAGE_REQUEST) and finally says COMPLETE. A broken postcopy goes on over a new
+//! connection that opens with RESUME, which the destination answers with OWED and RESUMED.
+//!
 //! # At most one running copy
 //!
 //! The destination never runs the guest without GO (or RESOLVE with action GO), and the source never
@@ -130,6 +141,9 @@ pub const MAX_DEVICE_NAME: usize = 64;
 /// The most connections one migration may use.
 pub const MAX_CHANNELS: u32 = 16;
 const MAX_ERROR_TEXT: usize = 4096;
+const OWED_PREFIX: usize = 16;
+/// Pages one OWED record covers (a 1 MiB bitmap: 32 GiB of guest RAM).
+pub const OWED_MAX_PAGES: usize = 8 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -149,15 +163,20 @@ pub enum RecordType {
     Done = 0x0d,
     Channel = 0x0e,
     PagesCompressed = 0x0f,
+    Owed = 0x10,
+    Resume = 0x11,
     Ready = 0x81,
     Error = 0x82,
     Synced = 0x83,
     Started = 0x84,
     Resolved = 0x85,
+    PageRequest = 0x86,
+    Complete = 0x87,
+    Resumed = 0x88,
 }
 
 impl RecordType {
-    const ALL: [RecordType; 20] = [
+    const ALL: [RecordType; 25] = [
         RecordType::Header,
         RecordType::Pages,
         RecordType::ZeroPages,
@@ -178,6 +197,11 @@ impl RecordType {
         RecordType::Synced,
         RecordType::Started,
         RecordType::Resolved,
+        RecordType::Owed,
+        RecordType::Resume,
+        RecordType::PageRequest,
+        RecordType::Complete,
+        RecordType::Resumed,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -207,6 +231,11 @@ impl RecordType {
             Synced => "SYNCED",
             Started => "STARTED",
             Resolved => "RESOLVED",
+            Owed => "OWED",
+            Resume => "RESUME",
+            PageRequest => "PAGE_REQUEST",
+            Complete => "COMPLETE",
+            Resumed => "RESUMED",
         }
     }
 }
@@ -219,13 +248,15 @@ pub fn max_payload(kind: RecordType) -> usize {
         Header => HEADER_PREFIX + 16 * MAX_REGIONS,
         // Compressed data is sent only when smaller than the raw pages.
         Pages | PagesCompressed => MAX_PAYLOAD,
-        ZeroPages | PassEnd | Resolve | End | Channel => 16,
+        ZeroPages | PassEnd | Resolve | End | Channel | Resume | PageRequest => 16,
+        Owed => OWED_PREFIX + OWED_MAX_PAGES / 8,
+        Resumed => 8,
         VcpuState => 4 + MAX_STATE_BLOB,
         VmState => MAX_STATE_BLOB,
         DeviceState => 2 + MAX_DEVICE_NAME + MAX_STATE_BLOB,
 
         Resolved => 4,
-        Sync | Go | Abort | Done | Ready | Synced | Started => 0,
+        Sync | Go | Abort | Done | Ready | Synced | Started | Complete => 0,
         Error => MAX_ERROR_TEXT,
     }
 }
@@ -312,6 +343,7 @@ impl Resolution {
 }
 
 const END_GUEST_RUNNING: u32 = 1;
+const END_POSTCOPY: u32 = 2;
 const RESOLVE_GO: u32 = 1;
 const RESOLVE_ABORT: u32 = 2;
 
@@ -320,18 +352,58 @@ const RESOLVE_ABORT: u32 = 2;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record<'a> {
     Header(StreamHeader),
-    ZeroPages { gpa: u64, count: u64 },
-    PassEnd { pass: u32, pages: u64 },
-    VcpuState { index: u32, blob: &'a [u8] },
+    ZeroPages {
+        gpa: u64,
+        count: u64,
+    },
+    PassEnd {
+        pass: u32,
+        pages: u64,
+    },
+    VcpuState {
+        index: u32,
+        blob: &'a [u8],
+    },
     VmState(&'a [u8]),
-    DeviceState { name: &'a str, blob: &'a [u8] },
-    End { vcpu_states: u32, device_states: u32, guest_running: bool },
+    DeviceState {
+        name: &'a str,
+        blob: &'a [u8],
+    },
+    End {
+        vcpu_states: u32,
+        device_states: u32,
+        guest_running: bool,
+        postcopy: bool,
+    },
+    /// Pages `first_page..first_page + pages`, as a bitmap (bit i: page first_page + i is owed).
+    Owed {
+        first_page: u64,
+        pages: u32,
+        bits: &'a [u8],
+    },
+    Resume {
+        migration_id: u64,
+    },
+    PageRequest {
+        gpa: u64,
+        count: u64,
+    },
+    Complete,
+    Resumed {
+        pages_owed: u64,
+    },
     Sync,
     Go,
     Abort,
-    Resolve { migration_id: u64, action: ResolveAction },
+    Resolve {
+        migration_id: u64,
+        action: ResolveAction,
+    },
     Done,
-    Channel { migration_id: u64, index: u32 },
+    Channel {
+        migration_id: u64,
+        index: u32,
+    },
     Ready,
     Error(&'a str),
     Synced,
@@ -580,7 +652,18 @@ impl<W: Write> Encoder<W> {
     /// `guest_running`: whether the guest ran on the source until the switchover (the destination
     /// resumes it on GO only then; a stopped guest stays stopped).
     pub fn end(&mut self, vcpu_states: u32, device_states: u32, guest_running: bool) -> io::Result<()> {
-        let flags = if guest_running { END_GUEST_RUNNING } else { 0 };
+        self.end_with(vcpu_states, device_states, guest_running, false)
+    }
+
+    /// END, `postcopy` set when the pages of the OWED records before it come after GO.
+    pub fn end_with(
+        &mut self,
+        vcpu_states: u32,
+        device_states: u32,
+        guest_running: bool,
+        postcopy: bool,
+    ) -> io::Result<()> {
+        let flags = if guest_running { END_GUEST_RUNNING } else { 0 } | if postcopy { END_POSTCOPY } else { 0 };
         let mut p = [0u8; 16];
         p[..8].copy_from_slice(&two_u32(vcpu_states, device_states));
         p[8..12].copy_from_slice(&flags.to_le_bytes());
@@ -616,6 +699,44 @@ impl<W: Write> Encoder<W> {
         p[..8].copy_from_slice(&migration_id.to_le_bytes());
         p[8..].copy_from_slice(&two_u32(action, 0));
         self.record(RecordType::Resolve, &p)
+    }
+
+    /// The owed pages of `owed` (a page bitmap of the whole RAM), in as many OWED records as it
+    /// takes; a stretch with nothing owed is left out.
+    pub fn owed(&mut self, owed: &crate::PageBitmap) -> io::Result<()> {
+        let pages = owed.len();
+        let mut first = 0;
+        while first < pages {
+            let n = (pages - first).min(OWED_MAX_PAGES);
+            if owed.ones_in_range(first, n).next().is_some() {
+                let mut p = vec![0u8; OWED_PREFIX + n.div_ceil(8)];
+                p[..8].copy_from_slice(&(first as u64).to_le_bytes());
+                p[8..12].copy_from_slice(&(n as u32).to_le_bytes());
+                for page in owed.ones_in_range(first, n) {
+                    let i = page - first;
+                    p[OWED_PREFIX + i / 8] |= 1 << (i % 8);
+                }
+                self.record(RecordType::Owed, &p)?;
+            }
+            first += n;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self, migration_id: u64) -> io::Result<()> {
+        self.record(RecordType::Resume, &two_u64(migration_id, 0))
+    }
+
+    pub fn page_request(&mut self, gpa: u64, count: u64) -> io::Result<()> {
+        self.record(RecordType::PageRequest, &two_u64(gpa, count))
+    }
+
+    pub fn complete(&mut self) -> io::Result<()> {
+        self.record(RecordType::Complete, &[])
+    }
+
+    pub fn resumed(&mut self, pages_owed: u64) -> io::Result<()> {
+        self.record(RecordType::Resumed, &pages_owed.to_le_bytes())
     }
 
     pub fn done(&mut self) -> io::Result<()> {
@@ -917,15 +1038,43 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
         }
         RecordType::End => {
             need(16)?;
-            let guest_running = match u32_le(p, 8) {
-                0 => false,
-                END_GUEST_RUNNING => true,
-                f => return Err(malformed(kind, format!("unknown flags {f:#x}"))),
-            };
+            let flags = u32_le(p, 8);
+            if flags & !(END_GUEST_RUNNING | END_POSTCOPY) != 0 {
+                return Err(malformed(kind, format!("unknown flags {flags:#x}")));
+            }
             if u32_le(p, 12) != 0 {
                 return Err(malformed(kind, "reserved field is not zero"));
             }
-            Record::End { vcpu_states: u32_le(p, 0), device_states: u32_le(p, 4), guest_running }
+            Record::End {
+                vcpu_states: u32_le(p, 0),
+                device_states: u32_le(p, 4),
+                guest_running: flags & END_GUEST_RUNNING != 0,
+                postcopy: flags & END_POSTCOPY != 0,
+            }
+        }
+        RecordType::Owed => {
+            at_least(OWED_PREFIX)?;
+            let (first_page, pages) = (u64_le(p, 0), u32_le(p, 8));
+            if pages == 0 || pages as usize > OWED_MAX_PAGES || u32_le(p, 12) != 0 {
+                return Err(malformed(kind, format!("{pages} pages (1 to {OWED_MAX_PAGES} allowed)")));
+            }
+            need(OWED_PREFIX + (pages as usize).div_ceil(8))?;
+            Record::Owed { first_page, pages, bits: &p[OWED_PREFIX..] }
+        }
+        RecordType::Resume => {
+            need(16)?;
+            if u64_le(p, 8) != 0 {
+                return Err(malformed(kind, "reserved field is not zero"));
+            }
+            Record::Resume { migration_id: u64_le(p, 0) }
+        }
+        RecordType::PageRequest => {
+            need(16)?;
+            Record::PageRequest { gpa: u64_le(p, 0), count: u64_le(p, 8) }
+        }
+        RecordType::Resumed => {
+            need(8)?;
+            Record::Resumed { pages_owed: u64_le(p, 0) }
         }
         RecordType::Resolve => {
             need(16)?;
@@ -958,6 +1107,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
         RecordType::Ready => Record::Ready,
         RecordType::Synced => Record::Synced,
         RecordType::Started => Record::Started,
+        RecordType::Complete => Record::Complete,
         RecordType::Pages | RecordType::PagesCompressed => unreachable!("page data is read by read_pages"),
     })
 }
@@ -1016,6 +1166,15 @@ mod tests {
             e.synced().unwrap();
             e.started().unwrap();
             e.resolved(Resolution::DestinationDiscarded).unwrap();
+            e.end_with(1, 0, false, true).unwrap();
+            let mut owed = crate::PageBitmap::new(20);
+            owed.set(3);
+            owed.set(17);
+            e.owed(&owed).unwrap();
+            e.resume(11).unwrap();
+            e.page_request(0x5000, 2).unwrap();
+            e.complete().unwrap();
+            e.resumed(9).unwrap();
         });
         let mut d = Decoder::new(Cursor::new(bytes));
         d.preamble().unwrap();
@@ -1036,7 +1195,7 @@ mod tests {
             Record::VcpuState { index: 1, blob: b"cpu" },
             Record::VmState(b"vm"),
             Record::DeviceState { name: "serial0", blob: b"uart" },
-            Record::End { vcpu_states: 2, device_states: 1, guest_running: true },
+            Record::End { vcpu_states: 2, device_states: 1, guest_running: true, postcopy: false },
             Record::Sync,
             Record::Go,
             Record::Abort,
@@ -1049,6 +1208,12 @@ mod tests {
             Record::Synced,
             Record::Started,
             Record::Resolved(Resolution::DestinationDiscarded),
+            Record::End { vcpu_states: 1, device_states: 0, guest_running: false, postcopy: true },
+            Record::Owed { first_page: 0, pages: 20, bits: &[0x08, 0x00, 0x02] },
+            Record::Resume { migration_id: 11 },
+            Record::PageRequest { gpa: 0x5000, count: 2 },
+            Record::Complete,
+            Record::Resumed { pages_owed: 9 },
         ];
         for want in expect {
             let f = d.next_frame().unwrap();

@@ -9,6 +9,7 @@ pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 const UFFD_API: u64 = 0xAA;
+const REGISTER_MODE_MISSING: u64 = 1 << 0;
 const REGISTER_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 pub const EVENT_PAGEFAULT: u8 = 0x12;
@@ -43,6 +44,23 @@ struct UffdioWriteprotect {
 
 /// `struct uffd_msg` for a page fault (the only event a write-protect registration produces).
 #[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    /// Bytes copied, or a negative errno (the kernel's answer).
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+#[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct UffdMsg {
     pub event: u8,
@@ -61,6 +79,18 @@ nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
 nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
 nix::ioctl_read!(uffdio_unregister, 0xAA, 0x01, UffdioRange);
 nix::ioctl_readwrite!(uffdio_writeprotect, 0xAA, 0x06, UffdioWriteprotect);
+nix::ioctl_read!(uffdio_wake, 0xAA, 0x02, UffdioRange);
+nix::ioctl_readwrite!(uffdio_copy, 0xAA, 0x03, UffdioCopy);
+nix::ioctl_readwrite!(uffdio_zeropage, 0xAA, 0x04, UffdioZeropage);
+
+/// What filling a missing range found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filled {
+    /// The whole range was filled (and its waiters woken).
+    All,
+    /// A page of it was present already; the bytes before it were filled.
+    Exists { filled: u64 },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
@@ -101,6 +131,72 @@ impl Uffd {
         // SAFETY: `reg` is a valid UffdioRegister; the range is the caller's own mapping.
         unsafe { uffdio_register(self.fd.as_raw_fd(), &mut reg) }.map(drop).map_err(|source| UffdError::Range {
             op: "register",
+            start,
+            len,
+            source,
+        })
+    }
+
+    /// Registers a range for missing-page faults (postcopy: a fault on a page that was never filled
+    /// waits for [`Uffd::copy`] or [`Uffd::zeropage`]).
+    pub fn register_missing(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: REGISTER_MODE_MISSING, ioctls: 0 };
+        // SAFETY: `reg` is a valid UffdioRegister; the range is the caller's own mapping.
+        unsafe { uffdio_register(self.fd.as_raw_fd(), &mut reg) }.map(drop).map_err(|source| UffdError::Range {
+            op: "register (missing)",
+            start,
+            len,
+            source,
+        })
+    }
+
+    /// Fills the missing range at `dst` with `src` atomically (UFFDIO_COPY), waking whatever waits
+    /// on it. A page of it already present stops the copy there ([`Filled::Exists`]).
+    ///
+    /// # Safety
+    /// `src` must be readable for `len` bytes; `dst` must lie in a range registered with this uffd.
+    pub unsafe fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<Filled, UffdError> {
+        let mut done = 0u64;
+        while done < len {
+            let mut c = UffdioCopy { dst: dst + done, src: src as u64 + done, len: len - done, mode: 0, copy: 0 };
+            // SAFETY: `c` is a valid UffdioCopy; the caller vouches for both ranges.
+            match unsafe { uffdio_copy(self.fd.as_raw_fd(), &mut c) } {
+                Ok(_) => return Ok(Filled::All),
+                // Partly done (the kernel stops at a page-table race or a signal): go on after it.
+                Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => done += c.copy.max(0) as u64,
+                Err(nix::Error::EEXIST) => return Ok(Filled::Exists { filled: done + c.copy.max(0) as u64 }),
+                Err(source) => return Err(UffdError::Range { op: "fill", start: dst + done, len: len - done, source }),
+            }
+        }
+        Ok(Filled::All)
+    }
+
+    /// Fills the missing range with zero pages (UFFDIO_ZEROPAGE), waking its waiters.
+    pub fn zeropage(&self, start: u64, len: u64) -> Result<Filled, UffdError> {
+        let mut done = 0u64;
+        while done < len {
+            let mut z =
+                UffdioZeropage { range: UffdioRange { start: start + done, len: len - done }, mode: 0, zeropage: 0 };
+            // SAFETY: `z` is a valid UffdioZeropage; the range lies in registered memory or the
+            // kernel refuses it.
+            match unsafe { uffdio_zeropage(self.fd.as_raw_fd(), &mut z) } {
+                Ok(_) => return Ok(Filled::All),
+                Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => done += z.zeropage.max(0) as u64,
+                Err(nix::Error::EEXIST) => return Ok(Filled::Exists { filled: done + z.zeropage.max(0) as u64 }),
+                Err(source) => {
+                    return Err(UffdError::Range { op: "zero-fill", start: start + done, len: len - done, source })
+                }
+            }
+        }
+        Ok(Filled::All)
+    }
+
+    /// Wakes threads waiting on faults in the range (whose page another thread has filled).
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: `range` is a valid UffdioRange for the ioctl to read.
+        unsafe { uffdio_wake(self.fd.as_raw_fd(), &mut range) }.map(drop).map_err(|source| UffdError::Range {
+            op: "wake",
             start,
             len,
             source,

@@ -737,7 +737,7 @@ fn play(conn: &UnixStream, plan: &Plan, seen: &mut Seen, vanish: &mut dyn FnMut(
             Record::VcpuState { index, .. } => seen.states.push(format!("VCPU_STATE {index}")),
             Record::VmState(_) => seen.states.push("VM_STATE".into()),
             Record::DeviceState { name, .. } => seen.states.push(format!("DEVICE_STATE {name}")),
-            Record::End { vcpu_states, device_states, guest_running } => {
+            Record::End { vcpu_states, device_states, guest_running, .. } => {
                 seen.end = Some((vcpu_states, device_states, guest_running));
                 break;
             }
@@ -818,6 +818,8 @@ pub struct Arrived {
     pub handover: Arc<Handover>,
     /// Whether the source said DONE (or asked with RESOLVE) before the destination stopped waiting.
     pub source_informed: bool,
+    /// A postcopy's pages still on their way.
+    pub postcopy: Option<Arc<migrate::postcopy::dest::IncomingPostcopy>>,
 }
 
 /// Listens on `uri` and receives one migration into a fake VM built from the header, waits for the
@@ -855,6 +857,7 @@ pub fn real_destination_refusing(uri: &Uri, refuse: Option<String>) -> mpsc::Rec
                 passes: received.passes,
                 handover,
                 source_informed,
+                postcopy: received.postcopy.clone(),
             })
         })();
         let _ = tx.send(arrived);

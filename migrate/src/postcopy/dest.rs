@@ -1,0 +1,480 @@
+//! The destination's side of postcopy: guest RAM registered with userfaultfd in missing mode over
+//! the pages still owed, a fault thread that asks the source for each page a vCPU (or emu itself)
+//! touches, and the placing of the pages that arrive.
+//!
+//! Who fills what, so that no page is ever filled twice or with the wrong data:
+//! - an owed page is filled only by [`IncomingPostcopy::receive`] with the source's copy
+//!   (UFFDIO_COPY, which also wakes whatever waits on it), and is struck from `owed` only after;
+//! - a page that is not owed but missing was sent as zero during precopy and never touched here:
+//!   the fault thread fills it with zeros (UFFDIO_ZEROPAGE) itself;
+//! - a fault on a page filled meanwhile finds it present (EEXIST) and only wakes its waiter.
+//!
+//! A page record is checked (CRC) in a scratch buffer before it is copied into place, so a corrupt
+//! record never reaches guest RAM: it ends the connection like a broken link, and a recovery asks
+//! for the page again.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::PostcopyError;
+use crate::bitmap::PageBitmap;
+use crate::handover::{DestPhase, Handover};
+use crate::progress::{Latency, PostcopyStats};
+use crate::ram::{GuestRam, PAGE_SIZE};
+use crate::stream::{Decoder, Encoder, Record, RecordType, MAX_PAGES_PER_RECORD};
+use crate::transport::{Connection, Listener, Uri};
+use crate::uffd::{Filled, Uffd, UffdMsg, EVENT_PAGEFAULT};
+
+/// Fault latencies kept for the percentiles (4 MiB); later ones count only in `max`.
+const MAX_LATENCY_SAMPLES: usize = 1 << 20;
+/// How often the fault thread looks up from an idle userfaultfd to see whether it should end.
+const FAULT_POLL_MS: i32 = 100;
+
+/// Where the destination's postcopy stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Prepared (pages forgotten, RAM registered), the guest not started yet.
+    Prepared,
+    /// The guest runs; pages arrive.
+    Active,
+    /// The link broke (or carried a corrupt record): vCPUs touching owed pages wait, nothing is
+    /// lost, `migrate-recover` listens for the source again.
+    Paused(String),
+    /// Every page is here.
+    Complete,
+}
+
+struct State {
+    owed: PageBitmap,
+    left: usize,
+    /// Owed pages a fault asked for, and since when.
+    waiting: HashMap<usize, Instant>,
+    latencies: Vec<u32>,
+    max_latency: u64,
+    requests: u64,
+    /// Where PAGE_REQUEST goes; none while the link is down.
+    link: Option<Encoder<Connection>>,
+    phase: Phase,
+    started: Option<Instant>,
+    complete_after: Option<Duration>,
+    owed_at_switchover: u64,
+    recoveries: u32,
+}
+
+/// An incoming guest that runs before all of its memory has arrived.
+pub struct IncomingPostcopy {
+    ram: Arc<GuestRam>,
+    uffd: Uffd,
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl IncomingPostcopy {
+    /// Readies guest RAM for a guest that runs while the pages of `owed` are still on their way:
+    /// drops whatever those pages hold (an older copy from precopy), and registers all of RAM for
+    /// missing-page faults. Called before READY; the guest has not run.
+    pub fn prepare(ram: Arc<GuestRam>, owed: PageBitmap) -> Result<Arc<Self>, PostcopyError> {
+        for (start, len) in ram.host_ranges() {
+            // Pages arrive 4 KiB at a time, and a huge page would have to arrive whole.
+            // SAFETY: advice on our own mapping.
+            unsafe { libc::madvise(start as *mut libc::c_void, len as usize, libc::MADV_NOHUGEPAGE) };
+        }
+        for (start, len) in ram.host_runs(&owed) {
+            // SAFETY: these pages of our own anonymous mapping are dropped (the guest has not run,
+            // nothing else holds them); they read as missing from now on, as userfaultfd needs.
+            if unsafe { libc::madvise(start as *mut libc::c_void, len as usize, libc::MADV_DONTNEED) } != 0 {
+                return Err(PostcopyError::Ram(std::io::Error::last_os_error()));
+            }
+        }
+        let uffd = Uffd::open(0)?;
+        for (start, len) in ram.host_ranges() {
+            uffd.register_missing(start, len)?;
+        }
+        let left = owed.count();
+        let state = State {
+            owed,
+            left,
+            waiting: HashMap::new(),
+            latencies: Vec::new(),
+            max_latency: 0,
+            requests: 0,
+            link: None,
+            phase: Phase::Prepared,
+            started: None,
+            complete_after: None,
+            owed_at_switchover: left as u64,
+            recoveries: 0,
+        };
+        Ok(Arc::new(IncomingPostcopy {
+            ram,
+            uffd,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The guest is about to run: start serving its faults, asking the source on `link`.
+    pub fn start(self: &Arc<Self>, link: Encoder<Connection>) -> std::io::Result<JoinHandle<()>> {
+        {
+            let mut st = self.lock();
+            // A source that missed STARTED may have resumed on a new connection already.
+            if st.link.is_none() && st.recoveries == 0 {
+                st.link = Some(link);
+            }
+            if st.phase == Phase::Prepared {
+                st.phase = if st.left == 0 { Phase::Complete } else { Phase::Active };
+            }
+            st.started.get_or_insert_with(Instant::now);
+        }
+        let me = self.clone();
+        std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || me.serve_faults())
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().phase.clone()
+    }
+
+    /// Waits until every page is here, or `timeout`; returns whether it is.
+    pub fn wait_complete(&self, timeout: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |s| s.phase != Phase::Complete)
+            .unwrap_or_else(|e| e.into_inner());
+        g.phase == Phase::Complete
+    }
+
+    pub fn stats(&self) -> PostcopyStats {
+        let st = self.lock();
+        let mut samples = st.latencies.clone();
+        let latency = Latency::of(&mut samples).map(|l| Latency { max: l.max.max(st.max_latency), ..l });
+        PostcopyStats {
+            owed_at_switchover: st.owed_at_switchover,
+            owed_left: st.left as u64,
+            requests: st.requests,
+            switchover_to_complete: st.complete_after,
+            latency_us: latency,
+            recoveries: st.recoveries,
+            paused_reason: match &st.phase {
+                Phase::Paused(why) => Some(why.clone()),
+                _ => None,
+            },
+            ..PostcopyStats::default()
+        }
+    }
+
+    fn serve_faults(&self) {
+        let mut msgs = [UffdMsg::default(); 64];
+        while !self.stop.load(Ordering::Acquire) {
+            let mut pfd = libc::pollfd { fd: self.uffd_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, FAULT_POLL_MS) } <= 0 {
+                continue;
+            }
+            let n = match self.uffd.read_events(&mut msgs) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("postcopy: {}", crate::report(&e));
+                    std::thread::sleep(Duration::from_millis(FAULT_POLL_MS as u64));
+                    continue;
+                }
+            };
+            for m in &msgs[..n] {
+                if m.event == EVENT_PAGEFAULT {
+                    self.fault(m.address);
+                }
+            }
+        }
+    }
+
+    fn uffd_fd(&self) -> i32 {
+        use std::os::fd::AsFd;
+        self.uffd.as_fd().as_raw_fd()
+    }
+
+    /// A thread touched a missing page: zero it if it is not owed, else ask the source for it
+    /// (once; the thread waits until it arrives).
+    fn fault(&self, address: u64) {
+        let Some(page) = self.ram.page_of_host(address) else {
+            log::error!("postcopy: a fault at {address:#x}, outside guest RAM");
+            return;
+        };
+        let at = address & !(PAGE_SIZE as u64 - 1);
+        let mut st = self.lock();
+        if !st.owed.get(page) {
+            drop(st);
+            match self.uffd.zeropage(at, PAGE_SIZE as u64) {
+                Ok(Filled::All) => {}
+                Ok(Filled::Exists { .. }) => {
+                    // Filled since the fault was raised: its waiter may still sleep.
+                    if let Err(e) = self.uffd.wake(at, PAGE_SIZE as u64) {
+                        log::error!("postcopy: {}", crate::report(&e));
+                    }
+                }
+                Err(e) => log::error!("postcopy: {}", crate::report(&e)),
+            }
+            return;
+        }
+        if st.waiting.contains_key(&page) {
+            return;
+        }
+        st.waiting.insert(page, Instant::now());
+        st.requests += 1;
+        let gpa = self.ram.layout().gpa_of(page);
+        if let Some(link) = st.link.as_mut() {
+            if let Err(e) = link.page_request(gpa, 1).and_then(|_| link.flush()) {
+                // The receiving side notices the broken link too; the request goes out again on
+                // the next connection (every waiting page is asked for then).
+                log::warn!("postcopy: cannot ask for page {gpa:#x}: {e}");
+                st.link = None;
+            }
+        }
+    }
+
+    /// Places the pages that arrive on `dec` until none is owed; then says COMPLETE. Returns an
+    /// error when the connection breaks or carries something wrong: the guest keeps waiting for
+    /// its missing pages, and [`IncomingPostcopy::resume`] goes on over a new connection.
+    pub fn receive<R: Read>(&self, dec: &mut Decoder<R>) -> Result<(), PostcopyError> {
+        let result = self.receive_inner(dec);
+        if let Err(e) = &result {
+            let why = crate::report(e);
+            log::warn!("postcopy paused: {why}; {} pages still owed", self.lock().left);
+            let mut st = self.lock();
+            st.link = None;
+            if st.phase != Phase::Complete {
+                st.phase = Phase::Paused(why);
+            }
+            self.changed.notify_all();
+        }
+        result
+    }
+
+    fn receive_inner<R: Read>(&self, dec: &mut Decoder<R>) -> Result<(), PostcopyError> {
+        let layout = self.ram.layout().clone();
+        let mut scratch = vec![0u8; MAX_PAGES_PER_RECORD * PAGE_SIZE];
+        let range = |gpa: u64, count: u64| {
+            layout
+                .page_of(gpa)
+                .filter(|&first| count > 0 && layout.is_contiguous(first, count as usize))
+                .ok_or_else(|| PostcopyError::Protocol(format!("{count} pages at {gpa:#x} are not guest RAM")))
+        };
+        loop {
+            if self.lock().left == 0 {
+                return self.complete();
+            }
+            let frame = dec.next_frame().map_err(PostcopyError::Link)?;
+            match frame.kind {
+                RecordType::Pages | RecordType::PagesCompressed => {
+                    let mut first = 0;
+                    let read = dec.read_pages(&frame, |gpa, count| {
+                        first = range(gpa, count as u64)?;
+                        Ok::<_, PostcopyError>(&mut scratch[..count * PAGE_SIZE])
+                    });
+                    let (_, count) = read.map_err(PostcopyError::Link)??;
+                    self.place(first, count, Some(&scratch))?;
+                }
+                RecordType::ZeroPages => {
+                    let (gpa, count) = match dec.read_record(&frame).map_err(PostcopyError::Link)? {
+                        Record::ZeroPages { gpa, count } => (gpa, count),
+                        _ => unreachable!("a ZERO_PAGES frame decodes to one"),
+                    };
+                    let first = range(gpa, count)?;
+                    self.place(first, count as usize, None)?;
+                }
+                kind => return Err(PostcopyError::Protocol(format!("unexpected {} in postcopy", kind.name()))),
+            }
+        }
+    }
+
+    /// Fills the owed pages among `first..first + count` with `data` (the record's pages, in
+    /// order) or zeros, and strikes them from `owed`. Pages not owed (sent twice: asked for and
+    /// pushed) are left alone.
+    fn place(&self, first: usize, count: usize, data: Option<&[u8]>) -> Result<(), PostcopyError> {
+        let runs: Vec<(usize, usize)> = {
+            let st = self.lock();
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for p in st.owed.ones_in_range(first, count) {
+                match runs.last_mut() {
+                    Some((s, n)) if *s + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+            runs
+        };
+        for (p, n) in runs {
+            let mut done = 0;
+            while done < n {
+                let page = p + done;
+                let at = self.ram.page_host_addr(page) as u64;
+                let len = ((n - done) * PAGE_SIZE) as u64;
+                let filled = match data {
+                    Some(d) => {
+                        let src = d[(page - first) * PAGE_SIZE..].as_ptr();
+                        // SAFETY: `src` has `len` bytes of the record's pages after it (the run
+                        // lies inside the record); `at` is registered guest RAM.
+                        unsafe { self.uffd.copy(at, src, len) }?
+                    }
+                    None => self.uffd.zeropage(at, len)?,
+                };
+                match filled {
+                    Filled::All => done = n,
+                    // Present already, which only a bug here would cause: never overwrite it, say
+                    // so, and go on after it.
+                    Filled::Exists { filled } => {
+                        let skipped = done + filled as usize / PAGE_SIZE;
+                        log::error!("postcopy: owed page {} was present already", p + skipped);
+                        let _ = self.uffd.wake(at, len);
+                        done = skipped + 1;
+                    }
+                }
+            }
+            self.arrived(p, n);
+        }
+        Ok(())
+    }
+
+    fn arrived(&self, first: usize, count: usize) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        for page in first..first + count {
+            if !st.owed.get(page) {
+                continue;
+            }
+            st.owed.clear_bit(page);
+            st.left -= 1;
+            if let Some(since) = st.waiting.remove(&page) {
+                let us = now.duration_since(since).as_micros() as u64;
+                st.max_latency = st.max_latency.max(us);
+                if st.latencies.len() < MAX_LATENCY_SAMPLES {
+                    st.latencies.push(us.min(u64::from(u32::MAX)) as u32);
+                }
+            }
+        }
+    }
+
+    /// Every page is here: tell the source, and stop catching faults.
+    fn complete(&self) -> Result<(), PostcopyError> {
+        let mut st = self.lock();
+        st.complete_after = st.started.map(|s| s.elapsed());
+        st.phase = Phase::Complete;
+        let told = match st.link.as_mut() {
+            Some(link) => link.complete().and_then(|_| link.flush()),
+            None => Ok(()),
+        };
+        drop(st);
+        self.stop.store(true, Ordering::Release);
+        for (start, len) in self.ram.host_ranges() {
+            if let Err(e) = self.uffd.unregister(start, len) {
+                log::error!("postcopy: {}", crate::report(&e));
+            }
+        }
+        self.changed.notify_all();
+        // A source that misses COMPLETE reconnects (RESUME) and hears that nothing is owed.
+        told.map_err(PostcopyError::Write)
+    }
+
+    /// A source reconnected after a broken link (RESUME read from `conn`): tells it what is still
+    /// owed, asks again for every page a fault waits on, and goes on receiving.
+    pub fn resume(&self, conn: &Connection) -> Result<(), PostcopyError> {
+        let mut link = Encoder::new(conn.try_clone().map_err(PostcopyError::Write)?);
+        {
+            let mut st = self.lock();
+            link.owed(&st.owed).map_err(PostcopyError::Write)?;
+            link.resumed(st.left as u64).map_err(PostcopyError::Write)?;
+            let layout = self.ram.layout();
+            for &page in st.waiting.keys() {
+                link.page_request(layout.gpa_of(page), 1).map_err(PostcopyError::Write)?;
+            }
+            link.flush().map_err(PostcopyError::Write)?;
+            st.link = Some(link);
+            st.recoveries += 1;
+            st.started.get_or_insert_with(Instant::now);
+            if st.phase != Phase::Complete {
+                st.phase = Phase::Active;
+            }
+        }
+        self.changed.notify_all();
+        let reader = conn.try_clone().map_err(PostcopyError::Write)?;
+        let mut dec = Decoder::new(std::io::BufReader::with_capacity(256 << 10, reader));
+        self.receive(&mut dec)
+    }
+}
+
+impl Drop for IncomingPostcopy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// `migrate-recover`: listens at `uri` for the source of a paused postcopy to come back (RESUME
+/// naming this migration), and goes on with it in a thread of its own. Returns the address it
+/// listens at. A source that never heard STARTED may come back this way too: RESUME then counts
+/// as the GO it sent.
+pub fn listen_for_resume(handover: Arc<Handover>, uri: &Uri) -> Result<Uri, PostcopyError> {
+    let Some(pc) = handover.postcopy().cloned() else {
+        return Err(PostcopyError::Protocol("no postcopy here to recover".into()));
+    };
+    if pc.phase() == Phase::Complete {
+        return Err(PostcopyError::Protocol("the postcopy is complete: nothing to recover".into()));
+    }
+    let listener = Listener::bind(uri).map_err(PostcopyError::Write)?;
+    let local = listener.local_uri().map_err(PostcopyError::Write)?;
+    std::thread::Builder::new()
+        .name("postcopy-recover".into())
+        .spawn(move || loop {
+            let conn = match listener.accept_timeout(Duration::from_secs(1)) {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::error!("postcopy recovery: accepting: {e}");
+                    return;
+                }
+            };
+            match screen_resume(&conn, &handover) {
+                Ok(()) => {
+                    if let Err(e) = pc.resume(&conn) {
+                        log::warn!("postcopy recovery: {}", crate::report(&e));
+                    }
+                    return;
+                }
+                Err(why) => {
+                    log::warn!("postcopy recovery: refused a connection: {why}");
+                    let _ = Encoder::new(&conn).error(&why);
+                    conn.shutdown();
+                }
+            }
+        })
+        .map_err(PostcopyError::Write)?;
+    Ok(local)
+}
+
+/// The first records of a recovery connection: preamble, then RESUME for this migration.
+fn screen_resume(conn: &Connection, handover: &Handover) -> Result<(), String> {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut dec = Decoder::new(conn);
+    dec.preamble().map_err(|e| crate::report(&e))?;
+    let id = match dec.next_record() {
+        Ok(Record::Resume { migration_id }) => migration_id,
+        Ok(other) => return Err(format!("expected RESUME, got {other:?}")),
+        Err(e) => return Err(crate::report(&e)),
+    };
+    if handover.migration_id() != Some(id) {
+        return Err(format!("RESUME for migration {id:#x}, which is not the one here"));
+    }
+    if matches!(handover.phase(), DestPhase::Ready | DestPhase::Unresolved(_)) && !handover.go("RESUME") {
+        return Err("the guest was discarded here".into());
+    }
+    conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(|e| e.to_string())?;
+    Ok(())
+}
