@@ -194,7 +194,10 @@ fn postcopy_after_passes_switches_by_itself() {
     let src = Emu::boot(&["--mem", "128M", "--append", "wl=dirty:64:0"]);
     src.expect_line("dirty: rate=", T);
     let (dst, uri) = Emu::incoming(&[]);
-    src.qmp_ok("migrate-set-parameters", json!({"postcopy-after-passes": 1, "stall-policy": "keep-going", "downtime-limit": 1}));
+    src.qmp_ok(
+        "migrate-set-parameters",
+        json!({"postcopy-after-passes": 1, "stall-policy": "keep-going", "downtime-limit": 1}),
+    );
     let info = common::migrate(&src, &uri, T);
     assert_eq!(info["status"], "completed", "{info}\n{}", dst.stderr());
     assert_eq!(info["stop-reason"], "postcopy", "{info}");
