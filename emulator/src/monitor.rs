@@ -215,6 +215,9 @@ impl Commands {
         let uri =
             args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
         let uri: migrate::transport::Uri = uri.parse()?;
+        // Over TLS if the migration was: the source resumes with its tls-* parameters.
+        let tls = self.params.lock().unwrap_or_else(|e| e.into_inner()).tls.clone();
+        let uri = migration::with_tls(uri, &tls)?;
         let h = self.handover().ok_or_else(|| QmpError::generic("no incoming migration here"))?;
         let local = migrate::postcopy::dest::listen_for_resume(h.clone(), &uri)
             .map_err(|e| QmpError::generic(migrate::report(&e)))?;
