@@ -437,8 +437,11 @@ fn tls_migrates_the_verify_guest_and_a_plain_stream_is_refused() {
     assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
 }
 
-/// A TCP relay that understands nothing (TLS bytes are opaque) and cuts every connection it
-/// carries when told.
+/// A TCP relay that understands nothing (TLS bytes are opaque), carries at most
+/// [`RELAY_RATE`] bytes per second each way (so that a postcopy through it is still going when
+/// the test cuts it, however busy the host), and cuts every connection it carries when told.
+const RELAY_RATE: u64 = 8 << 20;
+
 struct CuttingRelay {
     uri: String,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
@@ -458,7 +461,17 @@ impl CuttingRelay {
                 c.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
                 for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut into);
+                        use std::io::{Read, Write};
+                        let started = Instant::now();
+                        let (mut buf, mut moved) = (vec![0u8; 64 << 10], 0u64);
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            moved += n as u64;
+                            let due = Duration::from_secs_f64(moved as f64 / RELAY_RATE as f64);
+                            std::thread::sleep(due.saturating_sub(started.elapsed()));
+                        }
                         let _ = into.shutdown(std::net::Shutdown::Write);
                     });
                 }
@@ -512,8 +525,6 @@ fn a_postcopy_over_tls_recovers_over_tls() {
     ]);
     src.expect_line("verify: written=", T);
     let relay = CuttingRelay::start(&uri);
-    // Capped, so that postcopy is still going when the cut comes.
-    src.qmp_ok("migrate-set-parameters", json!({"max-bandwidth": 16 << 20}));
     src.qmp_ok("migrate", json!({"uri": relay.uri}));
     let deadline = Instant::now() + T;
     while src.qmp_ok("query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0) < 1 << 20 {
