@@ -46,8 +46,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "unix:PATH")]
     pub monitor: Option<UnixAddr>,
     /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT, unix:PATH, stdio (the
-    /// stream on stdin, answers on stdout: what an exec: or ssh: source starts), or `defer` to
-    /// wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
+    /// stream on stdin, answers on stdout: what an exec: or ssh: source starts), file:PATH (a
+    /// checkpoint), or `defer` to wait for the monitor's migrate-incoming (as QEMU), so that
+    /// parameters can be set first.
     #[arg(long, value_name = "URI|stdio|defer", conflicts_with_all = ["guest", "append"])]
     pub incoming: Option<String>,
     /// Mutual TLS for tcp: migrations, this end's certificate chain (PEM): the migration

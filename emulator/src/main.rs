@@ -226,8 +226,49 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     Ok(serve_vm(&vm, &args, !on_stdio, &events, &monitor))
 }
 
+/// `--incoming file:PATH`: restores a checkpoint (`migrate {"uri": "file:PATH"}`) and runs it
+/// (paused with `-S`, or if it was paused when written). A damaged, truncated or foreign file is
+/// refused before anything runs.
+fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Receiver<VmEvent>) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let ckpt = migrate::checkpoint::Checkpoint::open(std::path::Path::new(path))?;
+    let info = ckpt.info.clone();
+    let mem: u64 = info.regions.iter().map(|r| r.size).sum();
+    let vcpus = info.vcpu_count as usize;
+    if let Some(m) = args.mem.filter(|&m| m != mem) {
+        anyhow::bail!("{path} holds a guest with {mem} bytes of RAM; --mem asks for {m}");
+    }
+    if let Some(n) = args.smp.map(usize::from).filter(|&n| n != vcpus) {
+        anyhow::bail!("{path} holds a guest with {vcpus} vCPUs; --smp asks for {n}");
+    }
+    let monitor = MonitorSide::new(&args, events_tx.clone(), None);
+    let config = VmConfig {
+        mem_bytes: mem,
+        vcpus,
+        serial: serial_sink(&args.serial)?,
+        dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
+        notify: monitor.notify.clone(),
+    };
+    let vm: Arc<Vm> = Vm::create(config, events_tx, None)?;
+    ckpt.restore_ram(migrate::vm::MigratableVm::ram(&*vm))?;
+    vm.restore_machine_state(&ckpt.state)?;
+    monitor.commands.attach(vm.clone());
+    let _monitor = monitor.serve(&args)?;
+    vm.finish_incoming(info.guest_was_running && !args.paused)?;
+    eprintln!(
+        "emu: restored {path} ({} MiB of data{}) in {:.1} ms",
+        (info.data_pages * 4096) >> 20,
+        if info.live { ", a live checkpoint" } else { "" },
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(serve_vm(&vm, &args, true, &events, &monitor))
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let (events_tx, events) = crossbeam_channel::unbounded();
+    if let Some(path) = args.incoming.as_deref().and_then(|u| u.strip_prefix("file:")).map(str::to_string) {
+        return run_restore(args, &path, events_tx, events);
+    }
     if let Some(uri) = args.incoming.clone() {
         return run_incoming(args, &uri, events_tx, events);
     }

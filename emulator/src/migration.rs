@@ -168,6 +168,9 @@ impl MigrationController {
     /// `migrate {"uri"}`: starts an outgoing migration in the background.
     pub fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("migrate needs \"uri\""))?;
+        if let Some(path) = uri.strip_prefix("file:") {
+            return self.checkpoint(path);
+        }
         let tls = self.params.lock().unwrap_or_else(|e| e.into_inner()).tls.clone();
         let uri: Uri = uri.parse()?;
         let uri = with_tls(uri, &tls)?;
@@ -209,6 +212,28 @@ impl MigrationController {
         self.vm.begin_outgoing_migration()?;
         let vm: Arc<dyn MigratableVm> = self.vm.clone();
         let outgoing = sender::start_observed(vm, uri, self.params.clone(), self.vm.trackers(), Some(self.observer()))?;
+        *current = Some(outgoing);
+        Ok(json!({}))
+    }
+
+    /// `migrate {"uri": "file:PATH"}`: writes a checkpoint of the guest to PATH in the background
+    /// (`query-migrate` follows it); live (the guest runs on) with the `background-snapshot`
+    /// capability, else the guest is paused, written, and stays paused.
+    fn checkpoint(&self, path: &str) -> Result<Value, QmpError> {
+        if path.is_empty() {
+            return Err(QmpError::generic("file: needs a path"));
+        }
+        let mut current = self.current();
+        if let Some(s) = current.as_ref().map(|o| o.progress.snapshot().status).filter(|s| !s.is_finished()) {
+            return Err(QmpError::generic(format!("a migration is already running (status {})", s.name())));
+        }
+        if let Some(old) = current.take() {
+            old.join();
+        }
+        self.vm.begin_outgoing_migration()?;
+        let live = self.params.lock().unwrap_or_else(|e| e.into_inner()).background_snapshot;
+        let vm: Arc<dyn MigratableVm> = self.vm.clone();
+        let outgoing = migrate::checkpoint::start(vm, path.into(), live, Some(self.observer()))?;
         *current = Some(outgoing);
         Ok(json!({}))
     }

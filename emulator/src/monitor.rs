@@ -288,7 +288,12 @@ impl Commands {
     }
 
     fn capabilities(&self) -> Value {
-        json!([{"capability": "events", "state": self.migration_events.load(Ordering::Relaxed)}])
+        let snapshot = self.params.lock().unwrap_or_else(|e| e.into_inner()).background_snapshot;
+        json!([
+            {"capability": "events", "state": self.migration_events.load(Ordering::Relaxed)},
+            {"capability": "postcopy-ram", "state": true},
+            {"capability": "background-snapshot", "state": snapshot},
+        ])
     }
 
     /// `migrate-set-capabilities {"capabilities": [{"capability", "state"}]}`: only `events` exists
@@ -298,12 +303,16 @@ impl Commands {
             .get("capabilities")
             .and_then(Value::as_array)
             .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing or not an array"))?;
-        let mut events = None;
+        let (mut events, mut snapshot) = (None, None);
         for cap in list {
             let (name, state) =
                 (cap.get("capability").and_then(Value::as_str), cap.get("state").and_then(Value::as_bool));
             match (name, state) {
                 (Some("events"), Some(s)) => events = Some(s),
+                (Some("background-snapshot"), Some(s)) => snapshot = Some(s),
+                // Postcopy needs no capability here (every emu destination takes it); accepted
+                // on, as QEMU's clients set it before migrate-start-postcopy.
+                (Some("postcopy-ram"), Some(true)) => {}
                 (Some(other), Some(_)) => {
                     return Err(QmpError::generic(format!("migration capability '{other}' is not supported by emu")))
                 }
@@ -312,6 +321,9 @@ impl Commands {
         }
         if let Some(s) = events {
             self.migration_events.store(s, Ordering::Relaxed);
+        }
+        if let Some(s) = snapshot {
+            self.params.lock().unwrap_or_else(|e| e.into_inner()).background_snapshot = s;
         }
         Ok(json!({}))
     }

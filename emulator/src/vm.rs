@@ -621,6 +621,11 @@ impl MigratableVm for Vm {
         self.set_state(&mut l, RunState::Unresolved);
     }
 
+    fn suspended(&self) {
+        let mut l = self.lifecycle();
+        self.set_state(&mut l, RunState::Paused);
+    }
+
     fn migration_failed(&self) {
         let mut l = self.lifecycle();
         if !matches!(l.state, RunState::FinishMigrate | RunState::Unresolved) {

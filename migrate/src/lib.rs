@@ -11,12 +11,14 @@
 //! - [`handover`]: who owns the guest at the end (READY, GO, RESOLVE, the operator's choice);
 //! - [`stream`], [`transport`]: the wire format and the byte streams it travels on;
 //! - [`postcopy`]: the guest runs on the destination before all its pages have arrived;
+//! - [`checkpoint`]: a guest written to a file and restored from it;
 //! - [`progress`]: what `query-migrate` reports.
 //!
 //! Internal: the page bitmaps, the stop rule, pagemap and userfaultfd plumbing.
 
 mod bitmap;
 pub mod channel;
+pub mod checkpoint;
 pub mod compress;
 mod convergence;
 pub mod handover;

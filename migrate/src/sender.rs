@@ -91,6 +91,9 @@ pub struct MigrationParams {
     /// How page data is compressed where that pays (`compress.rs`), and zstd's level.
     pub compress: Codec,
     pub compress_level: i32,
+    /// A checkpoint to a file (`file:`) is taken live, the guest running on (QEMU's
+    /// `background-snapshot` capability).
+    pub background_snapshot: bool,
     /// Fault injection for tests: leave this many dirty pages out of the final pass, so the
     /// destination's RAM is known to differ. Never set outside tests.
     pub drop_final_pages: u32,
@@ -172,6 +175,7 @@ impl Default for MigrationParams {
             compress: Codec::None,
             compress_level: 1,
             drop_final_pages: 0,
+            background_snapshot: false,
         }
     }
 }
@@ -320,6 +324,18 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// Something reported as a migration that runs in `thread` (a checkpoint to a file): nothing
+    /// to cancel, resolve or switch to postcopy.
+    pub fn from_thread(progress: Arc<ProgressCell>, thread: JoinHandle<()>) -> Outgoing {
+        Outgoing {
+            progress,
+            cancel: Arc::default(),
+            resolve: Arc::default(),
+            postcopy: Arc::default(),
+            thread: Some(thread),
+        }
+    }
+
     /// Waits for the migration thread to end.
     pub fn join(mut self) -> Progress {
         if let Some(t) = self.thread.take() {

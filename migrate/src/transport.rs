@@ -134,7 +134,7 @@ fn sh_quote(s: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "'{uri}' is not a migration URI ({why}); use tcp:HOST:PORT, unix:PATH, exec:COMMAND, \
-     ssh:[USER@]HOST[:PORT] or (destination) stdio"
+     ssh:[USER@]HOST[:PORT], file:PATH (a checkpoint) or (destination) stdio"
 )]
 pub struct BadUri {
     uri: String,

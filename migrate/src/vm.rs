@@ -47,6 +47,9 @@ pub trait MigratableVm: Send + Sync {
     /// GO went out and STARTED did not come: stay paused, and refuse to run, until resolved (then
     /// `migration_completed` or `migration_failed`).
     fn migration_unresolved(&self);
+    /// A checkpoint of the paused guest was written to a file: stay paused, as after `stop` (no
+    /// copy of it runs anywhere, so it may run again here).
+    fn suspended(&self);
     /// Auto-converge: take `percent` of every vCPU's time away while the guest runs (0: none).
     /// Pausing for the switchover ends it.
     fn set_throttle(&self, percent: u8);

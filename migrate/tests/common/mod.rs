@@ -154,6 +154,7 @@ pub enum SrcEvent {
     Completed,
     Failed,
     Unresolved,
+    Suspended,
 }
 
 /// A thread that writes guest RAM through `GuestRam::write`, as a device model does (the VMM
@@ -305,6 +306,10 @@ impl MigratableVm for FakeSource {
 
     fn migration_unresolved(&self) {
         self.event(SrcEvent::Unresolved);
+    }
+
+    fn suspended(&self) {
+        self.event(SrcEvent::Suspended);
     }
 
     fn set_throttle(&self, percent: u8) {
