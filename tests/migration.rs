@@ -270,7 +270,7 @@ fn migration_parameters_are_checked() {
             "downtime-limit": 50, "max-bandwidth": 0, "max-passes": 30, "dirty-tracker": "uffd-wp-async",
             "switchover-timeout": 1000, "stall-policy": "throttle", "cpu-throttle-initial": 20,
             "cpu-throttle-increment": 10, "dirty-rate-limit": 0, "channels": 4, "compress": "none",
-            "compress-level": 1, "postcopy-after-passes": 0,
+            "compress-level": 1, "postcopy-after-passes": 0, "tls-cert": "", "tls-key": "", "tls-ca": "",
         })
     );
     // Each refused for its own reason, named in the error (a refusal for another reason would hide
@@ -294,6 +294,12 @@ fn migration_parameters_are_checked() {
         (json!({"cpu-throttle-initial": 0}), "cpu-throttle-initial is 1 to 99 (percent)"),
         (json!({"cpu-throttle-increment": 100}), "cpu-throttle-increment is 1 to 99 (percent)"),
         (json!({"dirty-rate-limit": -5}), "dirty-rate-limit must be a non-negative integer"),
+        (json!({"tls-cert": 1}), "tls-cert must be a string (a path)"),
+        // The credentials are read once all three are there (tests/transports.rs migrates with good ones).
+        (
+            json!({"tls-cert": "/nonexistent.pem", "tls-key": "/k", "tls-ca": "/c"}),
+            "cannot read tls-cert /nonexistent.pem",
+        ),
         // A good change before a bad one (parameters are checked in key order): refused as a
         // whole, checked below by nothing having changed.
         (json!({"max-passes": 3, "x-unknown": 1}), "unknown migration parameter x-unknown"),

@@ -45,15 +45,27 @@ pub struct RunArgs {
     /// Serve the QMP monitor (QEMU's protocol) on a Unix socket: unix:PATH.
     #[arg(long, value_name = "unix:PATH")]
     pub monitor: Option<UnixAddr>,
-    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT or unix:PATH, or `defer`
-    /// (file:PATH restores a checkpoint)
-    /// to wait for the monitor's migrate-incoming (as QEMU), so that parameters can be set first.
-    #[arg(long, value_name = "URI|defer", conflicts_with_all = ["guest", "append"])]
+    /// Wait for a migrating guest instead of booting one: tcp:HOST:PORT, unix:PATH, stdio (the
+    /// stream on stdin, answers on stdout: what an exec: or ssh: source starts), file:PATH (a
+    /// checkpoint), or `defer` to wait for the monitor's migrate-incoming (as QEMU), so that
+    /// parameters can be set first.
+    #[arg(long, value_name = "URI|stdio|defer", conflicts_with_all = ["guest", "append"])]
     pub incoming: Option<String>,
     /// With --incoming tcp:/unix:: start from this older checkpoint of the same guest
     /// (`migrate {"uri": "file:PATH"}`); the source then sends only the pages that changed.
     #[arg(long, value_name = "PATH", requires = "incoming")]
     pub base: Option<std::path::PathBuf>,
+    /// Mutual TLS for tcp: migrations, this end's certificate chain (PEM): the migration
+    /// parameter tls-cert to start with. With --tls-key and --tls-ca.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM): the migration parameter tls-key.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificates the peer's certificate must be signed by (PEM): tls-ca. A destination
+    /// with all three takes TLS only.
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
     /// The VM's name, as the monitor's query-name reports it.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

@@ -29,6 +29,7 @@ use events::{Notice, Notifier, VmEvent};
 use migrate::handover::Decision;
 use migrate::incoming::IncomingServer;
 use migrate::tracker::TrackerKind;
+use migrate::transport::Uri;
 use qmp::EventBus;
 use vm::{Vm, VmConfig};
 
@@ -89,6 +90,11 @@ impl MonitorSide {
             tracker: args.dirty_tracker,
             name: args.name.clone(),
             incoming,
+            tls: migrate::transport::TlsCreds {
+                cert: args.tls_cert.clone(),
+                key: args.tls_key.clone(),
+                ca: args.tls_ca.clone(),
+            },
         }));
         let notify = commands.notifier();
         MonitorSide { commands, bus, notify }
@@ -124,9 +130,10 @@ fn wait_for_end(vm: &Vm, events: &Receiver<VmEvent>, monitor: &MonitorSide) -> E
     ExitCode::from(code)
 }
 
-/// Serial input and the wait for the end: what a booted and a migrated-in VM share.
-fn serve_vm(vm: &Vm, args: &RunArgs, events: &Receiver<VmEvent>, monitor: &MonitorSide) -> ExitCode {
-    if matches!(args.serial, SerialArg::Stdio) {
+/// Serial input and the wait for the end: what a booted and a migrated-in VM share. `stdin_free`:
+/// stdin is not the migration stream (`--incoming stdio`).
+fn serve_vm(vm: &Vm, args: &RunArgs, stdin_free: bool, events: &Receiver<VmEvent>, monitor: &MonitorSide) -> ExitCode {
+    if matches!(args.serial, SerialArg::Stdio) && stdin_free {
         vm::connect_stdin(vm);
     }
     wait_for_end(vm, events, monitor)
@@ -151,6 +158,15 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     };
     let handover = server.handover().clone();
     let commands = monitor.commands.clone();
+    // stdin and stdout are the stream: the transport moved them away and pointed stdout at stderr,
+    // so a serial console on stdio lands there (and takes no input).
+    let on_stdio = *server.local_uri() == Uri::Stdio;
+    if on_stdio && matches!(args.serial, SerialArg::Stdio) {
+        eprintln!(
+            "emu: --incoming stdio: stdout carries the migration stream, so the serial console goes to \
+             stderr (--serial file:PATH or none to send it elsewhere)"
+        );
+    }
     let notify = monitor.notify.clone();
 
     let serial = serial_sink(&args.serial)?;
@@ -217,7 +233,7 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
         }
         Decision::Discard(why) => anyhow::bail!("incoming migration: the guest will not run here: {why}"),
     }
-    Ok(serve_vm(&vm, &args, &events, &monitor))
+    Ok(serve_vm(&vm, &args, !on_stdio, &events, &monitor))
 }
 
 /// `--incoming file:PATH`: restores a checkpoint (`migrate {"uri": "file:PATH"}`) and runs it
@@ -255,7 +271,7 @@ fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Re
         if info.live { ", a live checkpoint" } else { "" },
         started.elapsed().as_secs_f64() * 1e3
     );
-    Ok(serve_vm(&vm, &args, &events, &monitor))
+    Ok(serve_vm(&vm, &args, true, &events, &monitor))
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
@@ -282,7 +298,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if !args.paused {
         vm.start()?;
     }
-    Ok(serve_vm(&vm, &args, &events, &monitor))
+    Ok(serve_vm(&vm, &args, true, &events, &monitor))
 }
 
 fn main() -> ExitCode {

@@ -41,8 +41,8 @@ pub struct MigrationController {
 /// The parameters every migration from this emu starts with, `tracker` (`--dirty-tracker`) as the
 /// dirty tracker. They exist before the guest does: a destination takes them before its incoming
 /// migration, for the guest's next migration from there.
-pub fn new_params(tracker: TrackerKind) -> Arc<Mutex<MigrationParams>> {
-    Arc::new(Mutex::new(MigrationParams { tracker, ..MigrationParams::default() }))
+pub fn new_params(tracker: TrackerKind, tls: migrate::transport::TlsCreds) -> Arc<Mutex<MigrationParams>> {
+    Arc::new(Mutex::new(MigrationParams { tracker, tls, ..MigrationParams::default() }))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -171,7 +171,22 @@ impl MigrationController {
         if let Some(path) = uri.strip_prefix("file:") {
             return self.checkpoint(path);
         }
+        let tls = self.params.lock().unwrap_or_else(|e| e.into_inner()).tls.clone();
         let uri: Uri = uri.parse()?;
+        let uri = with_tls(uri, &tls)?;
+        if uri == Uri::Stdio {
+            return Err(QmpError::generic(
+                "stdio is where a destination reads its stream (emu --incoming stdio); migrate to it with exec: or ssh:",
+            ));
+        }
+        if let Some(warning) = uri.plaintext_warning() {
+            // On stderr either way: the log's if it shows warnings, else a line of its own.
+            if log::log_enabled!(log::Level::Warn) {
+                log::warn!("{warning}");
+            } else {
+                eprintln!("emu: warning: {warning}");
+            }
+        }
         let mut current = self.current();
         if args.get("resume").and_then(Value::as_bool) == Some(true) {
             // QEMU's way back into a postcopy whose link broke: the destination listens again
@@ -262,6 +277,16 @@ impl MigrationController {
     }
 }
 
+/// `uri` with the TLS the parameters ask for (`tcp:` only: the others stay on this host or are
+/// encrypted already).
+pub fn with_tls(uri: Uri, tls: &migrate::transport::TlsCreds) -> Result<Uri, QmpError> {
+    if !matches!(uri, Uri::Tcp { .. }) || !tls.is_set() {
+        return Ok(uri);
+    }
+    let config = tls.load().map_err(|e| QmpError::generic(migrate::report(&e)))?;
+    Ok(uri.with_tls(config))
+}
+
 /// `query-migrate-parameters`.
 pub fn parameters(params: &Mutex<MigrationParams>) -> Value {
     params_json(&params.lock().unwrap_or_else(|e| e.into_inner()))
@@ -342,8 +367,23 @@ pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>
                     p.throttle_increment = v;
                 }
             }
+            // As QEMU's tls-creds: "" turns it off.
+            "tls-cert" | "tls-key" | "tls-ca" => {
+                let s = value.as_str().ok_or_else(|| QmpError::generic(format!("{key} must be a string (a path)")))?;
+                let path = (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+                match key.as_str() {
+                    "tls-cert" => p.tls.cert = path,
+                    "tls-key" => p.tls.key = path,
+                    _ => p.tls.ca = path,
+                }
+            }
             other => return Err(QmpError::generic(format!("unknown migration parameter {other}"))),
         }
+    }
+    // Checked once all three are there (they may come one per command), so that a bad file is
+    // told now rather than at the migration.
+    if p.tls.cert.is_some() && p.tls.key.is_some() && p.tls.ca.is_some() {
+        p.tls.load().map_err(|e| QmpError::generic(migrate::report(&e)))?;
     }
     *params.lock().unwrap_or_else(|e| e.into_inner()) = p;
     Ok(json!({}))
@@ -364,7 +404,14 @@ fn params_json(p: &MigrationParams) -> Value {
         "dirty-rate-limit": p.dirty_rate_limit,
         "cpu-throttle-initial": p.throttle_initial,
         "cpu-throttle-increment": p.throttle_increment,
+        "tls-cert": tls_path(&p.tls.cert),
+        "tls-key": tls_path(&p.tls.key),
+        "tls-ca": tls_path(&p.tls.ca),
     })
+}
+
+fn tls_path(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
 }
 
 /// `query-migrate`: QEMU's field names where QEMU has one, plus the pass history.

@@ -32,6 +32,8 @@ pub struct Setup {
     /// On an emu started with `--incoming`: where `migrate-incoming` hands the listener it opened
     /// (the main thread receives the migration on it).
     pub incoming: Option<Sender<IncomingServer>>,
+    /// `--tls-cert`, `--tls-key`, `--tls-ca`: the TLS parameters to start with.
+    pub tls: migrate::transport::TlsCreds,
 }
 
 /// What the monitor's commands act on. On a destination the monitor is up before the guest
@@ -115,7 +117,7 @@ impl Commands {
             vm: OnceLock::new(),
             migration: OnceLock::new(),
             incoming,
-            params: migration::new_params(s.tracker),
+            params: migration::new_params(s.tracker, s.tls),
             events: s.events,
             bus: s.bus,
             name: s.name,
@@ -182,10 +184,13 @@ impl Commands {
             return Err(QmpError::generic("The incoming migration has already been started"));
         };
         let uri: Uri = uri.parse()?;
+        let tls = self.params.lock().unwrap_or_else(|e| e.into_inner()).tls.clone();
+        let uri = migration::with_tls(uri, &tls)?;
         let server = IncomingServer::bind(&uri)
             .map_err(|e| QmpError::generic(format!("cannot listen on {uri}: {}", migrate::report(&e))))?;
         // Scripts and tests wait for this line to learn the port a tcp:HOST:0 got.
-        eprintln!("emu: waiting for an incoming migration on {}", server.local_uri());
+        let how = if matches!(uri, Uri::Tls { .. }) { "TLS: " } else { "" };
+        eprintln!("emu: {how}waiting for an incoming migration on {}", server.local_uri());
         let _ = incoming.handover.set(server.handover().clone());
         tx.send(server).map_err(|_| QmpError::generic("emu is shutting down"))?;
         *start = None;
@@ -210,6 +215,9 @@ impl Commands {
         let uri =
             args.get("uri").and_then(Value::as_str).ok_or_else(|| QmpError::generic("Parameter 'uri' is missing"))?;
         let uri: migrate::transport::Uri = uri.parse()?;
+        // Over TLS if the migration was: the source resumes with its tls-* parameters.
+        let tls = self.params.lock().unwrap_or_else(|e| e.into_inner()).tls.clone();
+        let uri = migration::with_tls(uri, &tls)?;
         let h = self.handover().ok_or_else(|| QmpError::generic("no incoming migration here"))?;
         let local = migrate::postcopy::dest::listen_for_resume(h.clone(), &uri)
             .map_err(|e| QmpError::generic(migrate::report(&e)))?;

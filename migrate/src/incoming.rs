@@ -107,7 +107,10 @@ impl IncomingServer {
 
     /// Waits for the migration connection (the first valid one).
     pub fn next_migration(&self) -> io::Result<Accepted> {
-        self.migrations.recv().map_err(|_| io::Error::other("the incoming listener stopped"))
+        self.migrations.recv().map_err(|_| match self.local {
+            Uri::Stdio => io::Error::other("no migration came on stdin"),
+            _ => io::Error::other("the incoming listener stopped"),
+        })
     }
 
     /// Goes on listening in the background until the source knows the outcome: until then a
@@ -138,9 +141,18 @@ fn accept_loop(
     let screening = Arc::new(AtomicUsize::new(0));
     let taken = Arc::new(AtomicBool::new(false));
     let joins = Arc::new(ChannelJoins::default());
+    let single = matches!(listener, Listener::Stdio(_));
+    let tls = listener.tls();
     let done =
         || stop.load(Ordering::SeqCst) || (until_informed.load(Ordering::SeqCst) && handover.is_source_informed());
     while !done() {
+        // stdio has one connection: once it is screened (the migration, or refused) nothing more
+        // can come, and a destination whose stream was refused must end instead of waiting. The
+        // migration goes on without this loop (no RESOLVE can reach a pipe: an unresolved
+        // handover waits for the operator's migrate-resolve).
+        if listener.exhausted() && screening.load(Ordering::SeqCst) == 0 {
+            break;
+        }
         let conn = match listener.accept_timeout(ACCEPT_TICK) {
             Ok(Some(c)) => c,
             Ok(None) => continue,
@@ -156,12 +168,41 @@ fn accept_loop(
             continue;
         }
         let (h, n, t, tx, j) = (handover.clone(), screening.clone(), taken.clone(), tx.clone(), joins.clone());
+        let tls = tls.clone();
         let spawned = std::thread::Builder::new().name("incoming-screen".into()).spawn(move || {
-            screen(conn, &h, &t, &j, &tx);
+            let conn = match tls {
+                None => Some(conn),
+                Some(config) => secure(conn, &config),
+            };
+            if let Some(conn) = conn {
+                screen(conn, &h, &t, &j, &tx, single);
+            }
             n.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
             screening.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A destination with TLS credentials takes TLS only: the handshake first, within the screening
+/// deadline. A plain emu stream is told so, plainly (its source then says why, instead of seeing a
+/// broken stream), and nothing else happens: the destination goes on listening.
+fn secure(conn: Connection, config: &crate::transport::TlsConfig) -> Option<Connection> {
+    use crate::transport::{secure_incoming, Secured};
+    match secure_incoming(conn, config, Instant::now() + SCREEN_DEADLINE) {
+        Secured::Tls(c) => Some(c),
+        Secured::Plain(c) => {
+            eprintln!("emu: incoming: refused a plain (not TLS) migration stream; still listening");
+            refuse(
+                c,
+                "this destination takes TLS only (it has tls-cert, tls-key and tls-ca): a plain stream is refused",
+            );
+            None
+        }
+        Secured::Failed(e) => {
+            eprintln!("emu: incoming: refused a connection: {e}; still listening");
+            None
         }
     }
 }
@@ -219,6 +260,7 @@ fn screen(
     taken: &AtomicBool,
     joins: &ChannelJoins,
     tx: &mpsc::Sender<Accepted>,
+    single: bool,
 ) {
     match opening(&conn) {
         Ok(Opening::Migration(header, bytes_so_far)) => {
@@ -248,7 +290,7 @@ fn screen(
         Err(e) if e.is_link_failure() => log::info!("incoming: a connection dropped: {}", crate::report(&e)),
         Err(e) => {
             let why = crate::report(&e);
-            eprintln!("emu: incoming: refused a connection: {why}; still listening");
+            eprintln!("emu: incoming: refused a connection: {why}{}", if single { "" } else { "; still listening" });
             refuse(conn, &why);
         }
     }

@@ -85,6 +85,9 @@ pub struct MigrationParams {
     /// Connections the pages travel on, one sender thread each (`channel.rs`); 1 to
     /// [`crate::stream::MAX_CHANNELS`]. Takes effect at the next `migrate`.
     pub channels: u32,
+    /// Mutual TLS for `tcp:` (`tls-cert`, `tls-key`, `tls-ca`; `transport/tls.rs`): the monitor
+    /// turns a `tcp:` URI into a TLS one with them; the sender never looks.
+    pub tls: crate::transport::TlsCreds,
     /// How page data is compressed where that pays (`compress.rs`), and zstd's level.
     pub compress: Codec,
     pub compress_level: i32,
@@ -168,6 +171,7 @@ impl Default for MigrationParams {
             throttle_increment: 10,
             dirty_rate_limit: 0,
             channels: DEFAULT_CHANNELS,
+            tls: Default::default(),
             compress: Codec::None,
             compress_level: 1,
             drop_final_pages: 0,
@@ -487,7 +491,7 @@ fn migrate(
     steering: Steering<'_>,
 ) -> Result<(), MigrationError> {
     let Steering { cancel, postcopy } = steering;
-    let conn = transport::connect(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
+    let conn = transport::open(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
     // A destination that stops taking data fails the migration rather than hanging it.
     conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
     cancel.attach(&conn);
@@ -601,7 +605,8 @@ impl Sender<'_> {
             migration_id: self.migration_id,
             page_size: PAGE_SIZE as u32,
             vcpu_count: self.vm.vcpu_count() as u32,
-            channels: self.params().channels,
+            // One on exec:/ssh: (a single pipe): their channels could only start more destinations.
+            channels: transport::channels_for(self.uri, self.params().channels),
             asks_base: true,
             regions: layout.regions().to_vec(),
         };

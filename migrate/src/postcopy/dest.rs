@@ -441,6 +441,19 @@ pub fn listen_for_resume(handover: Arc<Handover>, uri: &Uri) -> Result<Uri, Post
                     return;
                 }
             };
+            // A destination with TLS credentials recovers over TLS only, as it was migrated.
+            let conn = match listener.tls() {
+                None => conn,
+                Some(config) => {
+                    match crate::transport::secure_incoming(conn, &config, Instant::now() + RESUME_SCREEN) {
+                        crate::transport::Secured::Tls(c) => c,
+                        _ => {
+                            log::warn!("postcopy recovery: refused a connection that is not TLS");
+                            continue;
+                        }
+                    }
+                }
+            };
             match screen_resume(&conn, &handover) {
                 Ok(()) => {
                     if let Err(e) = pc.resume(&conn) {
@@ -458,6 +471,9 @@ pub fn listen_for_resume(handover: Arc<Handover>, uri: &Uri) -> Result<Uri, Post
         .map_err(PostcopyError::Write)?;
     Ok(local)
 }
+
+/// How long a recovery connection has for its TLS handshake (as for its first records).
+const RESUME_SCREEN: Duration = Duration::from_secs(5);
 
 /// The first records of a recovery connection: preamble, then RESUME for this migration.
 fn screen_resume(conn: &Connection, handover: &Handover) -> Result<(), String> {

@@ -1,0 +1,453 @@
+//! Mutual TLS for `tcp:` (rustls): both ends show a certificate signed by the CA both trust, as
+//! QEMU's `tls-creds-x509` with `verify-peer`. The credentials are the migration parameters
+//! `tls-cert` (this end's certificate chain, PEM), `tls-key` (its private key, PEM) and `tls-ca`
+//! (the CA certificates that sign the peer's, PEM). The source checks the destination's
+//! certificate against the host in the URI (a DNS name or an IP address in its subjectAltName);
+//! the destination accepts any certificate the CA signed.
+//!
+//! The rest of `migrate` never sees TLS: a handshaken connection is handed over as one end of a
+//! Unix socket pair, and a relay thread moves bytes between the other end and the TLS session
+//! (`relay`). So timeouts, `shutdown` from another thread, half-close (`finish_writing` becomes
+//! close_notify) and `poll` all keep their socket meaning, and a TLS connection cannot be used
+//! half-way by two threads (rustls' state is not shared). The cost, a copy through the pair, is
+//! small beside the encryption itself.
+//!
+//! A destination with credentials takes TLS only: a plain emu stream is answered with a plain
+//! ERROR record, so that its source says why instead of seeing a broken stream, and nothing else
+//! happens. Session tickets are off: a migration connection is never resumed, and a ticket would
+//! be data the source reads but nobody asked for.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use super::Connection;
+
+/// Where the credentials are: the three migration parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsCreds {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("TLS needs all of tls-cert, tls-key and tls-ca ({0} is not set)")]
+    Incomplete(&'static str),
+    #[error("cannot read {what} {}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{what} {} holds no certificate", path.display())]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("the CA certificates of tls-ca")]
+    Ca(#[source] rustls::Error),
+    #[error("the client verifier for tls-ca")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("tls-cert and tls-key")]
+    Credentials(#[source] rustls::Error),
+}
+
+/// Both ends' rustls configurations, built once from [`TlsCreds`].
+pub struct TlsConfig {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig")
+    }
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |source| TlsError::Read { what, path: path.to_path_buf(), source };
+    let certs = CertificateDer::pem_file_iter(path).map_err(read)?.collect::<Result<Vec<_>, _>>().map_err(read)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { what, path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+impl TlsCreds {
+    /// Whether any credential is set (then all must be).
+    pub fn is_set(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+    }
+
+    /// Reads the files and builds both configurations; `None` if no credential is set.
+    pub fn load(&self) -> Result<Option<Arc<TlsConfig>>, TlsError> {
+        if !self.is_set() {
+            return Ok(None);
+        }
+        let cert = self.cert.as_deref().ok_or(TlsError::Incomplete("tls-cert"))?;
+        let key = self.key.as_deref().ok_or(TlsError::Incomplete("tls-key"))?;
+        let ca = self.ca.as_deref().ok_or(TlsError::Incomplete("tls-ca"))?;
+        let chain = certs("tls-cert", cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+            what: "tls-key",
+            path: key.to_path_buf(),
+            source,
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs("tls-ca", ca)? {
+            roots.add(c).map_err(TlsError::Ca)?;
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Credentials)?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .map_err(TlsError::Credentials)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(TlsError::Verifier)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Credentials)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Credentials)?;
+        server.send_tls13_tickets = 0;
+        Ok(Some(Arc::new(TlsConfig { client: Arc::new(client), server: Arc::new(server) })))
+    }
+}
+
+/// Runs the handshake on a blocking socket (its timeouts bound it).
+fn handshake(conn: &mut rustls::Connection, tcp: &mut TcpStream) -> io::Result<()> {
+    while conn.is_handshaking() {
+        conn.complete_io(tcp)?;
+    }
+    // The last flight (a client's Finished) may still be queued.
+    while conn.wants_write() {
+        conn.write_tls(tcp)?;
+    }
+    Ok(())
+}
+
+/// Source side: TLS over a connected socket, checking the destination's certificate against
+/// `host`.
+pub(crate) fn client(mut tcp: TcpStream, host: &str, cfg: &TlsConfig, timeout: Duration) -> io::Result<Connection> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("'{host}' is not a TLS server name: {e}")))?;
+    let conn = rustls::ClientConnection::new(cfg.client.clone(), name).map_err(io::Error::other)?;
+    let mut conn = rustls::Connection::from(conn);
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    handshake(&mut conn, &mut tcp).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("TLS handshake: {e} (does the destination have tls-cert, tls-key and tls-ca, from the same CA?)"),
+        )
+    })?;
+    relayed(tcp, conn)
+}
+
+/// Why a destination did not take a connection as TLS.
+pub(crate) enum NotTls {
+    /// A plain emu stream: answer it (plainly) that TLS is required.
+    PlainStream(TcpStream),
+    /// Anything else: a failed handshake, a bad certificate, garbage, silence.
+    Failed(io::Error),
+}
+
+/// Destination side: the TLS handshake on an accepted socket, by `until`.
+pub(crate) fn server(mut tcp: TcpStream, cfg: &TlsConfig, until: Instant) -> Result<Connection, NotTls> {
+    let left = until.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let set = tcp.set_read_timeout(Some(left)).and_then(|_| tcp.set_write_timeout(Some(left)));
+    set.map_err(NotTls::Failed)?;
+    // A TLS connection opens with a handshake record (type 0x16); an emu stream with its magic.
+    let mut first = [0u8; 3];
+    match tcp.peek(&mut first) {
+        Ok(n) if n > 0 && first[..n] == crate::stream::MAGIC[..n] => return Err(NotTls::PlainStream(tcp)),
+        Ok(_) => {}
+        Err(e) => return Err(NotTls::Failed(e)),
+    }
+    let conn = rustls::ServerConnection::new(cfg.server.clone()).map_err(|e| NotTls::Failed(io::Error::other(e)))?;
+    let mut conn = rustls::Connection::from(conn);
+    handshake(&mut conn, &mut tcp)
+        .map_err(|e| NotTls::Failed(io::Error::new(e.kind(), format!("TLS handshake: {e}"))))?;
+    relayed(tcp, conn).map_err(NotTls::Failed)
+}
+
+/// Hands the session to a relay thread; returns the local end of its socket pair.
+fn relayed(tcp: TcpStream, conn: rustls::Connection) -> io::Result<Connection> {
+    let (local, inner) = UnixStream::pair()?;
+    tcp.set_read_timeout(None)?;
+    tcp.set_write_timeout(None)?;
+    tcp.set_nonblocking(true)?;
+    inner.set_nonblocking(true)?;
+    std::thread::Builder::new().name("tls-relay".into()).spawn(move || {
+        if let Err(e) = relay(&tcp, conn, &inner) {
+            log::info!("tls: the connection ended: {e}");
+        }
+        let _ = tcp.shutdown(Shutdown::Both);
+        let _ = inner.shutdown(Shutdown::Both);
+    })?;
+    Ok(Connection::Unix(local))
+}
+
+/// Plaintext held for the local end before the relay stops reading from the network (and so
+/// holds the peer back, as a full socket buffer would).
+const PLAIN_CAP: usize = 1 << 20;
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}
+
+/// Moves bytes both ways until both directions have ended (or either fails): network records
+/// through rustls to the local end, the local end's bytes through rustls to the network. The end
+/// of the local end's stream becomes close_notify; close_notify (or the network's end) becomes the
+/// end of the local end's stream.
+fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> io::Result<()> {
+    let mut tcp_r = tcp;
+    let mut tcp_w = tcp;
+    let (mut local_r, mut local_w) = (local, local);
+    let mut plain: Vec<u8> = Vec::new(); // for the local end, not yet written
+    let mut buf = vec![0u8; 64 << 10];
+    // tcp_eof: the socket ended; net_done: the TLS stream ended (close_notify, every byte of
+    // plaintext before it taken from rustls), which comes after tcp_eof's records are decrypted.
+    let (mut tcp_eof, mut net_done, mut local_done, mut local_told) = (false, false, false, false);
+    loop {
+        while conn.wants_write() {
+            match conn.write_tls(&mut tcp_w) {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        while !net_done && plain.len() < PLAIN_CAP {
+            match conn.reader().read(&mut buf) {
+                Ok(0) => {
+                    net_done = true;
+                    break;
+                }
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // The network ended without close_notify: a truncation, not an end. What came
+                // before it still goes to the local end, whose reader then sees the end.
+                Err(e) if plain.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        while !plain.is_empty() {
+            match local_w.write(&plain) {
+                Ok(n) => {
+                    plain.drain(..n);
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if net_done && plain.is_empty() && !local_told {
+            let _ = local.shutdown(Shutdown::Write);
+            local_told = true;
+        }
+        if local_done && net_done && plain.is_empty() && !conn.wants_write() {
+            return Ok(());
+        }
+        let mut fds = [
+            libc::pollfd { fd: tcp.as_raw_fd(), events: 0, revents: 0 },
+            libc::pollfd { fd: local.as_raw_fd(), events: 0, revents: 0 },
+        ];
+        if !tcp_eof && plain.len() < PLAIN_CAP {
+            fds[0].events |= libc::POLLIN;
+        }
+        if conn.wants_write() {
+            fds[0].events |= libc::POLLOUT;
+        }
+        // No more plaintext taken in while records are still queued for the network.
+        if !local_done && !conn.wants_write() {
+            fds[1].events |= libc::POLLIN;
+        }
+        if !plain.is_empty() {
+            fds[1].events |= libc::POLLOUT;
+        }
+        // SAFETY: two valid pollfds, alive for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let hup = libc::POLLHUP | libc::POLLERR;
+        // The local end is closed for good (dropped, or shut down both ways): nobody will read
+        // what the peer still sends, and only the close_notify is left to go out.
+        if local_done && fds[1].revents & libc::POLLHUP != 0 {
+            while conn.wants_write() && conn.write_tls(&mut tcp_w).is_ok() {}
+            return Ok(());
+        }
+        if fds[0].revents & (libc::POLLIN | hup) != 0 && fds[0].events & libc::POLLIN != 0 {
+            match conn.read_tls(&mut tcp_r) {
+                Ok(0) => tcp_eof = true,
+                Ok(_) => {
+                    if let Err(e) = conn.process_new_packets() {
+                        // The alert, if any, goes out before the connection closes.
+                        let _ = conn.write_tls(&mut tcp_w);
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    }
+                }
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if fds[1].revents & (libc::POLLIN | hup) != 0 && fds[1].events & libc::POLLIN != 0 {
+            match local_r.read(&mut buf) {
+                Ok(0) => {
+                    local_done = true;
+                    conn.send_close_notify();
+                }
+                Ok(n) => conn.writer().write_all(&buf[..n])?,
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if fds[1].revents & hup != 0 && fds[1].events & libc::POLLOUT != 0 {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the local end closed"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{connect, secure_incoming, Listener, Secured, Uri};
+
+    /// Credentials from `scripts/test-certs.sh` (openssl), in a fresh directory.
+    fn certs_dir() -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("emu-tls-{}-{n}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-certs.sh");
+        let ok = std::process::Command::new("sh").arg(script).arg(&dir).status().is_ok_and(|s| s.success());
+        assert!(ok, "scripts/test-certs.sh (needs openssl)");
+        dir
+    }
+
+    fn creds(dir: &Path, who: &str, ca: &str) -> Arc<TlsConfig> {
+        let c = TlsCreds {
+            cert: Some(dir.join(format!("{who}.pem"))),
+            key: Some(dir.join(format!("{who}.key"))),
+            ca: Some(dir.join(format!("{ca}.pem"))),
+        };
+        c.load().unwrap().expect("credentials set")
+    }
+
+    /// A TLS listener on 127.0.0.1 and the URI a source uses to reach it with `client`.
+    fn listen(server: Arc<TlsConfig>, client: Arc<TlsConfig>) -> (Listener, Uri) {
+        let uri = Uri::Tcp { host: "127.0.0.1".into(), port: 0 }.with_tls(Some(server));
+        let l = Listener::bind(&uri).unwrap();
+        let Uri::Tls { host, port, .. } = l.local_uri().unwrap() else { panic!("not TLS") };
+        (l, Uri::Tcp { host, port }.with_tls(Some(client)))
+    }
+
+    fn accept(l: &Listener) -> Connection {
+        loop {
+            if let Some(c) = l.accept_timeout(Duration::from_secs(5)).unwrap() {
+                return c;
+            }
+        }
+    }
+
+    #[test]
+    fn mutual_tls_carries_both_directions_and_half_closes() {
+        let dir = certs_dir();
+        let (l, uri) = listen(creds(&dir, "dst", "ca"), creds(&dir, "src", "ca"));
+        let config = l.tls().unwrap();
+        let server = std::thread::spawn(move || {
+            let conn = match secure_incoming(accept(&l), &config, Instant::now() + Duration::from_secs(5)) {
+                Secured::Tls(c) => c,
+                Secured::Plain(_) => panic!("taken for plain"),
+                Secured::Failed(e) => panic!("handshake: {e}"),
+            };
+            // Echo until the source's end (close_notify), then end ours.
+            let mut all = Vec::new();
+            (&conn).read_to_end(&mut all).unwrap();
+            (&conn).write_all(&all).unwrap();
+            conn.finish_writing().unwrap();
+            all.len()
+        });
+        let conn = connect(&uri).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        (&conn).write_all(&data).unwrap();
+        conn.finish_writing().unwrap();
+        let mut back = Vec::new();
+        (&conn).read_to_end(&mut back).unwrap();
+        assert_eq!(server.join().unwrap(), data.len());
+        assert!(back == data, "{} bytes back of {}", back.len(), data.len());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_plain_stream_and_a_stranger_are_refused() {
+        let dir = certs_dir();
+        let (l, uri) = listen(creds(&dir, "dst", "ca"), creds(&dir, "stranger", "ca"));
+        let config = l.tls().unwrap();
+        let Uri::Tls { host, port, .. } = uri.clone() else { panic!() };
+        // A plain emu stream: recognised as such, to be refused plainly.
+        let mut plain = TcpStream::connect((host.as_str(), port)).unwrap();
+        plain.write_all(crate::stream::MAGIC).unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        assert!(matches!(secure_incoming(accept(&l), &config, until), Secured::Plain(_)));
+        // A certificate from another CA: the destination refuses it, and the source says so.
+        let t = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(5);
+            match secure_incoming(accept(&l), &config, until) {
+                Secured::Failed(e) => e.to_string(),
+                _ => panic!("a stranger's certificate taken"),
+            }
+        });
+        let source_side = match connect(&uri) {
+            // TLS 1.3: the client may finish before it hears the server's refusal.
+            Ok(c) => (&c).read(&mut [0u8; 1]).map(|n| n.to_string()).unwrap_or_else(|e| e.to_string()),
+            Err(e) => e.to_string(),
+        };
+        let dest_side = t.join().unwrap();
+        assert!(dest_side.contains("TLS handshake") && dest_side.to_lowercase().contains("cert"), "{dest_side}");
+        assert_ne!(source_side, "1", "data from a destination that refused: {source_side}");
+        // A destination whose certificate another CA signed: the source refuses it.
+        let (l, uri) = listen(creds(&dir, "stranger", "ca"), creds(&dir, "src", "ca"));
+        let config = l.tls().unwrap();
+        let t = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(5);
+            matches!(secure_incoming(accept(&l), &config, until), Secured::Failed(_))
+        });
+        let e = connect(&uri).expect_err("a stranger destination").to_string();
+        assert!(e.contains("TLS handshake") && e.contains("UnknownIssuer"), "{e}");
+        assert!(t.join().unwrap());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn credentials_are_checked() {
+        let dir = certs_dir();
+        let full =
+            TlsCreds { cert: Some(dir.join("src.pem")), key: Some(dir.join("src.key")), ca: Some(dir.join("ca.pem")) };
+        assert!(TlsCreds::default().load().unwrap().is_none());
+        let e = TlsCreds { ca: None, ..full.clone() }.load().unwrap_err();
+        assert_eq!(e.to_string(), "TLS needs all of tls-cert, tls-key and tls-ca (tls-ca is not set)");
+        let e = TlsCreds { cert: Some(dir.join("nope.pem")), ..full.clone() }.load().unwrap_err();
+        assert!(crate::report(&e).contains("cannot read tls-cert"), "{}", crate::report(&e));
+        // A key file as the certificate: no certificate in it.
+        let e = TlsCreds { cert: Some(dir.join("src.key")), ..full.clone() }.load().unwrap_err();
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+        // A key that is not the certificate's.
+        let e = TlsCreds { key: Some(dir.join("dst.key")), ..full }.load().unwrap_err();
+        assert!(crate::report(&e).contains("tls-cert and tls-key"), "{}", crate::report(&e));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
