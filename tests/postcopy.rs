@@ -20,7 +20,17 @@ const PAGES: u8 = 0x02;
 /// Starts a migration of `src` to `uri` slow enough (capped precopy) that it is still in pass 0
 /// when it switches to postcopy.
 fn start_then_postcopy(src: &Emu, uri: &str) {
-    src.qmp_ok("migrate-set-parameters", json!({"max-bandwidth": 16 << 20}));
+    start_then_postcopy_paced(src, uri, 0);
+}
+
+/// As [`start_then_postcopy`], with postcopy's background push held to `postcopy_bandwidth`
+/// bytes/s (0: none), so that a running destination surely faults on pages still owed, however
+/// busy the host.
+fn start_then_postcopy_paced(src: &Emu, uri: &str, postcopy_bandwidth: u64) {
+    src.qmp_ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 16 << 20, "max-postcopy-bandwidth": postcopy_bandwidth}),
+    );
     src.qmp_ok("migrate", json!({"uri": uri}));
     let deadline = Instant::now() + T;
     loop {
@@ -99,7 +109,7 @@ fn the_verify_guest_runs_on_while_its_pages_arrive() {
     let src = Emu::boot(&["--smp", "2", "--mem", "256M", "--append", "wl=verify:64"]);
     src.expect_line("verify: written=", T);
     let (dst, uri) = Emu::incoming(&[]);
-    start_then_postcopy(&src, &uri);
+    start_then_postcopy_paced(&src, &uri, 32 << 20);
     let info = common::wait_migration(&src, T);
     assert_eq!(info["status"], "completed", "{info}\n{}\n{}", src.stderr(), dst.stderr());
     let dinfo = wait_status(&dst, "completed");
@@ -122,7 +132,7 @@ fn a_link_broken_three_times_during_postcopy_is_recovered() {
     let (dst, uri) = Emu::incoming(&[]);
     let proxy = Proxy::start(&uri, Dir::ToSource, PAGE_REQUEST, Action::Cut);
     // A slow postcopy, so that it is still going when the cuts come.
-    start_then_postcopy(&src, &proxy.uri);
+    start_then_postcopy_paced(&src, &proxy.uri, 16 << 20);
     let paused = wait_status(&src, "postcopy-paused");
     assert!(paused["postcopy"]["paused-reason"].as_str().is_some(), "{paused}");
     wait_status(&dst, "postcopy-paused");
@@ -170,7 +180,7 @@ fn a_source_killed_during_postcopy_leaves_the_destination_waiting() {
     src.expect_line("verify: written=", T);
     let (dst, uri) = Emu::incoming(&[]);
     let proxy = Proxy::start(&uri, Dir::ToSource, PAGE_REQUEST, Action::Hold);
-    start_then_postcopy(&src, &proxy.uri);
+    start_then_postcopy_paced(&src, &proxy.uri, 16 << 20);
     assert!(proxy.wait_held(T), "no page request came");
     src.kill();
     proxy.release(common::proxy::Release::Cut);

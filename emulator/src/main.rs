@@ -263,8 +263,8 @@ fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Re
     ckpt.restore_ram(migrate::vm::MigratableVm::ram(&*vm))?;
     vm.restore_machine_state(&ckpt.state)?;
     monitor.commands.attach(vm.clone());
-    let _monitor = monitor.serve(&args)?;
     vm.finish_incoming(info.guest_was_running && !args.paused)?;
+    let _monitor = monitor.serve(&args)?;
     eprintln!(
         "emu: restored {path} ({} MiB of data{}) in {:.1} ms",
         (info.data_pages * 4096) >> 20,
@@ -294,10 +294,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx, Some((&image, &cmdline)))?;
     monitor.commands.attach(vm.clone());
-    let _monitor = monitor.serve(&args)?;
+    // Started before the monitor listens: a client that connects at once must not hear the boot's
+    // RESUME in place of its first reply (QEMU's clients, too, connect to a guest already running).
     if !args.paused {
         vm.start()?;
     }
+    let _monitor = monitor.serve(&args)?;
     Ok(serve_vm(&vm, &args, true, &events, &monitor))
 }
 

@@ -339,6 +339,7 @@ pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>
             "max-passes" => {
                 p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
             }
+            "max-postcopy-bandwidth" => p.max_postcopy_bandwidth = number()?,
             "postcopy-after-passes" => {
                 p.postcopy_after_passes =
                     u32::try_from(number()?).map_err(|_| QmpError::generic("postcopy-after-passes is too large"))?
@@ -395,6 +396,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "max-bandwidth": p.max_bandwidth,
         "max-passes": p.max_passes,
         "postcopy-after-passes": p.postcopy_after_passes,
+        "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
         "channels": p.channels,
         "compress": p.compress.name(),
         "compress-level": p.compress_level,

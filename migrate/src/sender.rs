@@ -62,6 +62,9 @@ pub struct MigrationParams {
     /// limit. 30 bounds the migration of a guest that writes faster than the link (QEMU would loop
     /// until cancelled); converging guests stop far earlier.
     pub max_passes: u32,
+    /// Bytes per second postcopy's background push may use (0: no limit, QEMU's default too);
+    /// pages the destination asks for are sent at once whatever it says.
+    pub max_postcopy_bandwidth: u64,
     /// Switch to postcopy once this many passes after pass 0 are done (0: only when told, or by
     /// the stall policy).
     pub postcopy_after_passes: u32,
@@ -164,6 +167,7 @@ impl Default for MigrationParams {
             max_bandwidth: 0,
             max_passes: 30,
             postcopy_after_passes: 0,
+            max_postcopy_bandwidth: 0,
             tracker: DEFAULT_TRACKER,
             switchover_timeout: Duration::from_secs(1),
             stall_policy: StallPolicy::Throttle,
@@ -956,7 +960,9 @@ impl Sender<'_> {
                 log::info!("postcopy resumed; {} pages still owed", owed.owed.count());
             }
             self.progress.update(|p| p.status = Status::PostcopyActive);
-            let pushed = postcopy::source::push(&self.ram, &mut self.out.enc, &self.conn, &mut owed, self.progress);
+            let cap = self.params().max_postcopy_bandwidth;
+            let pushed =
+                postcopy::source::push(&self.ram, &mut self.out.enc, &self.conn, &mut owed, self.progress, cap);
             let bytes = self.bytes_written();
             let stats = owed.stats.clone();
             self.progress.update(|p| {

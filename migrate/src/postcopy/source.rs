@@ -70,6 +70,7 @@ pub fn push(
     conn: &Connection,
     owed: &mut OwedPages,
     progress: &ProgressCell,
+    background_cap: u64,
 ) -> Result<(), PostcopyError> {
     let (tx, heard) = mpsc::channel();
     let reader = conn.try_clone().map_err(PostcopyError::Write)?;
@@ -84,10 +85,22 @@ pub fn push(
     let mut buf = vec![0u8; PAGE_SIZE];
     let layout = ram.layout().clone();
     let mut last_report = Instant::now();
+    // `max-postcopy-bandwidth`: the background push keeps to it; asked-for pages never wait.
+    let (paced_from, mut pushed_bytes) = (Instant::now(), 0u64);
+    let mut early: Option<Heard> = None;
     loop {
+        if background_cap > 0 && early.is_none() {
+            let due = Duration::from_secs_f64(pushed_bytes as f64 / background_cap as f64);
+            if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
+                enc.flush().map_err(PostcopyError::Write)?;
+                early = heard.recv_timeout(wait).ok();
+            }
+        }
         // Requests first, each answered at once.
         loop {
-            let h = if owed.owed.count() == 0 && owed.stats.owed_left == 0 {
+            let h = if let Some(h) = early.take() {
+                h
+            } else if owed.owed.count() == 0 && owed.stats.owed_left == 0 {
                 enc.flush().map_err(PostcopyError::Write)?;
                 match heard.recv_timeout(COMPLETE_WAIT) {
                     Ok(h) => h,
@@ -149,11 +162,13 @@ pub fn push(
             .chain(owed.owed.ones_in_range(0, owed.cursor))
             .take(MAX_PAGES_PER_RECORD)
             .collect();
+        let before = enc.bytes_written();
         for &page in &next {
             send_page(ram, enc, &mut batch, &mut zero_run, &mut buf, page)?;
             owed.owed.clear_bit(page);
             owed.stats.pages_pushed += 1;
         }
+        pushed_bytes += enc.bytes_written() - before;
         if let Some(&last) = next.last() {
             owed.cursor = last + 1;
         }
