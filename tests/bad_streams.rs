@@ -29,6 +29,7 @@ fn header(mem: u64, vcpus: u32) -> StreamHeader {
         migration_id: 1,
         channels: 1,
         asks_base: false,
+        handover: false,
         regions: vec![RamRegion { gpa: 0, size: mem }],
     }
 }

@@ -173,3 +173,44 @@ fn a_migration_from_a_base_sends_only_what_changed() {
         from = next;
     }
 }
+
+/// Same-host handover (`--memfd`, `mode` `cpr-transfer`, `unix:`): the destination maps the
+/// guest's memory itself; RAM equal page for page, the verify guest goes on there, and hardly a
+/// byte of it travels. Without --memfd, or over tcp:, the migration is refused with the reason
+/// and the source runs on.
+#[test]
+fn a_same_host_handover_passes_the_memory_itself() {
+    require_kvm!();
+    let dir = ScratchDir::new();
+    let src = Emu::boot(&["--memfd", "--mem", "256M", "--append", "wl=verify:64"]);
+    src.expect_line("verify: written=", T);
+    src.qmp_ok("migrate-set-parameters", json!({"mode": "cpr-transfer"}));
+    let sock = dir.path("handover.sock");
+    let (dst, _) = Emu::incoming_at(&format!("unix:{}", sock.display()), &["-S"]);
+    let info = common::migrate(&src, &format!("unix:{}", sock.display()), T);
+    assert_eq!(info["status"], "completed", "{info}\n{}", dst.stderr());
+    assert!(info["ram"]["transferred"].as_u64().unwrap() < 1 << 20, "the memory did not travel: {info}");
+    assert!(dst.wait_monitor(T));
+    assert_eq!(src.status(), "postmigrate");
+    assert_eq!(src.ram_digest()["digest"], dst.ram_digest()["digest"]);
+    dst.qmp_ok("cont", json!({}));
+    for _ in 0..2 {
+        let n = dst.line_count();
+        dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    }
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+
+    // Private RAM, and a tcp: URI: refused, the source runs on.
+    let private = Emu::boot(&["--mem", "64M", "--append", "wl=idle"]);
+    private.qmp_ok("migrate-set-parameters", json!({"mode": "cpr-transfer"}));
+    let info = common::migrate(&private, &format!("unix:{}", dir.path("x.sock").display()), T);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(info["error-desc"].as_str().unwrap().contains("--memfd"), "{info}");
+    assert_eq!(private.status(), "running");
+    let shared = Emu::boot(&["--memfd", "--mem", "64M", "--append", "wl=idle"]);
+    shared.qmp_ok("migrate-set-parameters", json!({"mode": "cpr-transfer"}));
+    let info = common::migrate(&shared, "tcp:127.0.0.1:1", T);
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(info["error-desc"].as_str().unwrap().contains("unix:"), "{info}");
+    assert_eq!(shared.status(), "running");
+}

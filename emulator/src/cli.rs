@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// chosen here, since KVM's rings are set up with the vCPUs).
     #[arg(long, value_name = "TRACKER", default_value = DEFAULT_TRACKER.name())]
     pub dirty_tracker: TrackerKind,
+    /// Keep guest RAM in memfds (as QEMU's memory-backend-memfd), so that a migration with
+    /// `mode` `cpr-transfer` to another emu on this host hands the memory over instead of copying.
+    #[arg(long)]
+    pub memfd: bool,
 }
 
 /// The default dirty tracker (see README.md: the fastest exact one, by measurement).

@@ -174,7 +174,9 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     let tracker = args.dirty_tracker;
     let dirty_ring = tracker == TrackerKind::KvmDirtyRing;
     let vm_notify = notify.clone();
-    let make_config = move |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring, notify: vm_notify };
+    let shared_ram = args.memfd;
+    let make_config =
+        move |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring, notify: vm_notify, shared_ram };
     // Receiving and waiting for GO happen off the main thread, so that `quit` still works meanwhile
     // (the guest never ran here, so nothing is lost by it).
     let (done_tx, done) = crossbeam_channel::bounded(1);
@@ -258,6 +260,7 @@ fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Re
         serial: serial_sink(&args.serial)?,
         dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
         notify: monitor.notify.clone(),
+        shared_ram: args.memfd,
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx, None)?;
     ckpt.restore_ram(migrate::vm::MigratableVm::ram(&*vm))?;
@@ -291,6 +294,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         serial: serial_sink(&args.serial)?,
         dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
         notify: monitor.notify.clone(),
+        shared_ram: args.memfd,
     };
     let vm: Arc<Vm> = Vm::create(config, events_tx, Some((&image, &cmdline)))?;
     monitor.commands.attach(vm.clone());

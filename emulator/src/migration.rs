@@ -340,6 +340,14 @@ pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>
                 p.max_passes = u32::try_from(number()?).map_err(|_| QmpError::generic("max-passes is too large"))?
             }
             "max-postcopy-bandwidth" => p.max_postcopy_bandwidth = number()?,
+            "mode" => {
+                p.handover = match value.as_str() {
+                    Some("normal") => false,
+                    // QEMU's name for handing memory over by file descriptor on one host.
+                    Some("cpr-transfer") => true,
+                    _ => return Err(QmpError::generic("mode is \"normal\" or \"cpr-transfer\"")),
+                }
+            }
             "postcopy-after-passes" => {
                 p.postcopy_after_passes =
                     u32::try_from(number()?).map_err(|_| QmpError::generic("postcopy-after-passes is too large"))?
@@ -397,6 +405,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "max-passes": p.max_passes,
         "postcopy-after-passes": p.postcopy_after_passes,
         "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+        "mode": if p.handover { "cpr-transfer" } else { "normal" },
         "channels": p.channels,
         "compress": p.compress.name(),
         "compress-level": p.compress_level,

@@ -114,6 +114,8 @@ pub struct VmConfig {
     pub dirty_ring: bool,
     /// Told when the guest stops and resumes (the monitor's STOP and RESUME events).
     pub notify: Notifier,
+    /// Guest RAM in memfds (`--memfd`), which a same-host handover passes on instead of copying.
+    pub shared_ram: bool,
 }
 
 /// Bytes of each vCPU's dirty ring: 4096 entries. A full ring costs its vCPU one exit and a harvest.
@@ -265,7 +267,8 @@ impl Vm {
             enable_dirty_ring(&kvm, &fd)?;
         }
 
-        let ram = Arc::new(GuestRam::new(RamLayout::pc(config.mem_bytes)?)?);
+        let layout = RamLayout::pc(config.mem_bytes)?;
+        let ram = Arc::new(if config.shared_ram { GuestRam::new_shared(layout)? } else { GuestRam::new(layout)? });
         for (slot, (region, host, len)) in ram.host_regions().enumerate() {
             let mem = kvm_userspace_memory_region {
                 slot: slot as u32,

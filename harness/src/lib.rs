@@ -148,6 +148,16 @@ impl Emu {
         (emu, uri)
     }
 
+    /// Starts a destination listening at `uri` (a `unix:` path, say); returns it and the URI it
+    /// reports.
+    pub fn incoming_at(uri: &str, extra: &[&str]) -> (Emu, String) {
+        let mut args = vec!["--incoming", uri];
+        args.extend_from_slice(extra);
+        let emu = Emu::spawn(&args);
+        let uri = emu.listening_uri();
+        (emu, uri)
+    }
+
     /// Starts a destination with `--incoming defer` and waits for its monitor: it listens once
     /// told to (`migrate-incoming`, then [`Emu::listening_uri`]).
     pub fn incoming_deferred(extra: &[&str]) -> Emu {

@@ -9,8 +9,9 @@
 //! concurrently, and a `&[u8]` over it would promise the compiler otherwise. The one exception is
 //! the `unsafe` [`GuestRam::pages_mut`], for a destination whose guest has not run yet.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use memmap2::{MmapMut, MmapOptions};
 
@@ -201,6 +202,9 @@ pub struct GuestRam {
     vmm_dirty: AtomicBitmap,
     vmm_logging: AtomicBool,
     gate: RwLock<Option<Arc<dyn WriteGate>>>,
+    /// Shared RAM (`--memfd`): one memfd per region, mapped MAP_SHARED, so that a same-host
+    /// handover can pass the memory itself to another emu instead of copying it.
+    shared: Mutex<Vec<OwnedFd>>,
 }
 
 // SAFETY: the raw pointers in `maps` point into mappings owned by the same struct, valid for its
@@ -225,8 +229,88 @@ impl GuestRam {
             advise_huge_pages(host, len);
             maps.push(Mapping { _mmap: mmap, host, len });
         }
+        Ok(Self::with_maps(layout, maps, Vec::new()))
+    }
+
+    fn with_maps(layout: RamLayout, maps: Vec<Mapping>, shared: Vec<OwnedFd>) -> Self {
         let vmm_dirty = AtomicBitmap::new(layout.page_count());
-        Ok(GuestRam { layout, maps, vmm_dirty, vmm_logging: AtomicBool::new(false), gate: RwLock::new(None) })
+        GuestRam {
+            layout,
+            maps,
+            vmm_dirty,
+            vmm_logging: AtomicBool::new(false),
+            gate: RwLock::new(None),
+            shared: Mutex::new(shared),
+        }
+    }
+
+    /// Guest RAM in memfds (one per region, MAP_SHARED): what a same-host handover passes on.
+    pub fn new_shared(layout: RamLayout) -> Result<Self, RamError> {
+        let mut maps = Vec::new();
+        let mut fds = Vec::new();
+        for r in layout.regions() {
+            let map_err = |error| RamError::Map { size: r.size, error };
+            // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new fd or -1.
+            let fd = unsafe { libc::memfd_create(c"emu-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(map_err(std::io::Error::last_os_error()));
+            }
+            // SAFETY: a fresh fd that nothing else owns.
+            let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            file.set_len(r.size).map_err(map_err)?;
+            // SAFETY: the memfd is ours; other mappings of it (a handover's destination) are the
+            // point, and guest memory is only ever touched by raw copies (module comment).
+            let mut mmap = unsafe { MmapOptions::new().len(r.size as usize).map_mut(&file) }.map_err(map_err)?;
+            let host = mmap.as_mut_ptr();
+            advise_huge_pages(host, r.size as usize);
+            maps.push(Mapping { _mmap: mmap, host, len: r.size as usize });
+            fds.push(OwnedFd::from(file));
+        }
+        Ok(Self::with_maps(layout, maps, fds))
+    }
+
+    /// The memfds behind shared RAM, one per region (none for private RAM).
+    pub fn shared_fds(&self) -> Vec<RawFd> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    /// Takes over another emu's shared RAM (a handover's destination): maps `fds`, one memfd per
+    /// region, over this RAM's own mappings, at the same addresses (KVM's memory slots stay valid;
+    /// the kernel drops the old pages). Only before the guest runs here.
+    pub fn adopt_shared(&self, fds: Vec<OwnedFd>) -> Result<(), RamError> {
+        if fds.len() != self.maps.len() {
+            return Err(RamError::Map {
+                size: 0,
+                error: std::io::Error::other(format!("{} memfds for {} RAM regions", fds.len(), self.maps.len())),
+            });
+        }
+        for (m, fd) in self.maps.iter().zip(&fds) {
+            let file = std::fs::File::from(fd.try_clone().map_err(|error| RamError::Map { size: 0, error })?);
+            let size = file.metadata().map_err(|error| RamError::Map { size: m.len as u64, error })?.len();
+            if size != m.len as u64 {
+                return Err(RamError::Map {
+                    size: m.len as u64,
+                    error: std::io::Error::other(format!("the memfd holds {size} bytes")),
+                });
+            }
+            // SAFETY: replaces exactly one of our own mappings (same address and length) with the
+            // memfd, shared; nothing holds a reference into it (raw copies only).
+            let p = unsafe {
+                libc::mmap(
+                    m.host.cast(),
+                    m.len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED || p.cast::<u8>() != m.host {
+                return Err(RamError::Map { size: m.len as u64, error: std::io::Error::last_os_error() });
+            }
+        }
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = fds;
+        Ok(())
     }
 
     pub fn layout(&self) -> &RamLayout {

@@ -110,6 +110,8 @@ pub enum Refusal {
     OwedRange { first: u64, count: u32, pages: usize },
     #[error("OWED records, but END is not for postcopy")]
     OwedWithoutPostcopy,
+    #[error("same-host handover: {0}")]
+    Handover(String),
     #[error("cannot prepare for postcopy")]
     Postcopy(#[source] crate::postcopy::PostcopyError),
 }
@@ -239,6 +241,20 @@ impl PageSink {
         self.received.set_range(first, count);
         self.handover.received.zero_pages.fetch_add(count as u64, Relaxed);
         Ok(())
+    }
+}
+
+/// RAM_FDS and its memfds, one per RAM region, right after a handover's HEADER.
+fn read_ram_fds(conn: &Connection, regions: usize) -> Result<Vec<std::os::fd::OwnedFd>, Refusal> {
+    let mut record = [0u8; crate::stream::FRAME_LEN + 8];
+    let fds = conn.recv_with_fds(&mut record).map_err(Refusal::Reply)?;
+    match Decoder::new(&record[..]).next_record()? {
+        Record::RamFds { regions: n } if n as usize == regions && fds.len() == regions => Ok(fds),
+        Record::RamFds { regions: n } => Err(Refusal::Handover(format!(
+            "RAM_FDS for {n} regions with {} memfds; the header has {regions} regions",
+            fds.len()
+        ))),
+        _ => Err(Refusal::Unexpected("record in place of RAM_FDS")),
     }
 }
 
@@ -484,12 +500,22 @@ pub fn receive_with_base<V: RestorableVm>(
     handover.begin(header.migration_id, conn.try_clone().ok());
     conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(start_err)?;
     let clone = || conn.try_clone().map_err(start_err);
+    // A handover's RAM comes first, as memfds attached to RAM_FDS: read before anything buffers.
+    let shared_ram = if header.handover {
+        Some(
+            read_ram_fds(&conn, header.regions.len())
+                .map_err(|problem| ReceiveError { phase: "taking over the guest's RAM".into(), problem })?,
+        )
+    } else {
+        None
+    };
     let mut rx = Receiver {
         dec: Decoder::new(BufReader::with_capacity(READ_BUFFER, clone()?)),
         replies: Encoder::new(clone()?),
         handover: handover.clone(),
         bytes_before: bytes_so_far,
         base,
+        shared_ram,
     };
     let mut phase = Phase::AwaitHeader;
     let result = rx.run(&mut phase, header, &channels, create).and_then(|restored| {
@@ -542,6 +568,8 @@ struct Receiver<'b, R: std::io::Read> {
     /// Stream bytes read before the decoder took over (preamble and header).
     bytes_before: u64,
     base: Option<&'b Checkpoint>,
+    /// A same-host handover: the source's guest RAM, one memfd per region.
+    shared_ram: Option<Vec<std::os::fd::OwnedFd>>,
 }
 
 impl<R: std::io::Read> Receiver<'_, R> {
@@ -663,6 +691,25 @@ impl<R: std::io::Read> Receiver<'_, R> {
             return Err(Refusal::VcpuMismatch { stream: h.vcpu_count, vm: vm.vcpu_count() });
         }
         let ram = vm.ram().clone();
+        if let Some(fds) = self.shared_ram.take() {
+            if h.channels > 1 {
+                return Err(Refusal::Unexpected("page channels in a handover"));
+            }
+            ram.adopt_shared(fds).map_err(Refusal::Layout)?;
+            self.handover.received.ram_total.store(layout.total_bytes(), Relaxed);
+            // Every page is here already: it is the same memory.
+            let all = BaseLoaded { data: PageBitmap::new(layout.page_count()), told: true };
+            return Ok(Target {
+                vm,
+                sink: PageSink::new(ram, self.handover.clone(), 0, 1).with_base(Some(&all)),
+                lanes: Lanes::none(),
+                last_pass: None,
+                owed: None,
+                vcpus: vec![None; h.vcpu_count as usize],
+                vm_state: None,
+                devices: Vec::new(),
+            });
+        }
         // Before the page channels start: their pages may come from the base.
         let base = if h.asks_base { self.answer_base(&ram)? } else { None };
         let lanes = if h.channels > 1 {

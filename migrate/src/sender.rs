@@ -62,6 +62,9 @@ pub struct MigrationParams {
     /// limit. 30 bounds the migration of a guest that writes faster than the link (QEMU would loop
     /// until cancelled); converging guests stop far earlier.
     pub max_passes: u32,
+    /// `cpr-transfer`: a same-host handover of shared RAM (`--memfd`, a `unix:` URI): the
+    /// destination maps the guest's memory itself and only vCPU, VM and device state travel.
+    pub handover: bool,
     /// Bytes per second postcopy's background push may use (0: no limit, QEMU's default too);
     /// pages the destination asks for are sent at once whatever it says.
     pub max_postcopy_bandwidth: u64,
@@ -168,6 +171,7 @@ impl Default for MigrationParams {
             max_passes: 30,
             postcopy_after_passes: 0,
             max_postcopy_bandwidth: 0,
+            handover: false,
             tracker: DEFAULT_TRACKER,
             switchover_timeout: Duration::from_secs(1),
             stall_policy: StallPolicy::Throttle,
@@ -216,6 +220,8 @@ pub enum MigrationError {
     /// source stays paused; never resume on this error.
     #[error("unresolved: {0}")]
     Unresolved(String),
+    #[error("cpr-transfer (same-host handover): {0}")]
+    Handover(String),
     /// Precopy stopped paying and the stall policy is `fail`.
     #[error("not converging ({0}); the stall policy is fail")]
     NotConverging(String),
@@ -495,6 +501,18 @@ fn migrate(
     steering: Steering<'_>,
 ) -> Result<(), MigrationError> {
     let Steering { cancel, postcopy } = steering;
+    // A handover is checked before anything reaches the destination.
+    let handover = params.lock().unwrap_or_else(|e| e.into_inner()).handover;
+    if handover {
+        if !matches!(uri, Uri::Unix(_)) {
+            return Err(MigrationError::Handover(format!(
+                "it passes memory by file descriptor: a unix: URI, not {uri}"
+            )));
+        }
+        if vm.ram().shared_fds().is_empty() {
+            return Err(MigrationError::Handover("the guest's RAM is private: start emu with --memfd".into()));
+        }
+    }
     let conn = transport::open(uri).map_err(|source| MigrationError::Connect { uri: uri.to_string(), source })?;
     // A destination that stops taking data fails the migration rather than hanging it.
     conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
@@ -502,7 +520,9 @@ fn migrate(
     cancel.check()?;
     let ram = vm.ram().clone();
     let kind = params.lock().unwrap_or_else(|e| e.into_inner()).tracker;
-    let mut log = DirtyLog::start(trackers.build(kind)?, ram.clone())?;
+    // A handover copies no page: nothing to track.
+    let tracker = if handover { crate::tracker::untracked(kind) } else { trackers.build(kind)? };
+    let mut log = DirtyLog::start(tracker, ram.clone())?;
     let limit = params.lock().unwrap_or_else(|e| e.into_inner()).dirty_rate_limit;
     if limit > 0 {
         if !log.set_dirty_rate_limit(limit) {
@@ -610,13 +630,34 @@ impl Sender<'_> {
             page_size: PAGE_SIZE as u32,
             vcpu_count: self.vm.vcpu_count() as u32,
             // One on exec:/ssh: (a single pipe): their channels could only start more destinations.
-            channels: transport::channels_for(self.uri, self.params().channels),
-            asks_base: true,
+            channels: if self.params().handover {
+                1
+            } else {
+                transport::channels_for(self.uri, self.params().channels)
+            },
+            asks_base: !self.params().handover,
+            handover: self.params().handover,
             regions: layout.regions().to_vec(),
         };
         self.out.enc.header(&header)?;
         // The destination knows the migration before its other channels knock.
         self.out.enc.flush()?;
+        if header.handover {
+            // Guest RAM itself: its memfds, attached to RAM_FDS, straight to the socket. Sent
+            // while the guest still runs here (the destination only maps it, and runs nothing
+            // before GO), so that mapping it is not part of the downtime.
+            let fds = self.ram.shared_fds();
+            let mut record = Vec::new();
+            Encoder::new(&mut record).ram_fds(fds.len() as u32)?;
+            self.conn.send_with_fds(&record, &fds)?;
+            // The destination builds its VM and maps the memory before the guest stops here.
+            self.sync_with_destination()?;
+            self.progress.update(|p| {
+                p.status = Status::Active;
+                p.setup_time = Some(started.elapsed());
+            });
+            return self.switchover(0, &mut PageBitmap::new(self.ram.page_count()), Final::Handover);
+        }
         let base = self.read_base()?;
         for index in 1..header.channels {
             self.connect_channel(index)?;
@@ -660,7 +701,7 @@ impl Sender<'_> {
                     self.unsent.count()
                 );
                 self.progress.update(|p| p.stop_reason = Some("postcopy"));
-                return self.switchover(pass + 1, &mut dirty, true);
+                return self.switchover(pass + 1, &mut dirty, Final::Postcopy);
             }
             let params = self.params();
             let outcome = PassOutcome {
@@ -702,7 +743,7 @@ impl Sender<'_> {
             self.send_pass(pass, &to_send, None)?;
         }
 
-        self.switchover(pass + 1, &mut dirty, false)
+        self.switchover(pass + 1, &mut dirty, Final::Pages)
     }
 
     /// Precopy goes on; if it has stopped paying, says so and applies the stall policy: returns
@@ -776,7 +817,8 @@ impl Sender<'_> {
 
     /// Pause, final pages (or, for postcopy, the list of pages still owed), state, READY, GO,
     /// STARTED; for postcopy, then the owed pages.
-    fn switchover(&mut self, pass: u32, dirty: &mut PageBitmap, postcopy: bool) -> Result<(), MigrationError> {
+    fn switchover(&mut self, pass: u32, dirty: &mut PageBitmap, kind: Final) -> Result<(), MigrationError> {
+        let postcopy = kind == Final::Postcopy;
         self.cancel.check()?;
         self.progress.update(|p| p.status = Status::Device);
         let paused_at = Instant::now();
@@ -794,7 +836,9 @@ impl Sender<'_> {
         self.log.collect_final(dirty)?;
         let mut last = dirty.take();
         let mut owed = None;
-        if postcopy {
+        if kind == Final::Handover {
+            // Nothing: the destination mapped the guest's RAM before the pause (`run`).
+        } else if postcopy {
             // No final pass: what is dirty or was never sent is owed, and follows after GO.
             last.union_with(&self.unsent);
             self.out.enc.owed(&last)?;
@@ -1247,6 +1291,17 @@ impl Sender<'_> {
             _ => e,
         }
     }
+}
+
+/// What the switchover sends besides the machine state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Final {
+    /// The last dirty pages: the guest is whole at the destination before it runs.
+    Pages,
+    /// The list of pages still owed; they follow once the guest runs there.
+    Postcopy,
+    /// Guest RAM's memfds: nothing to copy (same-host handover).
+    Handover,
 }
 
 /// What the destination said on the return path.

@@ -18,7 +18,7 @@
 //!
 //! | type | record       | payload |
 //! |------|--------------|---------|
-//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u16 (0 is read as 1), flags: u16 (bit 0: the source asks for the destination's base, see BASE), migration_id: u64, then (gpa: u64, size: u64) per region |
+//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u16 (0 is read as 1), flags: u16 (bit 0: the source asks for the destination's base, see BASE; bit 1: a same-host handover, see RAM_FDS), migration_id: u64, then (gpa: u64, size: u64) per region |
 //! | 0x02 | PAGES        | gpa: u64, count: u32, reserved: u32, then count x 4096 bytes (contiguous pages, one region) |
 //! | 0x03 | ZERO_PAGES   | gpa: u64, count: u64 (contiguous pages that are all zero) |
 //! | 0x04 | PASS_END     | pass: u32, reserved: u32, pages sent in the pass: u64 |
@@ -35,6 +35,7 @@
 //! | 0x0e | CHANNEL      | migration_id: u64, index: u32, reserved: u32: first record of page channel `index` (1 to channels - 1) |
 //! | 0x10 | OWED         | first_page: u64, pages: u32, reserved: u32, then ceil(pages / 8) bytes: bit i (byte i / 8, bit i % 8) set = page first_page + i is still owed. Source to destination before END in postcopy (the pages it will send after GO); destination to source after RESUME (the pages it still lacks) |
 //! | 0x11 | RESUME       | migration_id: u64, reserved: u64: first record of a connection that resumes a broken postcopy |
+//! | 0x12 | RAM_FDS      | regions: u32, reserved: u32, sent with one memfd per RAM region attached (SCM_RIGHTS, unix: only): a same-host handover (HEADER flag bit 1) passes guest RAM itself, right after HEADER; no page records follow |
 //! | 0x81 | READY        | (empty): destination to source, state restored, guest paused, waiting for GO |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
 //! | 0x83 | SYNCED       | (empty): destination to source, answer to SYNC |
@@ -147,6 +148,7 @@ const OWED_PREFIX: usize = 16;
 /// Page digests in one BASE record (1 MiB of them).
 pub const BASE_MAX_PAGES: usize = 65536;
 const HEADER_ASKS_BASE: u32 = 1 << 16;
+const HEADER_HANDOVER: u32 = 1 << 17;
 /// Pages one OWED record covers (a 1 MiB bitmap: 32 GiB of guest RAM).
 pub const OWED_MAX_PAGES: usize = 8 << 20;
 
@@ -170,6 +172,7 @@ pub enum RecordType {
     PagesCompressed = 0x0f,
     Owed = 0x10,
     Resume = 0x11,
+    RamFds = 0x12,
     Ready = 0x81,
     Error = 0x82,
     Synced = 0x83,
@@ -183,7 +186,7 @@ pub enum RecordType {
 }
 
 impl RecordType {
-    const ALL: [RecordType; 27] = [
+    const ALL: [RecordType; 28] = [
         RecordType::Header,
         RecordType::Pages,
         RecordType::ZeroPages,
@@ -211,6 +214,7 @@ impl RecordType {
         RecordType::Resumed,
         RecordType::Base,
         RecordType::BaseEnd,
+        RecordType::RamFds,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -247,6 +251,7 @@ impl RecordType {
             Resumed => "RESUMED",
             Base => "BASE",
             BaseEnd => "BASE_END",
+            RamFds => "RAM_FDS",
         }
     }
 }
@@ -262,7 +267,7 @@ pub fn max_payload(kind: RecordType) -> usize {
         ZeroPages | PassEnd | Resolve | End | Channel | Resume | PageRequest | BaseEnd => 16,
         Base => 16 + 16 * BASE_MAX_PAGES,
         Owed => OWED_PREFIX + OWED_MAX_PAGES / 8,
-        Resumed => 8,
+        Resumed | RamFds => 8,
         VcpuState => 4 + MAX_STATE_BLOB,
         VmState => MAX_STATE_BLOB,
         DeviceState => 2 + MAX_DEVICE_NAME + MAX_STATE_BLOB,
@@ -325,6 +330,8 @@ pub struct StreamHeader {
     pub channels: u32,
     /// The source asks for the destination's base checkpoint (BASE); new sources always do.
     pub asks_base: bool,
+    /// A same-host handover: guest RAM comes as memfds (RAM_FDS), not as pages.
+    pub handover: bool,
     pub regions: Vec<RamRegion>,
 }
 
@@ -413,6 +420,9 @@ pub enum Record<'a> {
     },
     BaseEnd {
         pages: u64,
+    },
+    RamFds {
+        regions: u32,
     },
     Sync,
     Go,
@@ -590,7 +600,8 @@ impl<W: Write> Encoder<W> {
 
     pub fn header(&mut self, h: &StreamHeader) -> io::Result<()> {
         let mut p = Vec::with_capacity(HEADER_PREFIX + 16 * h.regions.len());
-        let channels = h.channels | if h.asks_base { HEADER_ASKS_BASE } else { 0 };
+        let channels =
+            h.channels | if h.asks_base { HEADER_ASKS_BASE } else { 0 } | if h.handover { HEADER_HANDOVER } else { 0 };
         for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, channels] {
             p.extend_from_slice(&v.to_le_bytes());
         }
@@ -770,6 +781,11 @@ impl<W: Write> Encoder<W> {
             self.record(RecordType::Base, &p)?;
         }
         self.record(RecordType::BaseEnd, &two_u64(digests.len() as u64, 0))
+    }
+
+    /// RAM_FDS; its memfds go with these bytes (`Connection::send_with_fds`).
+    pub fn ram_fds(&mut self, regions: u32) -> io::Result<()> {
+        self.record(RecordType::RamFds, &two_u32(regions, 0))
     }
 
     pub fn resumed(&mut self, pages_owed: u64) -> io::Result<()> {
@@ -1032,7 +1048,8 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
                 return Err(malformed(kind, format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)")));
             }
             let (word, asks_base) = (u32_le(p, 12), u32_le(p, 12) & HEADER_ASKS_BASE != 0);
-            if word & !(0xffff | HEADER_ASKS_BASE) != 0 {
+            let handover = word & HEADER_HANDOVER != 0;
+            if word & !(0xffff | HEADER_ASKS_BASE | HEADER_HANDOVER) != 0 {
                 return Err(malformed(kind, format!("unknown flags in {word:#x}")));
             }
             let channels = (word & 0xffff).max(1);
@@ -1048,6 +1065,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
                 migration_id: u64_le(p, 16),
                 channels,
                 asks_base,
+                handover,
                 regions,
             })
         }
@@ -1131,6 +1149,10 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
             need(16)?;
             Record::BaseEnd { pages: u64_le(p, 0) }
         }
+        RecordType::RamFds => {
+            need(8)?;
+            Record::RamFds { regions: u32_le(p, 0) }
+        }
         RecordType::Resolve => {
             need(16)?;
             let action = match (u32_le(p, 8), u32_le(p, 12)) {
@@ -1187,6 +1209,7 @@ mod tests {
             migration_id: 0x1234_5678_9abc_def0,
             channels: 3,
             asks_base: true,
+            handover: false,
             regions: vec![RamRegion { gpa: 0, size: 1 << 20 }],
         }
     }

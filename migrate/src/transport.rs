@@ -376,6 +376,50 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Sends `bytes` with the file descriptors `fds` attached (SCM_RIGHTS): unix: connections
+    /// only (a same-host handover passes guest RAM's memfds so).
+    pub fn send_with_fds(&self, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let Connection::Unix(s) = self else {
+            return Err(io::Error::other("file descriptors travel on unix: connections only"));
+        };
+        let iov = [io::IoSlice::new(bytes)];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let n = sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(io::Error::from)?;
+        (&*s).write_all(&bytes[n..])
+    }
+
+    /// Reads exactly `buf.len()` bytes, and the file descriptors sent with them (SCM_RIGHTS).
+    pub fn recv_with_fds(&self, buf: &mut [u8]) -> io::Result<Vec<std::os::fd::OwnedFd>> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+        let Connection::Unix(s) = self else {
+            return Err(io::Error::other("file descriptors travel on unix: connections only"));
+        };
+        let mut fds = Vec::new();
+        let mut got = 0;
+        while got < buf.len() {
+            let mut space = nix::cmsg_space!([RawFd; 64]);
+            let mut iov = [io::IoSliceMut::new(&mut buf[got..])];
+            let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+                .map_err(io::Error::from)?;
+            if msg.bytes == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(r) = c {
+                    // SAFETY: descriptors the kernel just installed in this process for us.
+                    fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                }
+            }
+            got += msg.bytes;
+        }
+        Ok(fds)
+    }
+}
+
 impl Read for &Connection {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

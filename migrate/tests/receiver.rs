@@ -36,6 +36,7 @@ fn header() -> StreamHeader {
         migration_id: ID,
         channels: 1,
         asks_base: false,
+        handover: false,
         regions: layout().regions().to_vec(),
     }
 }

@@ -124,6 +124,27 @@ pub trait DirtyTracker: Send {
     fn stop(&mut self) -> Result<(), TrackerError>;
 }
 
+/// No tracking at all, for a migration that copies no page (a same-host handover of shared RAM):
+/// reports nothing dirty, costs nothing to start. `kind` is only what progress shows.
+pub fn untracked(kind: TrackerKind) -> Box<dyn DirtyTracker> {
+    struct Untracked(TrackerKind);
+    impl DirtyTracker for Untracked {
+        fn kind(&self) -> TrackerKind {
+            self.0
+        }
+        fn start(&mut self) -> Result<(), TrackerError> {
+            Ok(())
+        }
+        fn collect(&mut self, _dirty: &mut PageBitmap) -> Result<(), TrackerError> {
+            Ok(())
+        }
+        fn stop(&mut self) -> Result<(), TrackerError> {
+            Ok(())
+        }
+    }
+    Box::new(Untracked(kind))
+}
+
 /// Builds a tracker for each migration (the sender asks for the kind its parameters name). Tests
 /// supply scripted ones; a VM supplies its [`TrackerSources`].
 pub trait TrackerFactory: Send + Sync {
