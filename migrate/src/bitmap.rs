@@ -130,6 +130,20 @@ impl PageBitmap {
     }
 
     /// ORs `words` (bit i = page `offset + i`) into this bitmap.
+    /// Keeps only the bits also set in `other` (of the same length).
+    pub fn intersect_with(&mut self, other: &PageBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= b;
+        }
+    }
+
+    /// Clears the bits set in `other` (of the same length).
+    pub fn subtract(&mut self, other: &PageBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !b;
+        }
+    }
+
     pub fn or_words_at(&mut self, offset: usize, words: &[u64]) {
         if offset.is_multiple_of(BITS) {
             let first = offset / BITS;

@@ -696,6 +696,14 @@ impl Sender<'_> {
                 self.postcopy.start();
             }
             if self.postcopy.is_requested() {
+                // Pages not sent yet and never touched (the page tables say so) go as zero
+                // markers now, while the guest still runs, not as postcopy pages; one the guest
+                // writes before the pause is in the final dirty set, and owed after all.
+                if let Ok(mut zero) = pagemap::zero_pages(&self.ram, ZeroHints::get()) {
+                    zero.intersect_with(&self.unsent);
+                    self.send_zero_runs(&zero)?;
+                    self.unsent.subtract(&zero);
+                }
                 log::info!(
                     "precopy stops after pass {pass} for postcopy: {left} dirty pages, {} unsent",
                     self.unsent.count()
@@ -842,12 +850,9 @@ impl Sender<'_> {
             // No final pass: what is dirty or was never sent is owed, and follows after GO.
             last.union_with(&self.unsent);
             self.out.enc.owed(&last)?;
+            let n = last.count() as u64;
             self.progress.update(|p| {
-                p.postcopy = Some(PostcopyStats {
-                    owed_at_switchover: last.count() as u64,
-                    owed_left: last.count() as u64,
-                    ..Default::default()
-                })
+                p.postcopy = Some(PostcopyStats { owed_at_switchover: n, owed_left: n, ..Default::default() })
             });
             owed = Some(OwedPages::new(last));
         } else {
@@ -937,6 +942,35 @@ impl Sender<'_> {
         let bytes = self.bytes_written();
         self.progress.update(|p| p.bytes = bytes);
         finish(self.progress, Status::Completed, None);
+        Ok(())
+    }
+
+    /// Sends the pages of `zero` as zero markers, each run on the channel its pages belong to.
+    fn send_zero_runs(&mut self, zero: &PageBitmap) -> Result<(), MigrationError> {
+        let channels = 1 + self.extra.len() as u32;
+        let layout = self.ram.layout().clone();
+        for (first, count) in zero.runs() {
+            let mut p = first;
+            while p < first + count {
+                // A run ends where its chunk (its channel's share) or its region ends.
+                let chunk_end = (p / crate::channel::CHUNK_PAGES + 1) * crate::channel::CHUNK_PAGES;
+                let mut n = (first + count).min(chunk_end) - p;
+                while n > 1 && !layout.is_contiguous(p, n) {
+                    n -= 1;
+                }
+                let out = match crate::channel::owner(p, channels) {
+                    0 => &mut self.out,
+                    c => &mut self.extra[c as usize - 1],
+                };
+                out.enc.zero_pages(layout.gpa_of(p), n as u64)?;
+                p += n;
+            }
+        }
+        self.out.enc.flush()?;
+        for o in &mut self.extra {
+            o.enc.flush()?;
+        }
+        self.progress.update(|pr| pr.zero_pages += zero.count() as u64);
         Ok(())
     }
 

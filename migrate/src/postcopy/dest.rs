@@ -57,6 +57,9 @@ struct State {
     latencies: Vec<u32>,
     max_latency: u64,
     requests: u64,
+    /// Owed pages that arrived with a fault waiting on them, and without.
+    arrived_asked: u64,
+    arrived_unasked: u64,
     /// Where PAGE_REQUEST goes; none while the link is down.
     link: Option<Encoder<Connection>>,
     phase: Phase,
@@ -104,6 +107,8 @@ impl IncomingPostcopy {
             latencies: Vec::new(),
             max_latency: 0,
             requests: 0,
+            arrived_asked: 0,
+            arrived_unasked: 0,
             link: None,
             phase: Phase::Prepared,
             started: None,
@@ -163,6 +168,8 @@ impl IncomingPostcopy {
             owed_at_switchover: st.owed_at_switchover,
             owed_left: st.left as u64,
             requests: st.requests,
+            pages_requested: st.arrived_asked,
+            pages_pushed: st.arrived_unasked,
             switchover_to_complete: st.complete_after,
             latency_us: latency,
             recoveries: st.recoveries,
@@ -353,12 +360,15 @@ impl IncomingPostcopy {
             }
             st.owed.clear_bit(page);
             st.left -= 1;
-            if let Some(since) = st.waiting.remove(&page) {
-                let us = now.duration_since(since).as_micros() as u64;
-                st.max_latency = st.max_latency.max(us);
-                if st.latencies.len() < MAX_LATENCY_SAMPLES {
-                    st.latencies.push(us.min(u64::from(u32::MAX)) as u32);
-                }
+            let Some(since) = st.waiting.remove(&page) else {
+                st.arrived_unasked += 1;
+                continue;
+            };
+            st.arrived_asked += 1;
+            let us = now.duration_since(since).as_micros() as u64;
+            st.max_latency = st.max_latency.max(us);
+            if st.latencies.len() < MAX_LATENCY_SAMPLES {
+                st.latencies.push(us.min(u64::from(u32::MAX)) as u32);
             }
         }
     }
