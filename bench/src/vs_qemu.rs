@@ -798,14 +798,7 @@ pub fn vs_qemu(args: &[String]) {
         eprintln!("no scenario among {names:?}; scenarios: {:?}", SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>());
         std::process::exit(2);
     }
-    let version = qemu_version();
-    if let Err(e) = freeze() {
-        eprintln!("vs-qemu: {e}");
-        std::process::exit(1);
-    }
-    let revision = emu_revision();
-    let started = Instant::now();
-    emit(json!({"bench": "vs-qemu", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let (version, revision, started) = begin("vs-qemu", rounds);
     let mut loads = vec![host_load("start")];
     let loop_before = measure_loopback("before");
     let mut runs: Vec<Value> = Vec::new();
@@ -857,7 +850,7 @@ pub fn vs_qemu(args: &[String]) {
 
 /// The VMMs' order in `round` (from 0): as given, reversed in every second round.
 fn order(vmms: &[Vmm], round: usize) -> Vec<Vmm> {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         vmms.to_vec()
     } else {
         vmms.iter().rev().copied().collect()
@@ -877,6 +870,19 @@ fn alternate(s: &Scenario, vmms: &[Vmm], rounds: usize, loopback: Loopback, max_
     runs
 }
 
+/// The start of a run: the binary and image frozen, QEMU's version and emu's revision, the first
+/// JSON line (`bench` names the mode); the versions and when it started.
+fn begin(bench: &str, rounds: usize) -> (String, String, Instant) {
+    let version = qemu_version();
+    if let Err(e) = freeze() {
+        eprintln!("vs-qemu: {e}");
+        std::process::exit(1);
+    }
+    let revision = emu_revision();
+    emit(json!({"bench": bench, "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    (version, revision, Instant::now())
+}
+
 /// QEMU's first `--version` line (or why there is none).
 fn qemu_version() -> String {
     Command::new(QEMU)
@@ -890,14 +896,7 @@ fn qemu_version() -> String {
 /// QEMU precopy and auto-converge against emu's dirty-rate limiting and its throttling, alternating.
 /// Writes docs/vs-qemu-capped.md.
 fn vs_qemu_capped(rounds: usize) {
-    if let Err(e) = freeze() {
-        eprintln!("vs-qemu: {e}");
-        std::process::exit(1);
-    }
-    let version = qemu_version();
-    let revision = emu_revision();
-    let started = Instant::now();
-    emit(json!({"bench": "vs-qemu-capped", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let (version, revision, started) = begin("vs-qemu-capped", rounds);
     let loopback = measure_loopback("before");
     let runs = alternate(&CAPPED_SCENARIO, CAPPED_VMMS, rounds, loopback, CAPPED_BANDWIDTH);
     let minutes = started.elapsed().as_secs_f64() / 60.0;

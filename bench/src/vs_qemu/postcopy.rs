@@ -4,14 +4,13 @@
 //! once" (emu migrating the same guest paused). Writes docs/postcopy.md.
 
 use std::path::Path;
-use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use super::{
-    alternate, emit, emu_revision, freeze, host_load, loads_text, machine, mb, measure_loopback, median, num,
-    qemu_version, rates_cell, Vmm, CAPPED_BANDWIDTH, CAPPED_DIRTY_RATE, CAPPED_SCENARIO, DOWNTIME_LIMIT_MS, MEM,
-    MIGRATION_TIMEOUT, POSTCOPY_AFTER_BYTES, POSTCOPY_CAPPED_VMMS, POSTCOPY_UNCAPPED_SCENARIOS, POSTCOPY_UNCAPPED_VMMS,
+    alternate, begin, emit, host_load, loads_text, machine, mb, measure_loopback, median, num, rates_cell, Vmm,
+    CAPPED_BANDWIDTH, CAPPED_DIRTY_RATE, CAPPED_SCENARIO, DOWNTIME_LIMIT_MS, MEM, MIGRATION_TIMEOUT,
+    POSTCOPY_AFTER_BYTES, POSTCOPY_CAPPED_VMMS, POSTCOPY_UNCAPPED_SCENARIOS, POSTCOPY_UNCAPPED_VMMS,
 };
 
 /// emu's downtime target (ms) and its postcopy total against the paused reference.
@@ -19,16 +18,7 @@ const DOWNTIME_TARGET_MS: f64 = 2.0;
 const ONCE_RATIO_TARGET: f64 = 1.2;
 
 pub(super) fn run(rounds: usize) {
-    if let Err(e) = freeze() {
-        eprintln!("vs-qemu: {e}");
-        std::process::exit(1);
-    }
-    let version = qemu_version();
-    let revision = emu_revision();
-    let started = Instant::now();
-    emit(
-        json!({"bench": "vs-qemu-postcopy", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}),
-    );
+    let (version, revision, started) = begin("vs-qemu-postcopy", rounds);
     let mut loads = vec![host_load("start")];
     let loopback = measure_loopback("before");
     let capped = alternate(&CAPPED_SCENARIO, POSTCOPY_CAPPED_VMMS, rounds, loopback, CAPPED_BANDWIDTH);
@@ -45,10 +35,17 @@ pub(super) fn run(rounds: usize) {
         "# Postcopy: emu against QEMU, and against emu's other strategies\n\nMade by `scripts/bench-vs-qemu.sh \
          --postcopy` (`emu-bench vs-qemu --postcopy`) in {minutes:.1} minutes: {}. {version}; emu {revision}. \
          {rounds} round(s), the VMMs alternating (the order reversed in every second round). Single-stream TCP \
-         loopback before the run: {:.0} MB/s.\n\n{}.\n\n",
+         loopback before the run: {:.0} MB/s.\n\n{}\n\n",
         machine(),
         loopback.hot / 1e6,
-        loads_text(&loads),
+        {
+            let t = loads_text(&loads);
+            if t.ends_with('.') {
+                t
+            } else {
+                t + "."
+            }
+        },
     );
     md += &format!(
         "Setup, as in `--capped`: the guest `target/guest-images/emu-guest32.elf`, {MEM}, one vCPU, migrated over TCP \
@@ -136,6 +133,8 @@ pub(super) fn run(rounds: usize) {
     md += &verdicts;
 
     md += &strategies(&capped);
+    let all: Vec<&Value> = capped.iter().chain(uncapped.iter().flatten()).collect();
+    md += &where_time_goes(&all);
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     if let Err(e) = std::fs::write(docs.join("postcopy.md"), md) {
         eprintln!("cannot write docs/postcopy.md: {e}");
@@ -295,8 +294,61 @@ fn strategies(capped: &[Value]) -> String {
             vmm.name(),
             t.map(|t| format!("{:.1}", t / 1e3)).unwrap_or("- (did not complete)".into()),
             d.map(|d| format!("{d:.1}")).unwrap_or("-".into()),
-            share.map(|s| format!("{:.1}%", s * 100.0)).unwrap_or("-".into()),
+            share.map(|s| format!("{:.prec$}%", s * 100.0, prec = if s < 0.01 { 3 } else { 1 })).unwrap_or("-".into()),
             b.map(|b| format!("{:.0}", b / 1e6)).unwrap_or("-".into()),
+        );
+    }
+    md
+}
+
+/// emu's postcopy rows: where the downtime went, how fast the owed pages went after the switchover
+/// (against the paused reference's pass 0), and each side's account of the pages.
+fn where_time_goes(runs: &[&Value]) -> String {
+    let mut md = String::from(
+        "\n## 4. emu's postcopy: where the time goes\n\nPer emu run that ended in postcopy, and the paused \
+         reference: `downtime-breakdown-us` of the source; pages owed at the switchover; the owed pages per second \
+         between switchover and completion (the reference: its pass 0's pages per second, `passes[0]`); requests and \
+         pages as the source and as the destination count them in `postcopy` (`pages-pushed` / `pages-requested`). \
+         A *switched* late against the rule (first poll at 64 MiB or more) means `query-migrate` answered late.\n\n\
+         | scenario | VMM | round | downtime ms | downtime breakdown (us) | owed at switchover | pages/s after \
+         switchover (reference: pass 0) | source: requests, pushed / requested | destination: requests, pushed / \
+         requested |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs
+        .iter()
+        .filter(|r| r["emu"].is_object() && (r["postcopy"].is_object() || r["vmm"] == Vmm::EmuPausedOnce.name()))
+    {
+        let e = &r["emu"];
+        let (src, dst) = (&r["postcopy"]["source"], &r["postcopy"]["destination"]);
+        let breakdown = e["downtime-breakdown-us"]
+            .as_object()
+            .map(|o| o.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        let per_s = match (src["owed-at-switchover"].as_f64(), src["switchover-to-complete-ms"].as_f64()) {
+            (Some(n), Some(ms)) if ms > 0.0 => format!("{:.0}k", n / ms),
+            _ => match (e["pass-pages-sent"][0].as_f64(), e["pass-time-us"][0].as_f64()) {
+                (Some(n), Some(us)) if us > 0.0 && src.is_null() => format!("{:.0}k (pass 0)", n / us * 1e3),
+                _ => "-".into(),
+            },
+        };
+        let side = |v: &Value| {
+            if v.is_object() {
+                format!("{}, {} / {}", v["requests"], v["pages-pushed"], v["pages-requested"])
+            } else {
+                "-".into()
+            }
+        };
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["scenario"].as_str().unwrap_or("?"),
+            r["vmm"].as_str().unwrap_or("?"),
+            r["round"],
+            num(&r["downtime-ms"], 2),
+            breakdown,
+            src["owed-at-switchover"].as_u64().map(|n| n.to_string()).unwrap_or("-".into()),
+            per_s,
+            side(src),
+            side(dst),
         );
     }
     md
