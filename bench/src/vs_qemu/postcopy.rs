@@ -78,6 +78,19 @@ pub(super) fn run(rounds: usize) {
 
     md += &format!("## 1. 1 GiB `wl={}` over a {} MiB/s link\n\n", CAPPED_SCENARIO.name, CAPPED_BANDWIDTH >> 20);
     md += &table(&capped, None);
+    let qemu_keys: Vec<String> = capped
+        .iter()
+        .chain(uncapped.iter().flatten())
+        .filter(|r| r["vmm"] == Vmm::QemuPostcopy.name())
+        .filter_map(|r| r["postcopy"]["destination-keys"].as_array())
+        .map(|k| k.iter().filter_map(|k| k.as_str()).collect::<Vec<_>>().join(", "))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    md += &format!(
+        "\nQEMU 10.0's destination `query-migrate` just after completion held: {}.\n",
+        if qemu_keys.is_empty() { "nothing (no completed QEMU postcopy)".into() } else { qemu_keys.join("; ") }
+    );
     md += "\nTargets (issue 11), per round: emu's postcopy total no longer than QEMU's postcopy total in the same \
            round; emu's postcopy downtime at most 2 ms.\n\n";
     for round in 1..=rounds {
@@ -186,6 +199,10 @@ fn table(runs: &[Value], reference: Option<Vmm>) -> String {
             Some(e) => format!("error: {}", e.as_str().unwrap_or("?").chars().take(120).collect::<String>()),
             None => r["status"].as_str().unwrap_or("?").to_string(),
         };
+        let status = match r["verify"]["failures"].as_u64() {
+            Some(f) => format!("{status}, failures={f}, VERIFY-FAIL lines {}", r["verify"]["fail-lines"]),
+            None => status,
+        };
         md += &format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r["vmm"].as_str().unwrap_or("?"),
@@ -230,6 +247,15 @@ fn errors(runs: &[Value]) -> String {
                     pc["destination-status"]
                 );
             }
+            let (src, dst) = (&pc["source"], &pc["destination"]);
+            let pages =
+                |v: &Value| v["pages-pushed"].as_u64().unwrap_or(0) + v["pages-requested"].as_u64().unwrap_or(0);
+            if src.is_object() && dst.is_object() && pages(dst) != pages(src) {
+                out += &format!(
+                    "- {who}: the destination's pages-pushed / pages-requested are {} / {}, the source's {} / {}\n",
+                    dst["pages-pushed"], dst["pages-requested"], src["pages-pushed"], src["pages-requested"]
+                );
+            }
             for side in ["source", "destination"] {
                 if let Some(n) = pc[side]["owed-left"].as_u64().filter(|&n| n > 0) {
                     out += &format!("- {who}: {side} says owed-left {n} once completed\n");
@@ -247,7 +273,7 @@ fn errors(runs: &[Value]) -> String {
 /// Medians over rounds of the capped runs, one row a strategy.
 fn strategies(capped: &[Value]) -> String {
     let mut md = format!(
-        "\n## 3. Which strategy: 1 GiB `wl={}` over {} MiB/s\n\nMedians over the rounds of section 1. *Guest rate \
+        "\n## 3. Which strategy: 1 GiB `wl={}` over {} MiB/s\n\nMedians over the rounds of section 1 (the range in brackets), runs that completed. *Guest rate \
          during*: the guest's page-write rate while it migrates, as a share of its rate before (100% is no \
          slowdown); it lasts for *total*.\n\n| strategy | row | total s | downtime ms | guest rate during (of before) \
          | MB sent | what to know |\n|---|---|---|---|---|---|---|\n",
@@ -277,26 +303,23 @@ fn strategies(capped: &[Value]) -> String {
     ];
     for (strategy, vmm, note) in rows {
         let runs: Vec<&Value> = capped.iter().filter(|r| r["vmm"] == vmm.name() && r["completed"] == true).collect();
-        let med = |f: &dyn Fn(&Value) -> Option<f64>| {
+        // The median, with the range where there are several rounds.
+        let cell = |f: &dyn Fn(&Value) -> Option<f64>, show: &dyn Fn(f64) -> String| {
             let v: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
-            if v.is_empty() {
-                None
-            } else {
-                Some(median(v))
+            let (lo, hi) = (v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max));
+            match v.len() {
+                0 => "-".to_string(),
+                1 => show(v[0]),
+                _ => format!("{} ({}-{})", show(median(v)), show(lo), show(hi)),
             }
         };
-        let t = med(&|r| r["total-ms"].as_f64());
-        let d = med(&|r| r["downtime-ms"].as_f64());
-        let share = med(&|r| Some(r["guest-rate-during"].as_f64()? / r["guest-rate-before"].as_f64()?));
-        let b = med(&|r| r["bytes"].as_f64());
-        md += &format!(
-            "| {strategy} | `{}` | {} | {} | {} | {} | {note} |\n",
-            vmm.name(),
-            t.map(|t| format!("{:.1}", t / 1e3)).unwrap_or("- (did not complete)".into()),
-            d.map(|d| format!("{d:.1}")).unwrap_or("-".into()),
-            share.map(|s| format!("{:.prec$}%", s * 100.0, prec = if s < 0.01 { 3 } else { 1 })).unwrap_or("-".into()),
-            b.map(|b| format!("{:.0}", b / 1e6)).unwrap_or("-".into()),
-        );
+        let t = cell(&|r| r["total-ms"].as_f64(), &|t| format!("{:.1}", t / 1e3));
+        let d = cell(&|r| r["downtime-ms"].as_f64(), &|d| format!("{d:.1}"));
+        let share = cell(&|r| Some(r["guest-rate-during"].as_f64()? / r["guest-rate-before"].as_f64()?), &|s| {
+            format!("{:.prec$}%", s * 100.0, prec = if s < 0.01 { 3 } else { 1 })
+        });
+        let b = cell(&|r| r["bytes"].as_f64(), &|b| format!("{:.0}", b / 1e6));
+        md += &format!("| {strategy} | `{}` | {t} | {d} | {share} | {b} | {note} |\n", vmm.name());
     }
     md
 }
@@ -338,8 +361,12 @@ fn where_time_goes(runs: &[&Value]) -> String {
                 "-".into()
             }
         };
+        let link = match r["params"]["max-bandwidth"].as_u64() {
+            Some(b) if b > 0 => format!(", {} MiB/s", b >> 20),
+            _ => ", uncapped".into(),
+        };
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {}{link} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["scenario"].as_str().unwrap_or("?"),
             r["vmm"].as_str().unwrap_or("?"),
             r["round"],
