@@ -8,6 +8,10 @@
 # (scripts/install-qemu.sh) if it is missing. Arguments: [--rounds N] [SCENARIO...].
 # --capped instead: 1 GiB dirty:256:0 over a 100 MiB/s link, QEMU precopy and auto-converge against
 # emu with dirty-rate limiting and with throttling (one round by default); writes docs/vs-qemu-capped.md.
+# --postcopy instead: QEMU postcopy-ram against emu's postcopy (migrate-start-postcopy once 64 MiB are
+# sent, the same rule for both), emu's postcopy stall policy, dirty-rate limiting and default precopy on
+# 1 GiB dirty:256:0 over 100 MiB/s; then uncapped dirty:256:0 and verify:256:0 against emu migrating the
+# paused guest (its RAM sent once); one round by default; writes docs/postcopy.md.
 # Run nothing else meanwhile: the host has 2 cores.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)

@@ -24,6 +24,8 @@ use serde_json::{json, Value};
 
 use super::{emit, machine, measure_loopback, median, Loopback};
 
+mod postcopy;
+
 const QEMU: &str = "qemu-system-x86_64";
 const IMAGE: &str = "emu-guest32.elf";
 const MEM: &str = "1G";
@@ -78,6 +80,17 @@ enum Vmm {
     EmuRateLimit,
     /// emu with its default tracker and stall policy (auto-converge by throttling).
     EmuThrottle,
+    // The postcopy run (`--postcopy`):
+    /// QEMU with `postcopy-ram` on both sides (and `postcopy-blocktime` on the destination), then
+    /// `migrate-start-postcopy` by the switch rule.
+    QemuPostcopy,
+    /// emu, `migrate-start-postcopy` by the same rule.
+    EmuPostcopy,
+    /// emu with `stall-policy` postcopy: it switches by itself once precopy stops paying.
+    EmuPostcopyPolicy,
+    /// The reference "the time to send its RAM once": emu migrating the guest paused (`stop` on
+    /// the source first), so that every page goes exactly once.
+    EmuPausedOnce,
 }
 
 /// The capped run: a writer that outruns a 100 MiB/s link.
@@ -86,6 +99,19 @@ const CAPPED_SCENARIO: Scenario = Scenario { name: "dirty:256:0", kind: Kind::Di
 const CAPPED_BANDWIDTH: u64 = 100 << 20;
 /// A quarter of the capped link, in pages per second.
 const CAPPED_DIRTY_RATE: u64 = CAPPED_BANDWIDTH / 4096 / 4;
+
+/// The postcopy run: the capped link, then uncapped against the time to send the RAM once.
+const POSTCOPY_CAPPED_VMMS: &[Vmm] =
+    &[Vmm::QemuPostcopy, Vmm::EmuPostcopy, Vmm::EmuRateLimit, Vmm::EmuPostcopyPolicy, Vmm::EmuThrottle];
+const POSTCOPY_UNCAPPED_VMMS: &[Vmm] = &[Vmm::QemuPostcopy, Vmm::EmuPostcopy, Vmm::EmuPausedOnce];
+const POSTCOPY_UNCAPPED_SCENARIOS: &[Scenario] =
+    &[Scenario { name: "dirty:256:0", kind: Kind::Dirty }, Scenario { name: "verify:256:0", kind: Kind::Verify }];
+/// The switch rule, the same for both VMMs: `migrate-start-postcopy` at the first `query-migrate`
+/// poll (every `FAST_POLL`) that shows status `active` with at least this much in `ram.transferred`.
+const POSTCOPY_AFTER_BYTES: u64 = 64 << 20;
+const FAST_POLL: Duration = Duration::from_millis(10);
+/// How long the destination may take to say `completed` after the source did.
+const DESTINATION_COMPLETE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const VMMS: &[Vmm] =
     &[Vmm::QemuPrecopy, Vmm::QemuMultifd4, Vmm::EmuKvmDirtyLog, Vmm::EmuUffdWpAsync, Vmm::EmuOneChannel];
@@ -103,11 +129,25 @@ impl Vmm {
             Vmm::QemuAutoConverge => "qemu-auto-converge",
             Vmm::EmuRateLimit => "emu-uffd-wp-dirty-rate-limit",
             Vmm::EmuThrottle => "emu-throttle",
+            Vmm::QemuPostcopy => "qemu-postcopy",
+            Vmm::EmuPostcopy => "emu-postcopy",
+            Vmm::EmuPostcopyPolicy => "emu-postcopy-policy",
+            Vmm::EmuPausedOnce => "emu-paused-send-once",
         }
     }
 
     fn is_qemu(self) -> bool {
-        matches!(self, Vmm::QemuPrecopy | Vmm::QemuMultifd4 | Vmm::QemuAutoConverge)
+        matches!(self, Vmm::QemuPrecopy | Vmm::QemuMultifd4 | Vmm::QemuAutoConverge | Vmm::QemuPostcopy)
+    }
+
+    /// The benchmark sends `migrate-start-postcopy` (by the switch rule).
+    fn starts_postcopy(self) -> bool {
+        matches!(self, Vmm::QemuPostcopy | Vmm::EmuPostcopy)
+    }
+
+    /// The migration may end in postcopy (by command or by policy).
+    fn postcopy(self) -> bool {
+        self.starts_postcopy() || self == Vmm::EmuPostcopyPolicy
     }
 
     fn multifd(self) -> bool {
@@ -378,7 +418,16 @@ fn migration_params(vmm: Vmm, max_bandwidth: u64) -> Value {
     if vmm == Vmm::EmuOneChannel {
         p["channels"] = json!(1);
     }
+    if vmm == Vmm::EmuPostcopyPolicy {
+        p["stall-policy"] = json!("postcopy");
+    }
     p
+}
+
+fn set_capabilities(vm: &dyn Vm, names: &[&str]) -> Result<(), String> {
+    let caps: Vec<Value> = names.iter().map(|n| json!({"capability": n, "state": true})).collect();
+    vm.qmp("migrate-set-capabilities", json!({"capabilities": caps}))?;
+    Ok(())
 }
 
 fn set_multifd(vm: &dyn Vm) -> Result<(), String> {
@@ -418,6 +467,9 @@ fn start_destination(vmm: Vmm, s: &Scenario) -> Result<(Box<dyn Vm>, String), St
     let dst = Qemu::spawn(&s.append(), true)?;
     if vmm.multifd() {
         set_multifd(&dst)?;
+    }
+    if vmm == Vmm::QemuPostcopy {
+        set_capabilities(&dst, &["postcopy-ram", "postcopy-blocktime"])?;
     }
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     dst.qmp("migrate-incoming", json!({"uri": uri}))?;
@@ -460,7 +512,10 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Re
         set_multifd(src.as_ref())?;
     }
     if vmm == Vmm::QemuAutoConverge {
-        src.qmp("migrate-set-capabilities", json!({"capabilities": [{"capability": "auto-converge", "state": true}]}))?;
+        set_capabilities(src.as_ref(), &["auto-converge"])?;
+    }
+    if vmm == Vmm::QemuPostcopy {
+        set_capabilities(src.as_ref(), &["postcopy-ram"])?;
     }
     // What the source will migrate with, as it says (the parameters this benchmark sets).
     let all = src.qmp("query-migrate-parameters", json!({}))?;
@@ -489,14 +544,29 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Re
     // The source's reports up to the start of the migration (its lines only grow).
     let lines_before = src.lines().len();
     let rate_before = rate_of(s.kind, &src.lines());
+    if vmm == Vmm::EmuPausedOnce {
+        src.qmp("stop", json!({}))?;
+    }
 
     src.qmp("migrate", json!({"uri": uri}))?;
     let t0 = Instant::now();
+    // When the benchmark sent migrate-start-postcopy (ms after migrate, bytes sent then), and when
+    // a poll first saw the source in postcopy.
+    let mut switched: Option<(f64, u64)> = None;
+    let mut postcopy_seen: Option<Instant> = None;
     let info = loop {
         let info = src.qmp("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("");
         if matches!(status, "completed" | "failed" | "cancelled") {
             break info;
+        }
+        let sent = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        if vmm.starts_postcopy() && switched.is_none() && status == "active" && sent >= POSTCOPY_AFTER_BYTES {
+            src.qmp("migrate-start-postcopy", json!({}))?;
+            switched = Some((t0.elapsed().as_secs_f64() * 1e3, sent));
+        }
+        if status.starts_with("postcopy") && postcopy_seen.is_none() {
+            postcopy_seen = Some(Instant::now());
         }
         if t0.elapsed() > MIGRATION_TIMEOUT {
             let last = info.clone();
@@ -514,26 +584,45 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Re
             last["status"] = json!("cancelled-after-timeout");
             break last;
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(if vmm.postcopy() { FAST_POLL } else { POLL });
     };
+    let done_at = Instant::now();
     let status = info["status"].as_str().unwrap_or("?").to_string();
     let completed = status == "completed";
-    // The source's reports while it migrated (the first may straddle the start).
+    // The guest's reports while it migrated: on the source (the first may straddle the start),
+    // and in postcopy on the destination until the source said completed.
     let during = src.lines().get(lines_before..).map(|l| l.to_vec()).unwrap_or_default();
+    let dst_during = if vmm.postcopy() { dst.lines() } else { Vec::new() };
     let rate_during = {
-        let r = rates(s.kind, &during);
+        let mut r = rates(s.kind, &during);
+        r.extend(rates(s.kind, &dst_during));
         if r.is_empty() {
             Value::Null
         } else {
             json!(median(r))
         }
     };
+    // The destination's own account of a postcopy, once it says completed too.
+    let dst_info = if completed && vmm.postcopy() {
+        let deadline = Instant::now() + DESTINATION_COMPLETE_TIMEOUT;
+        loop {
+            let i = dst.qmp("query-migrate", json!({}))?;
+            if i["status"] == "completed" || Instant::now() > deadline {
+                break i;
+            }
+            std::thread::sleep(FAST_POLL);
+        }
+    } else {
+        Value::Null
+    };
 
-    // The guest at the destination: goes on, and at what rate.
-    let (after_lines, goes_on, rate_after, dst_status) = if completed {
-        let got = wait_lines(dst.as_ref(), Duration::from_secs(15), |l| steady(s.kind, l));
+    // The guest at the destination: goes on, and at what rate (the reports after the migration;
+    // the paused guest of the reference does not run there).
+    let (after_lines, goes_on, rate_after, dst_status) = if completed && vmm != Vmm::EmuPausedOnce {
+        let from = dst_during.len();
+        let got = wait_lines(dst.as_ref(), Duration::from_secs(15), |l| steady(s.kind, l.get(from..).unwrap_or(&[])));
         let lines = match got {
-            Ok(l) | Err(l) => l,
+            Ok(l) | Err(l) => l.get(from..).map(|l| l.to_vec()).unwrap_or_default(),
         };
         let st = dst.qmp("query-status", json!({})).map(|v| v["status"].clone()).unwrap_or(Value::Null);
         let on = lines.iter().any(|l| workload_line(l));
@@ -580,6 +669,22 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Re
     });
     if s.kind == Kind::Verify {
         out["verify"] = verify_failures;
+    }
+    if vmm.postcopy() {
+        out["postcopy"] = json!({
+            "switch-at-ms": switched.map(|s| s.0),
+            "switch-at-bytes": switched.map(|s| s.1),
+            // The source's ram.postcopy-requests (QEMU's name; emu reports it too).
+            "requests": info["ram"]["postcopy-requests"],
+            "source": info["postcopy"],
+            "destination": dst_info["postcopy"],
+            "destination-status": dst_info["status"],
+            // QEMU 10.0 with postcopy-blocktime on the destination (ms).
+            "blocktime-ms": dst_info["postcopy-blocktime"],
+            "vcpu-blocktime-ms": dst_info["postcopy-vcpu-blocktime"],
+            "destination-keys": dst_info.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()),
+            "polled-postcopy-ms": postcopy_seen.map(|t| (done_at - t).as_secs_f64() * 1e3),
+        });
     }
     if vmm.is_qemu() {
         out["qemu"] = json!({
@@ -669,11 +774,13 @@ pub fn vs_qemu(args: &[String]) {
     let mut rounds = None;
     let mut names: Vec<&str> = Vec::new();
     let mut capped = false;
+    let mut postcopy = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()),
             "--capped" => capped = true,
+            "--postcopy" => postcopy = true,
             other => names.push(other),
         }
     }
@@ -681,20 +788,17 @@ pub fn vs_qemu(args: &[String]) {
         // Each round takes minutes (QEMU precopy runs into the 60 s timeout): one by default.
         return vs_qemu_capped(rounds.unwrap_or(1));
     }
+    if postcopy {
+        // Minutes a round too (the throttled precopy row alone takes most of one).
+        return postcopy::run(rounds.unwrap_or(1));
+    }
     let rounds = rounds.unwrap_or(ROUNDS);
     let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| names.is_empty() || names.contains(&s.name)).collect();
     if scenarios.is_empty() {
         eprintln!("no scenario among {names:?}; scenarios: {:?}", SCENARIOS.iter().map(|s| s.name).collect::<Vec<_>>());
         std::process::exit(2);
     }
-    let version = qemu_version();
-    if let Err(e) = freeze() {
-        eprintln!("vs-qemu: {e}");
-        std::process::exit(1);
-    }
-    let revision = emu_revision();
-    let started = Instant::now();
-    emit(json!({"bench": "vs-qemu", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let (version, revision, started) = begin("vs-qemu", rounds);
     let mut loads = vec![host_load("start")];
     let loop_before = measure_loopback("before");
     let mut runs: Vec<Value> = Vec::new();
@@ -703,8 +807,8 @@ pub fn vs_qemu(args: &[String]) {
             loads.push(host_load(&format!("before {}", s.name)));
         }
         for round in 0..rounds {
-            let order: Vec<Vmm> = if round % 2 == 0 { VMMS.to_vec() } else { VMMS.iter().rev().copied().collect() };
-            let mut this: Vec<Value> = order.iter().map(|&v| run(s, v, round + 1, loop_before, 0)).collect();
+            let mut this: Vec<Value> =
+                order(VMMS, round).iter().map(|&v| run(s, v, round + 1, loop_before, 0)).collect();
             let reference = this
                 .iter()
                 .find(|r| r["vmm"] == REFERENCE.name() && r["completed"] == true)
@@ -744,6 +848,41 @@ pub fn vs_qemu(args: &[String]) {
     }
 }
 
+/// The VMMs' order in `round` (from 0): as given, reversed in every second round.
+fn order(vmms: &[Vmm], round: usize) -> Vec<Vmm> {
+    if round.is_multiple_of(2) {
+        vmms.to_vec()
+    } else {
+        vmms.iter().rev().copied().collect()
+    }
+}
+
+/// `vmms` on `s`, `rounds` times, alternating; each run emitted as it ends.
+fn alternate(s: &Scenario, vmms: &[Vmm], rounds: usize, loopback: Loopback, max_bandwidth: u64) -> Vec<Value> {
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        for v in order(vmms, round) {
+            let r = run(s, v, round + 1, loopback, max_bandwidth);
+            emit(r.clone());
+            runs.push(r);
+        }
+    }
+    runs
+}
+
+/// The start of a run: the binary and image frozen, QEMU's version and emu's revision, the first
+/// JSON line (`bench` names the mode); the versions and when it started.
+fn begin(bench: &str, rounds: usize) -> (String, String, Instant) {
+    let version = qemu_version();
+    if let Err(e) = freeze() {
+        eprintln!("vs-qemu: {e}");
+        std::process::exit(1);
+    }
+    let revision = emu_revision();
+    emit(json!({"bench": bench, "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    (version, revision, Instant::now())
+}
+
 /// QEMU's first `--version` line (or why there is none).
 fn qemu_version() -> String {
     Command::new(QEMU)
@@ -757,25 +896,9 @@ fn qemu_version() -> String {
 /// QEMU precopy and auto-converge against emu's dirty-rate limiting and its throttling, alternating.
 /// Writes docs/vs-qemu-capped.md.
 fn vs_qemu_capped(rounds: usize) {
-    if let Err(e) = freeze() {
-        eprintln!("vs-qemu: {e}");
-        std::process::exit(1);
-    }
-    let version = qemu_version();
-    let revision = emu_revision();
-    let started = Instant::now();
-    emit(json!({"bench": "vs-qemu-capped", "machine": machine(), "qemu": version, "emu": revision, "rounds": rounds}));
+    let (version, revision, started) = begin("vs-qemu-capped", rounds);
     let loopback = measure_loopback("before");
-    let mut runs = Vec::new();
-    for round in 0..rounds {
-        let order: Vec<Vmm> =
-            if round % 2 == 0 { CAPPED_VMMS.to_vec() } else { CAPPED_VMMS.iter().rev().copied().collect() };
-        for v in order {
-            let r = run(&CAPPED_SCENARIO, v, round + 1, loopback, CAPPED_BANDWIDTH);
-            emit(r.clone());
-            runs.push(r);
-        }
-    }
+    let runs = alternate(&CAPPED_SCENARIO, CAPPED_VMMS, rounds, loopback, CAPPED_BANDWIDTH);
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let mut md = format!(
         "# A writer that outruns its link: emu against QEMU\n\nMade by `scripts/bench-vs-qemu.sh --capped` (`emu-bench \
@@ -798,17 +921,15 @@ fn vs_qemu_capped(rounds: usize) {
     md += "|---|---|---|---|---|---|---|---|\n";
     for r in &runs {
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["vmm"].as_str().unwrap_or("?"),
             r["round"],
             r["status"].as_str().unwrap_or("?"),
             num(&r["total-ms"], 0),
             num(&r["downtime-ms"], 1),
-            r["bytes"].as_f64().map(|b| format!("{:.0}", b / 1e6)).unwrap_or_else(|| "-".into()),
+            mb(&r["bytes"]),
             r["passes"],
-            rate(&r["guest-rate-before"]),
-            rate(&r["guest-rate-during"]),
-            rate(&r["guest-rate-after"]),
+            rates_cell(r),
         );
     }
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
@@ -851,6 +972,52 @@ fn converged_cell(r: &Value) -> String {
     }
 }
 
+/// MB sent (one decimal below 10 MB).
+fn mb(v: &Value) -> String {
+    v.as_f64().map(|b| format!("{:.prec$}", b / 1e6, prec = if b < 1e7 { 1 } else { 0 })).unwrap_or("-".into())
+}
+
+/// The guest's rate before / during / after the migration.
+fn rates_cell(r: &Value) -> String {
+    format!("{} / {} / {}", rate(&r["guest-rate-before"]), rate(&r["guest-rate-during"]), rate(&r["guest-rate-after"]))
+}
+
+/// The host-load checks of a run, as a sentence (and a warning when the host was busy).
+fn loads_text(loads: &[Value]) -> String {
+    let checks: Vec<String> = loads
+        .iter()
+        .map(|l| {
+            let top: Vec<String> = l["busiest"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["cores"].as_f64().unwrap_or(0.0) >= 0.05)
+                .map(|b| format!("{} {}", b["process"].as_str().unwrap_or("?"), b["cores"]))
+                .collect();
+            format!(
+                "{}: {:.2}{}",
+                l["when"].as_str().unwrap_or("?"),
+                l["other-processes-cores"].as_f64().unwrap_or(0.0),
+                if top.is_empty() { String::new() } else { format!(" ({})", top.join(", ")) }
+            )
+        })
+        .collect();
+    let mut md = String::from(
+        "Other processes on the host, over one second at the start, between scenarios and at the end (cores in use, \
+         and the busiest): ",
+    );
+    md += &checks.join("; ");
+    let worst = loads.iter().filter_map(|l| l["other-processes-cores"].as_f64()).fold(0.0, f64::max);
+    if worst >= 0.5 {
+        md += &format!(
+            ". **The host was not quiet**: up to {worst:.1} of its {} cores went to other processes at a check, so \
+             every figure below, the ratios included, is disturbed (a VMM with fewer busy threads loses more to them).",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
+    }
+    md
+}
+
 /// What the report says about the run as a whole.
 struct RunInfo<'a> {
     version: &'a str,
@@ -890,35 +1057,7 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
         before.fresh / 1e6,
         after.fresh / 1e6
     );
-    md += "Other processes on the host, over one second at the start, between scenarios and at the end (cores in \
-           use, and the busiest): ";
-    let checks: Vec<String> = loads
-        .iter()
-        .map(|l| {
-            let top: Vec<String> = l["busiest"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|b| b["cores"].as_f64().unwrap_or(0.0) >= 0.05)
-                .map(|b| format!("{} {}", b["process"].as_str().unwrap_or("?"), b["cores"]))
-                .collect();
-            format!(
-                "{}: {:.2}{}",
-                l["when"].as_str().unwrap_or("?"),
-                l["other-processes-cores"].as_f64().unwrap_or(0.0),
-                if top.is_empty() { String::new() } else { format!(" ({})", top.join(", ")) }
-            )
-        })
-        .collect();
-    md += &checks.join("; ");
-    let worst = loads.iter().filter_map(|l| l["other-processes-cores"].as_f64()).fold(0.0, f64::max);
-    if worst >= 0.5 {
-        md += &format!(
-            ". **The host was not quiet**: up to {worst:.1} of its {} cores went to other processes at a check, so \
-             every figure below, the ratios included, is disturbed (a VMM with fewer busy threads loses more to them).",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-        );
-    }
+    md += &loads_text(loads);
     md += "\n\n";
     md += &format!(
         "Setup, the same for every VMM: the guest `target/guest-images/emu-guest32.elf` (QEMU: `-kernel IMAGE \
@@ -957,20 +1096,15 @@ fn report(run: &RunInfo, scenarios: &[&Scenario], runs: &[Value]) -> String {
                     goes_on += &format!(", failures={}", r["verify"]["failures"]);
                 }
                 md += &format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     vmm.name(),
                     r["round"],
                     num(&r["total-ms"], 0),
                     num(&r["downtime-ms"], 1),
-                    r["bytes"]
-                        .as_f64()
-                        .map(|b| format!("{:.prec$}", b / 1e6, prec = if b < 1e7 { 1 } else { 0 }))
-                        .unwrap_or("-".into()),
+                    mb(&r["bytes"]),
                     r["passes"].as_u64().map(|p| p.to_string()).unwrap_or("-".into()),
                     converged_cell(r),
-                    rate(&r["guest-rate-before"]),
-                    rate(&r["guest-rate-during"]),
-                    rate(&r["guest-rate-after"]),
+                    rates_cell(r),
                     goes_on,
                     num(&r["ratio-to-qemu-multifd4"], 2),
                 );
