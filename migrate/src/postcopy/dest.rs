@@ -177,7 +177,6 @@ impl IncomingPostcopy {
                 Phase::Paused(why) => Some(why.clone()),
                 _ => None,
             },
-            ..PostcopyStats::default()
         }
     }
 
