@@ -272,6 +272,9 @@ fn a_cut_connection_loses_nothing() {
     let relay_thread = std::thread::spawn(move || {
         let (mut from_src, _) = relay.accept().unwrap();
         let mut to_dst = connect(&dst_uri);
+        // The destination's answers go back untouched (it answers HEADER before any page).
+        let (mut back_from, mut back_to) = (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
         let mut buf = vec![0u8; 64 << 10];
         let mut moved = 0;
         while moved < limit {
