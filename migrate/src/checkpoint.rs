@@ -186,7 +186,8 @@ pub fn write(vm: &dyn MigratableVm, path: &Path, live: bool, progress: &Progress
                 for page in first..first + n {
                     s.save(&ram, page, &mut buf)?;
                 }
-                let (bytes, zero) = (s.bytes, (first + n) as u64 - s.data.count() as u64);
+                // The fault thread may have saved pages ahead of this chunk: count what is saved.
+                let (bytes, zero) = (s.bytes, s.saved.count().saturating_sub(s.data.count()) as u64);
                 progress.update(|p| {
                     p.bytes = bytes;
                     p.normal_pages = bytes / PAGE_SIZE as u64;
@@ -586,7 +587,18 @@ pub fn start(
     let p = progress.clone();
     let thread = std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
         let started = Instant::now();
-        match write(&*vm, &path, live, &p) {
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&*vm, &path, live, &p)));
+        let written = written.unwrap_or_else(|_| {
+            // Never left "active": say it failed (RAM protection ends with the Protector's drop).
+            let e = CheckpointError::Malformed { path: path.clone(), why: "the checkpoint thread panicked".into() };
+            p.update(|pr| {
+                pr.status = Status::Failed;
+                pr.error = Some(crate::report(&e));
+            });
+            vm.migration_failed();
+            Err(e)
+        });
+        match written {
             Ok(()) => log::info!("checkpoint {} written in {:?}", path.display(), started.elapsed()),
             Err(e) => log::warn!("checkpoint {}: {}", path.display(), crate::report(&e)),
         }
