@@ -121,7 +121,14 @@ fn a_failed_migration_says_so_by_event_and_the_capability_silences_them() {
     let failed = sq.call_ok("human-monitor-command", json!({"command-line": "info migrate"}));
     assert!(failed.as_str().unwrap().starts_with("Migration status: failed ("), "{failed}");
     // With the capability off (QEMU's default), a migration says nothing; with it on again, it does.
-    assert_eq!(sq.call_ok("query-migrate-capabilities", json!({})), json!([{"capability": "events", "state": true}]));
+    assert_eq!(
+        sq.call_ok("query-migrate-capabilities", json!({})),
+        json!([
+            {"capability": "events", "state": true},
+            {"capability": "postcopy-ram", "state": true},
+            {"capability": "background-snapshot", "state": false},
+        ])
+    );
     sq.call_ok("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": false}]}));
     let e = sq.call("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]}));
     assert_eq!(e.unwrap_err(), "migration capability 'multifd' is not supported by emu");
