@@ -537,9 +537,14 @@ pub fn receive_with_base<V: RestorableVm>(
                 .name("incoming-handover".into())
                 .spawn(move || {
                     let rest = handover::read_after_ready(dec, &conn, &h);
-                    // Postcopy: after DONE the same connection carries the owed pages.
-                    if let (Some(mut dec), Some(pc)) = (rest, pc) {
-                        let _ = pc.receive(&mut dec);
+                    // Postcopy: after DONE the same connection carries the owed pages; a link
+                    // lost before DONE pauses it (the guest may run here already, waiting).
+                    match (rest, pc) {
+                        (Some(mut dec), Some(pc)) => {
+                            let _ = pc.receive(&mut dec);
+                        }
+                        (None, Some(pc)) => pc.link_lost("the link to the source broke before its pages came"),
+                        _ => {}
                     }
                 })
                 .map_err(start_err)?;

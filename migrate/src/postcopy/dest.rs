@@ -266,6 +266,17 @@ impl IncomingPostcopy {
         result
     }
 
+    /// The link broke before any page could come on it: as [`IncomingPostcopy::receive`] failing.
+    pub fn link_lost(&self, why: &str) {
+        let mut st = self.lock();
+        st.link = None;
+        if st.phase != Phase::Complete {
+            log::warn!("postcopy paused: {why}; {} pages still owed", st.left);
+            st.phase = Phase::Paused(why.to_string());
+        }
+        self.changed.notify_all();
+    }
+
     fn receive_inner<R: Read>(&self, dec: &mut Decoder<R>) -> Result<(), PostcopyError> {
         let layout = self.ram.layout().clone();
         let mut scratch = vec![0u8; MAX_PAGES_PER_RECORD * PAGE_SIZE];
