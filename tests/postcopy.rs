@@ -44,17 +44,8 @@ fn start_then_postcopy_paced(src: &Emu, uri: &str, postcopy_bandwidth: u64) {
     src.qmp_ok("migrate-start-postcopy", json!({}));
 }
 
-/// Polls `query-migrate` on `emu` until its status is `want`.
 fn wait_status(emu: &Emu, want: &str) -> Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let info = emu.qmp_ok("query-migrate", json!({}));
-        if info["status"] == want {
-            return info;
-        }
-        assert!(Instant::now() < deadline, "status never became {want}: {info}\n{}", emu.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_migration_status(emu, want, T)
 }
 
 fn assert_ram_equal(a: &Emu, b: &Emu) {

@@ -488,15 +488,7 @@ impl CuttingRelay {
 }
 
 fn wait_status(emu: &Emu, want: &str) -> Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let info = emu.qmp_ok("query-migrate", json!({}));
-        if info["status"] == want {
-            return info;
-        }
-        assert!(Instant::now() < deadline, "status never became {want}: {info}\n{}", emu.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_migration_status(emu, want, T)
 }
 
 /// A postcopy over TLS whose link is cut recovers over TLS (`migrate-recover` on a destination

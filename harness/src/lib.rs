@@ -421,6 +421,19 @@ pub fn migrate(src: &Emu, uri: &str, timeout: Duration) -> Value {
     wait_migration(src, timeout)
 }
 
+/// Polls `query-migrate` on `emu` until its status is `want` (a side of a postcopy, say).
+pub fn wait_migration_status(emu: &Emu, want: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = emu.qmp_ok("query-migrate", json!({}));
+        if info["status"] == want {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "status never became {want}: {info}\n{}", emu.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_migration(src: &Emu, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
