@@ -247,12 +247,8 @@ fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Re
     let info = ckpt.info.clone();
     let mem: u64 = info.regions.iter().map(|r| r.size).sum();
     let vcpus = info.vcpu_count as usize;
-    if let Some(m) = args.mem.filter(|&m| m != mem) {
-        anyhow::bail!("{path} holds a guest with {mem} bytes of RAM; --mem asks for {m}");
-    }
-    if let Some(n) = args.smp.map(usize::from).filter(|&n| n != vcpus) {
-        anyhow::bail!("{path} holds a guest with {vcpus} vCPUs; --smp asks for {n}");
-    }
+    let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
+    limits.check(&format!("{path} holds a guest with"), mem, vcpus).map_err(anyhow::Error::msg)?;
     let monitor = MonitorSide::new(&args, events_tx.clone(), None);
     let config = VmConfig {
         mem_bytes: mem,

@@ -547,6 +547,20 @@ pub struct IncomingLimits {
     pub vcpus: Option<usize>,
 }
 
+impl IncomingLimits {
+    /// Whether a guest of `mem` bytes and `vcpus` vCPUs is what was asked for; `holder` names
+    /// where it comes from ("the source has", "PATH holds a guest with").
+    pub fn check(&self, holder: &str, mem: u64, vcpus: usize) -> Result<(), String> {
+        if let Some(m) = self.mem.filter(|&m| m != mem) {
+            return Err(format!("{holder} {mem} bytes of RAM, --mem asks for {m}"));
+        }
+        if let Some(n) = self.vcpus.filter(|&n| n != vcpus) {
+            return Err(format!("{holder} {vcpus} vCPUs, --smp asks for {n}"));
+        }
+        Ok(())
+    }
+}
+
 /// `query-migrate` on a destination: where the incoming migration stands, and what has arrived
 /// (QEMU's `ram` names; `transferred` counts stream bytes, `dirty-sync-count` the passes the source
 /// ended).
@@ -615,12 +629,7 @@ pub fn receive(
     let create = |h: &StreamHeader| -> Result<Arc<Vm>, String> {
         let mem: u64 = h.regions.iter().map(|r| r.size).sum();
         let vcpus = h.vcpu_count as usize;
-        if let Some(m) = limits.mem.filter(|&m| m != mem) {
-            return Err(format!("the source has {mem} bytes of RAM, --mem asks for {m}"));
-        }
-        if let Some(n) = limits.vcpus.filter(|&n| n != vcpus) {
-            return Err(format!("the source has {vcpus} vCPUs, --smp asks for {n}"));
-        }
+        limits.check("the source has", mem, vcpus)?;
         Vm::create(make_config(mem, vcpus), events, None).map_err(|e| format!("cannot create the VM: {e}"))
     };
     receiver::receive_with_base(accepted, handover, create, base).map_err(|e: ReceiveError| anyhow::anyhow!(e))

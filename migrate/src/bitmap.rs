@@ -130,6 +130,19 @@ impl PageBitmap {
     }
 
     /// ORs `words` (bit i = page `offset + i`) into this bitmap.
+    /// Sets bit `first + i` for every bit i set in `bits` (LSB first in each byte, as OWED carries
+    /// them), `count` of them; `false`, and nothing set, if they do not all fit.
+    pub fn set_from_bits(&mut self, first: u64, count: u32, bits: &[u8]) -> bool {
+        let first = usize::try_from(first).ok().filter(|&f| f.saturating_add(count as usize) <= self.bits);
+        let Some(first) = first.filter(|_| bits.len() * 8 >= count as usize) else {
+            return false;
+        };
+        for i in (0..count as usize).filter(|&i| bits[i / 8] & (1 << (i % 8)) != 0) {
+            self.set(first + i);
+        }
+        true
+    }
+
     /// Keeps only the bits also set in `other` (of the same length).
     pub fn intersect_with(&mut self, other: &PageBitmap) {
         for (a, b) in self.words.iter_mut().zip(&other.words) {

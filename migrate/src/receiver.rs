@@ -797,15 +797,9 @@ impl<R: std::io::Read> Receiver<'_, R> {
         let Record::Owed { first_page, pages: n, bits } = self.dec.read_record(frame)? else {
             unreachable!("an OWED frame decodes to OWED")
         };
-        let first = usize::try_from(first_page).ok().filter(|&f| f.saturating_add(n as usize) <= pages);
-        let Some(first) = first else {
-            return Err(Refusal::OwedRange { first: first_page, count: n, pages });
-        };
         let owed = t.owed.get_or_insert_with(|| PageBitmap::new(pages));
-        for i in 0..n as usize {
-            if bits[i / 8] & (1 << (i % 8)) != 0 {
-                owed.set(first + i);
-            }
+        if !owed.set_from_bits(first_page, n, bits) {
+            return Err(Refusal::OwedRange { first: first_page, count: n, pages });
         }
         Ok(())
     }

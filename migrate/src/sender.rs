@@ -1095,14 +1095,8 @@ impl Sender<'_> {
         loop {
             match dec.next_record() {
                 Ok(Record::Owed { first_page, pages: n, bits }) => {
-                    let first = usize::try_from(first_page).ok().filter(|&f| f.saturating_add(n as usize) <= pages);
-                    let Some(first) = first else {
+                    if !lacking.set_from_bits(first_page, n, bits) {
                         return Err(lost(format!("resuming: OWED for pages {first_page}+{n}, beyond RAM"), None));
-                    };
-                    for i in 0..n as usize {
-                        if bits[i / 8] & (1 << (i % 8)) != 0 {
-                            lacking.set(first + i);
-                        }
                     }
                 }
                 Ok(Record::Resumed { pages_owed }) if pages_owed == lacking.count() as u64 => break,

@@ -254,19 +254,13 @@ impl IncomingPostcopy {
     pub fn receive<R: Read>(&self, dec: &mut Decoder<R>) -> Result<(), PostcopyError> {
         let result = self.receive_inner(dec);
         if let Err(e) = &result {
-            let why = crate::report(e);
-            log::warn!("postcopy paused: {why}; {} pages still owed", self.lock().left);
-            let mut st = self.lock();
-            st.link = None;
-            if st.phase != Phase::Complete {
-                st.phase = Phase::Paused(why);
-            }
-            self.changed.notify_all();
+            self.link_lost(&crate::report(e));
         }
         result
     }
 
-    /// The link broke before any page could come on it: as [`IncomingPostcopy::receive`] failing.
+    /// The link broke (or carried something wrong): the guest keeps waiting for its missing pages
+    /// until [`IncomingPostcopy::resume`].
     pub fn link_lost(&self, why: &str) {
         let mut st = self.lock();
         st.link = None;
