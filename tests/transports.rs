@@ -437,6 +437,47 @@ fn tls_migrates_the_verify_guest_and_a_plain_stream_is_refused() {
     assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
 }
 
+/// TLS with a pre-shared key (`--tls-psk`, QEMU's keys.psk format): a source holding another key
+/// is refused, says why and goes on running, and nothing starts on the destination; a source
+/// given the right key through `migrate-set-parameters` migrates the verify guest with RAM equal.
+#[test]
+fn tls_psk_migrates_the_verify_guest_and_a_wrong_key_is_refused() {
+    require_kvm!();
+    let keys = ScratchDir::new();
+    let write = |name: &str, text: &str| {
+        std::fs::write(keys.path(name), text).unwrap();
+        keys.path(name).display().to_string()
+    };
+    let dst_keys = write("dst.psk", "# psktool -u qemu -p keys.psk\nqemu:8e4f0c1b7a2d3e5f60718293a4b5c6d7\n");
+    let wrong = write("wrong.psk", "qemu:00000000000000000000000000000001\n");
+    let right = write("src.psk", "qemu:8e4f0c1b7a2d3e5f60718293a4b5c6d7\n");
+    let (dst, uri) = Emu::incoming(&["-S", "--tls-psk", &dst_keys]);
+    assert!(dst.stderr().contains("TLS: waiting for an incoming migration"), "{}", dst.stderr());
+
+    let stranger = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64", "--tls-psk", &wrong]);
+    stranger.expect_line("verify: written=", T);
+    assert_refused_and_source_runs(&stranger, &uri, &["refused our pre-shared key"]);
+    assert!(dst.wait_monitor(T));
+    assert_eq!(dst.status(), "inmigrate", "a wrong key started something");
+    drop(stranger);
+
+    let src = verify_source();
+    src.qmp_ok("migrate-set-parameters", json!({"tls-psk": right}));
+    assert_eq!(src.qmp_ok("query-migrate-parameters", json!({}))["tls-psk"], right);
+    let info = common::migrate(&src, &uri, T);
+    assert_eq!(info["status"], "completed", "{info}\nsource: {}\ndestination: {}", src.stderr(), dst.stderr());
+    assert_eq!(dst.status(), "paused");
+    assert_digests_equal(&src.ram_digest(), &dst.ram_digest());
+    dst.qmp_ok("cont", json!({}));
+    let n = dst.line_count();
+    dst.wait_line_from(n, |l| l.contains("verify: written="), T).expect("verify goes on");
+    assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+    // A key file that is not one is told at once, not at the migration.
+    let bad = write("bad.psk", "qemu:short\n");
+    let e = src.qmp("migrate-set-parameters", json!({"tls-psk": bad})).expect_err("a bad key file taken");
+    assert!(e.contains("line 1"), "{e}");
+}
+
 /// A TCP relay that understands nothing (TLS bytes are opaque), carries at most
 /// [`RELAY_RATE`] bytes per second each way (so that a postcopy through it is still going when
 /// the test cuts it, however busy the host), and cuts every connection it carries when told.

@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// with all three takes TLS only.
     #[arg(long, value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
+    /// TLS authenticated by a pre-shared key instead of certificates: QEMU's keys.psk file
+    /// (IDENTITY:HEXKEY lines, as `psktool -u qemu -p keys.psk` writes); the migration parameter
+    /// tls-psk. A destination with it takes TLS with one of its keys only.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    pub tls_psk: Option<PathBuf>,
     /// The VM's name, as the monitor's query-name reports it.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,

@@ -94,6 +94,7 @@ impl MonitorSide {
                 cert: args.tls_cert.clone(),
                 key: args.tls_key.clone(),
                 ca: args.tls_ca.clone(),
+                psk: args.tls_psk.clone(),
             },
         }));
         let notify = commands.notifier();

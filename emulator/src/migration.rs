@@ -377,21 +377,22 @@ pub fn set_parameters(params: &Mutex<MigrationParams>, args: &Map<String, Value>
                 }
             }
             // As QEMU's tls-creds: "" turns it off.
-            "tls-cert" | "tls-key" | "tls-ca" => {
+            "tls-cert" | "tls-key" | "tls-ca" | "tls-psk" => {
                 let s = value.as_str().ok_or_else(|| QmpError::generic(format!("{key} must be a string (a path)")))?;
                 let path = (!s.is_empty()).then(|| std::path::PathBuf::from(s));
                 match key.as_str() {
                     "tls-cert" => p.tls.cert = path,
                     "tls-key" => p.tls.key = path,
-                    _ => p.tls.ca = path,
+                    "tls-ca" => p.tls.ca = path,
+                    _ => p.tls.psk = path,
                 }
             }
             other => return Err(QmpError::generic(format!("unknown migration parameter {other}"))),
         }
     }
     // Checked once all three are there (they may come one per command), so that a bad file is
-    // told now rather than at the migration.
-    if p.tls.cert.is_some() && p.tls.key.is_some() && p.tls.ca.is_some() {
+    // told now rather than at the migration; a key file at once.
+    if p.tls.psk.is_some() || (p.tls.cert.is_some() && p.tls.key.is_some() && p.tls.ca.is_some()) {
         p.tls.load().map_err(|e| QmpError::generic(migrate::report(&e)))?;
     }
     *params.lock().unwrap_or_else(|e| e.into_inner()) = p;
@@ -418,6 +419,7 @@ fn params_json(p: &MigrationParams) -> Value {
         "tls-cert": tls_path(&p.tls.cert),
         "tls-key": tls_path(&p.tls.key),
         "tls-ca": tls_path(&p.tls.ca),
+        "tls-psk": tls_path(&p.tls.psk),
     })
 }
 

@@ -31,8 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod pipe;
+mod psk;
 mod tls;
 pub use pipe::Pipe;
+pub use psk::PskError;
 pub use tls::{TlsConfig, TlsCreds, TlsError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,6 +12,8 @@
 //! half-way by two threads (rustls' state is not shared). The cost, a copy through the pair, is
 //! small beside the encryption itself.
 //!
+//! Or, with `tls-psk` in place of the three, TLS authenticated by a pre-shared key (`psk.rs`).
+//!
 //! A destination with credentials takes TLS only: a plain emu stream is answered with a plain
 //! ERROR record, so that its source says why instead of seeing a broken stream, and nothing else
 //! happens. Session tickets are off: a migration connection is never resumed, and a ticket would
@@ -28,14 +30,17 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use super::psk::{self, session_certificate, AnyCertificate, PskError, PskKeys};
 use super::Connection;
 
-/// Where the credentials are: the three migration parameters.
+/// Where the credentials are: the migration parameters `tls-cert`, `tls-key` and `tls-ca`, or
+/// `tls-psk` alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsCreds {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub psk: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,12 +62,18 @@ pub enum TlsError {
     Verifier(#[source] rustls::server::VerifierBuilderError),
     #[error("tls-cert and tls-key")]
     Credentials(#[source] rustls::Error),
+    #[error("tls-psk and tls-cert, tls-key, tls-ca are two kinds of credentials: set one")]
+    PskAndCertificates,
+    #[error("tls-psk")]
+    Psk(#[from] PskError),
 }
 
 /// Both ends' rustls configurations, built once from [`TlsCreds`].
 pub struct TlsConfig {
     client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
+    /// A PSK configuration: the keys both ends prove after the handshake.
+    psk: Option<PskKeys>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -81,15 +92,21 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
 }
 
 impl TlsCreds {
-    /// Whether any credential is set (then all must be).
+    /// Whether any credential is set (then all of its kind must be).
     pub fn is_set(&self) -> bool {
-        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+        self.cert.is_some() || self.key.is_some() || self.ca.is_some() || self.psk.is_some()
     }
 
     /// Reads the files and builds both configurations; `None` if no credential is set.
     pub fn load(&self) -> Result<Option<Arc<TlsConfig>>, TlsError> {
         if !self.is_set() {
             return Ok(None);
+        }
+        if let Some(psk) = &self.psk {
+            if self.cert.is_some() || self.key.is_some() || self.ca.is_some() {
+                return Err(TlsError::PskAndCertificates);
+            }
+            return Self::load_psk(psk).map(Some);
         }
         let cert = self.cert.as_deref().ok_or(TlsError::Incomplete("tls-cert"))?;
         let key = self.key.as_deref().ok_or(TlsError::Incomplete("tls-key"))?;
@@ -122,7 +139,29 @@ impl TlsCreds {
             .with_single_cert(chain, key)
             .map_err(TlsError::Credentials)?;
         server.send_tls13_tickets = 0;
-        Ok(Some(Arc::new(TlsConfig { client: Arc::new(client), server: Arc::new(server) })))
+        Ok(Some(Arc::new(TlsConfig { client: Arc::new(client), server: Arc::new(server), psk: None })))
+    }
+
+    /// PSK: TLS 1.3 only (its exporter is what the key's proof binds to), no client certificate,
+    /// a certificate of the moment on the destination that the source does not check.
+    fn load_psk(path: &Path) -> Result<Arc<TlsConfig>, TlsError> {
+        let keys = PskKeys::load(path)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsError::Credentials)?
+            .dangerous()
+            .with_custom_certificate_verifier(AnyCertificate::new(&provider))
+            .with_no_client_auth();
+        let (cert, key) = session_certificate()?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsError::Credentials)?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .map_err(TlsError::Credentials)?;
+        server.send_tls13_tickets = 0;
+        Ok(Arc::new(TlsConfig { client: Arc::new(client), server: Arc::new(server), psk: Some(keys) }))
     }
 }
 
@@ -147,12 +186,14 @@ pub(crate) fn client(mut tcp: TcpStream, host: &str, cfg: &TlsConfig, timeout: D
     let mut conn = rustls::Connection::from(conn);
     tcp.set_read_timeout(Some(timeout))?;
     tcp.set_write_timeout(Some(timeout))?;
-    handshake(&mut conn, &mut tcp).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("TLS handshake: {e} (does the destination have tls-cert, tls-key and tls-ca, from the same CA?)"),
-        )
-    })?;
+    let hint = match cfg.psk {
+        Some(_) => "does the destination have tls-psk?",
+        None => "does the destination have tls-cert, tls-key and tls-ca, from the same CA?",
+    };
+    handshake(&mut conn, &mut tcp).map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e} ({hint})")))?;
+    if let Some(keys) = &cfg.psk {
+        psk::prove(&mut conn, &mut tcp, keys)?;
+    }
     relayed(tcp, conn)
 }
 
@@ -180,6 +221,9 @@ pub(crate) fn server(mut tcp: TcpStream, cfg: &TlsConfig, until: Instant) -> Res
     let mut conn = rustls::Connection::from(conn);
     handshake(&mut conn, &mut tcp)
         .map_err(|e| NotTls::Failed(io::Error::new(e.kind(), format!("TLS handshake: {e}"))))?;
+    if let Some(keys) = &cfg.psk {
+        psk::check(&mut conn, &mut tcp, keys).map_err(NotTls::Failed)?;
+    }
     relayed(tcp, conn).map_err(NotTls::Failed)
 }
 
@@ -343,6 +387,7 @@ mod tests {
             cert: Some(dir.join(format!("{who}.pem"))),
             key: Some(dir.join(format!("{who}.key"))),
             ca: Some(dir.join(format!("{ca}.pem"))),
+            psk: None,
         };
         c.load().unwrap().expect("credentials set")
     }
@@ -366,7 +411,13 @@ mod tests {
     #[test]
     fn mutual_tls_carries_both_directions_and_half_closes() {
         let dir = certs_dir();
-        let (l, uri) = listen(creds(&dir, "dst", "ca"), creds(&dir, "src", "ca"));
+        carries_both_directions(creds(&dir, "dst", "ca"), creds(&dir, "src", "ca"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// 3 MB there and back, each way ended by a half-close.
+    fn carries_both_directions(server: Arc<TlsConfig>, client: Arc<TlsConfig>) {
+        let (l, uri) = listen(server, client);
         let config = l.tls().unwrap();
         let server = std::thread::spawn(move || {
             let conn = match secure_incoming(accept(&l), &config, Instant::now() + Duration::from_secs(5)) {
@@ -389,6 +440,73 @@ mod tests {
         (&conn).read_to_end(&mut back).unwrap();
         assert_eq!(server.join().unwrap(), data.len());
         assert!(back == data, "{} bytes back of {}", back.len(), data.len());
+    }
+
+    const KEY_A: &str = "qemu:00112233445566778899aabbccddeeff\n";
+    const KEY_B: &str = "qemu:ffeeddccbbaa99887766554433221100\n";
+
+    fn psk(dir: &Path, name: &str, text: &str) -> Arc<TlsConfig> {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        TlsCreds { psk: Some(path), ..TlsCreds::default() }.load().unwrap().expect("credentials set")
+    }
+
+    /// Runs one connection attempt; returns what each side made of it.
+    fn attempt(server: Arc<TlsConfig>, client: Arc<TlsConfig>) -> (Result<(), String>, Result<(), String>) {
+        let (l, uri) = listen(server, client);
+        let config = l.tls().unwrap();
+        let t = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(5);
+            match secure_incoming(accept(&l), &config, until) {
+                Secured::Tls(c) => (&c).write_all(b"x").map_err(|e| e.to_string()),
+                Secured::Plain(_) => Err("taken for plain".into()),
+                Secured::Failed(e) => Err(e.to_string()),
+            }
+        });
+        let source = connect(&uri).map_err(|e| e.to_string()).and_then(|c| {
+            let mut b = [0u8; 1];
+            match (&c).read(&mut b) {
+                Ok(1) => Ok(()),
+                Ok(_) => Err("ended".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        (source, t.join().unwrap())
+    }
+
+    #[test]
+    fn a_pre_shared_key_carries_both_directions() {
+        let dir = std::env::temp_dir().join(format!("emu-psk-{}-a", std::process::id()));
+        // The destination may list several identities; the source proves its first.
+        let many = format!("other:{}\n{KEY_A}", "ab".repeat(32));
+        carries_both_directions(psk(&dir, "dst.psk", &many), psk(&dir, "src.psk", KEY_A));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_wrong_key_or_certificates_against_a_key_are_refused_on_both_sides() {
+        let dir = certs_dir();
+        // Another key for the same identity.
+        let (src, dst) = attempt(psk(&dir, "a.psk", KEY_A), psk(&dir, "b.psk", KEY_B));
+        let (src, dst) = (src.unwrap_err(), dst.unwrap_err());
+        assert!(src.contains("the destination refused our pre-shared key (identity 'qemu')"), "{src}");
+        assert!(dst.contains("proof for pre-shared key identity 'qemu' fails"), "{dst}");
+        // An identity the destination does not list.
+        let other = format!("someone:{}\n", "00".repeat(16));
+        let (src, dst) = attempt(psk(&dir, "a.psk", KEY_A), psk(&dir, "c.psk", &other));
+        assert!(src.unwrap_err().contains("refused our pre-shared key"));
+        assert!(dst.unwrap_err().contains("identity 'someone' is not in tls-psk"));
+        // Certificates against a key, both ways round: nothing gets through.
+        let (src, dst) = attempt(psk(&dir, "a.psk", KEY_A), creds(&dir, "src", "ca"));
+        assert!(src.unwrap_err().contains("TLS handshake"));
+        assert!(dst.is_err());
+        let (src, dst) = attempt(creds(&dir, "dst", "ca"), psk(&dir, "a.psk", KEY_A));
+        assert!(src.is_err());
+        assert!(dst.unwrap_err().contains("TLS handshake"));
+        // Both kinds at once is a mistake, said at load.
+        let both = TlsCreds { psk: Some(dir.join("a.psk")), ca: Some(dir.join("ca.pem")), ..TlsCreds::default() };
+        assert!(matches!(both.load(), Err(TlsError::PskAndCertificates)));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -435,8 +553,12 @@ mod tests {
     #[test]
     fn credentials_are_checked() {
         let dir = certs_dir();
-        let full =
-            TlsCreds { cert: Some(dir.join("src.pem")), key: Some(dir.join("src.key")), ca: Some(dir.join("ca.pem")) };
+        let full = TlsCreds {
+            cert: Some(dir.join("src.pem")),
+            key: Some(dir.join("src.key")),
+            ca: Some(dir.join("ca.pem")),
+            psk: None,
+        };
         assert!(TlsCreds::default().load().unwrap().is_none());
         let e = TlsCreds { ca: None, ..full.clone() }.load().unwrap_err();
         assert_eq!(e.to_string(), "TLS needs all of tls-cert, tls-key and tls-ca (tls-ca is not set)");
