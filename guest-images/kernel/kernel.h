@@ -21,6 +21,23 @@ struct ram_range {
 };
 
 /*
+ * KVM's paravirtual clock (pvclock_vcpu_time_info, what Linux calls kvmclock), registered with
+ * MSR_KVM_SYSTEM_TIME_NEW. KVM rewrites it whenever the clock's base changes (at start, and on a
+ * migration's destination after emu's KVM_SET_CLOCK): ns = system_time + scale(TSC - tsc_timestamp).
+ * A version that is odd, or changes during a read, means KVM was writing it.
+ */
+struct pvclock {
+    volatile u32 version;
+    u32 pad0;
+    volatile u64 tsc_timestamp;
+    volatile u64 system_time;
+    volatile u32 tsc_to_system_mul;
+    volatile signed char tsc_shift;
+    volatile u8 flags;
+    u8 pad[2];
+} __attribute__((aligned(32)));
+
+/*
  * Facts the kernel found at boot, readable from ring 3 (all memory is identity-mapped and
  * user-accessible). The last fields are shared state the workloads update with atomics.
  */
@@ -37,6 +54,8 @@ struct bootinfo {
     volatile u32 cpus_running;      /* workloads not finished yet (runtime=) */
     volatile u32 exit_status;       /* worst status of a finished workload */
     volatile u32 output_lock;       /* serialises lines from several CPUs */
+    u32 has_kvmclock;               /* KVM offered its clock and the bootstrap CPU registered it */
+    struct pvclock kvmclock;        /* the bootstrap CPU's (the TSC is one for all CPUs here) */
 };
 
 extern struct bootinfo bootinfo;

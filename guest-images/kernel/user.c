@@ -9,7 +9,10 @@
  *                           them; any lost write prints VERIFY-FAIL
  *   wl=exit:STATUS          end the VM at once with STATUS (exercises the exit device)
  *   wl=probe                read a port and an address that have no device, print what came back
- *   runtime=SECS            end every workload after SECS seconds; the VM exits with status 0, or 1
+ *   wl=clock                read the clock at every timer tick (halting in between); once a
+ *                           second `clock: s=N ms=M tsc-up=U back=B max-step-ms=X source=kvmclock`:
+ *                           M the clock, U the TSC's time since boot, B steps backwards seen so far
+  *   runtime=SECS            end every workload after SECS seconds; the VM exits with status 0, or 1
  *                           if verify found a mismatch
  *
  * With several CPUs every CPU runs its own instance on its own part of memory, and its lines start
@@ -115,6 +118,32 @@ static void emit(struct line *l)
 static u64 tsc_hz(void) { return (u64)bootinfo.tsc_khz * 1000; }
 static u64 uptime_ms(u64 tsc) { return (tsc - bootinfo.boot_tsc) / bootinfo.tsc_khz; }
 static u64 cycles_to_ns(u64 c) { return c * 1000000 / bootinfo.tsc_khz; }
+
+/*
+ * Nanoseconds of KVM's clock when the kernel registered it, else of the TSC since boot. KVM's clock
+ * is the VM's: emu saves it with the VM and sets it on a migration's destination (KVM_GET_CLOCK,
+ * KVM_SET_CLOCK), so it goes on from the source's value on whatever host; the TSC is the host's
+ * own here (a guest cannot be given another) and jumps at a migration between hosts.
+ */
+static u64 clock_ns(void)
+{
+    if (!bootinfo.has_kvmclock)
+        return cycles_to_ns(rdtsc() - bootinfo.boot_tsc);
+    volatile struct pvclock *p = &bootinfo.kvmclock;
+    u32 v;
+    u64 ns;
+    do {
+        v = p->version;
+        __asm__ volatile("lfence" ::: "memory");
+        u64 tsc = rdtsc(), stamp = p->tsc_timestamp;
+        u64 delta = tsc > stamp ? tsc - stamp : 0;
+        signed char shift = p->tsc_shift;
+        delta = shift < 0 ? delta >> -shift : delta << shift;
+        ns = p->system_time + (u64)(((unsigned __int128)delta * p->tsc_to_system_mul) >> 32);
+        __asm__ volatile("lfence" ::: "memory");
+    } while ((v & 1) || v != p->version);
+    return ns;
+}
 
 /* Ends this CPU's workload; the last CPU to finish ends the VM with the worst status. */
 static void __attribute__((noreturn)) finish(u32 status)
@@ -474,6 +503,44 @@ static void __attribute__((noreturn)) probe(u64 cpu)
     finish(0);
 }
 
+/* Watches the clock (clock_ns) for steps backwards and large steps forwards: what a migration
+ * must not do to a guest's time. */
+static void __attribute__((noreturn)) clock_watch(u64 cpu, u64 runtime)
+{
+    u64 last = clock_ns(), next = last + 1000000000ull, seconds = 0, back = 0, max_step = 0;
+    for (;;) {
+        sys(SYS_HALT, 0, 0);
+        u64 now = clock_ns();
+        if (now < last) {
+            back++;
+        } else if (now - last > max_step) {
+            max_step = now - last;
+        }
+        last = now;
+        if (now < next)
+            continue;
+        seconds++;
+        next = now + 1000000000ull;
+        struct line l;
+        start_line(&l, cpu);
+        put_str(&l, "clock: s=");
+        put_u64(&l, seconds);
+        put_str(&l, " ms=");
+        put_u64(&l, now / 1000000);
+        put_str(&l, " tsc-up=");
+        put_u64(&l, uptime_ms(rdtsc()));
+        put_str(&l, " back=");
+        put_u64(&l, back);
+        put_str(&l, " max-step-ms=");
+        put_u64(&l, max_step / 1000000);
+        put_str(&l, bootinfo.has_kvmclock ? " source=kvmclock" : " source=tsc");
+        emit(&l);
+        max_step = 0;
+        if (runtime && seconds >= runtime)
+            finish(back ? 1 : 0);
+    }
+}
+
 static void __attribute__((noreturn)) bad_workload(u64 cpu, const char *wl)
 {
     struct line l;
@@ -481,7 +548,7 @@ static void __attribute__((noreturn)) bad_workload(u64 cpu, const char *wl)
     put_str(&l, "emu-guest: bad workload '");
     while (*wl && *wl != ' ')
         put_char(&l, *wl++);
-    put_str(&l, "' (idle, dirty:MIB:RATE, verify:MIB[:RATE], exit:STATUS, probe)");
+    put_str(&l, "' (idle, dirty:MIB:RATE, verify:MIB[:RATE], exit:STATUS, probe, clock)");
     emit(&l);
     finish(2);
 }
@@ -541,6 +608,8 @@ void user_main(u64 cpu)
         if (ok)
             finish(0);
     }
+    if (word_is(wl, "clock"))
+        clock_watch(cpu, runtime);
     if (word_is(wl, "probe")) {
         if (cpu == 0)
             probe(cpu);
