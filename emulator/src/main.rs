@@ -1,6 +1,7 @@
 //! `emu`: boots a Multiboot guest under KVM, serves a QMP monitor, and live-migrates.
 
 mod cli;
+mod cpu_compat;
 mod devices;
 mod events;
 mod hmp;

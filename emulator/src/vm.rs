@@ -73,6 +73,8 @@ pub enum VmError {
     WrongState { action: &'static str, state: &'static str },
     #[error("the migrated state does not fit this VM: {0}")]
     StateMismatch(String),
+    #[error(transparent)]
+    Cpu(#[from] crate::cpu_compat::CpuCompatError),
     #[error("the guest migrated away and runs on the destination: this copy must not run or migrate again (cont {{\"force\": true}} if the destination is known to be gone)")]
     MigratedAway,
 }
@@ -145,6 +147,10 @@ struct Lifecycle {
 
 pub struct Vm {
     _kvm: Kvm,
+    /// The CPUID this host gives a vCPU and the MSRs its KVM saves: what a migrated vCPU state
+    /// must fit (`cpu_compat`).
+    host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    msr_indices: Arc<Vec<u32>>,
     fd: Arc<VmFd>,
     ram: Arc<GuestRam>,
     /// What this VM's dirty trackers are built from (`TrackerSources::build` makes them).
@@ -313,6 +319,10 @@ impl Vm {
             vcpu_fds.push(vcpu);
         }
         let msr_indices = Arc::new(vcpu::saveable_msrs(&kvm, &vcpu_fds[0])?);
+        // What a guest gets here, read back: under PVM that is the host CPU's own feature set
+        // (ring 3 runs natively), not the smaller one KVM_GET_SUPPORTED_CPUID lists.
+        let host_cpuid =
+            vcpu_fds[0].get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("get CPUID"))?.as_slice().to_vec();
         let kvm_slots = Arc::new(KvmSlots::new(fd.clone(), &ram, manual_protect));
         let dirty_rings = if config.dirty_ring {
             let raw: Vec<_> = vcpu_fds.iter().map(|v| v.as_raw_fd()).collect();
@@ -357,6 +367,8 @@ impl Vm {
             });
             Vm {
                 _kvm: kvm,
+                host_cpuid,
+                msr_indices,
                 fd,
                 ram,
                 trackers,
@@ -519,7 +531,10 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
-        let vcpu_states = st.vcpus.iter().map(|b| state::decode::<VcpuState>(b)).collect::<Result<Vec<_>, _>>()?;
+        let mut vcpu_states = st.vcpus.iter().map(|b| state::decode::<VcpuState>(b)).collect::<Result<Vec<_>, _>>()?;
+        for (i, s) in vcpu_states.iter_mut().enumerate() {
+            self.fit_vcpu(i, s)?;
+        }
         let vm_state: VmState = state::decode(&st.vm)?;
         let names: Vec<&'static str> =
             self.bus.devices().map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).name()).collect();
@@ -561,6 +576,22 @@ impl Vm {
         }
         for (v, s) in self.vcpus.iter().zip(vcpu_states) {
             v.restore(s)?;
+        }
+        Ok(())
+    }
+
+    /// Makes a vCPU state from another host fit this one, or says why it cannot (`cpu_compat`).
+    fn fit_vcpu(&self, index: usize, s: &mut VcpuState) -> Result<(), VmError> {
+        let missing = crate::cpu_compat::missing_features(&s.cpuid, &self.host_cpuid);
+        if !missing.is_empty() {
+            return Err(crate::cpu_compat::CpuCompatError::MissingFeatures(missing).into());
+        }
+        let fit = crate::cpu_compat::fit_msrs(&mut s.msrs, &self.msr_indices)?;
+        if !fit.dropped_unset.is_empty() && index == 0 {
+            log::info!("MSRs this host's KVM does not hold, never set by the guest, dropped: {:x?}", fit.dropped_unset);
+        }
+        for (msr, value) in &fit.dropped_vendor {
+            log::warn!("vCPU {index}: MSR {msr:#x} = {value:#x} of the source's CPU vendor dropped (this host's KVM does not hold it)");
         }
         Ok(())
     }

@@ -336,9 +336,11 @@ static inline void wrmsr(u32 msr, u64 v)
     __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
 }
 
-/* Registers KVM's clock if KVM offers it: the workloads' time that survives a migration between
- * hosts (the TSC here is the host's and cannot be set; KVM's clock is the VM's, saved and restored
- * with it). */
+/* Registers KVM's clock if KVM offers it: time that survives a migration between hosts (the TSC
+ * here is the host's and cannot be set; KVM's clock is the VM's, saved and restored with it). Only
+ * on request (wl=clock): KVM then writes its page in guest RAM on each host, with that host's
+ * figures, so the page differs between source and destination, and the other workloads' RAM is
+ * compared page for page across migrations. */
 static void kvmclock_init(void)
 {
     u32 a, b, c, d;
@@ -360,7 +362,6 @@ void kmain(u32 magic, u32 info)
     read_multiboot(magic, (const struct multiboot_info *)(u64)info);
     bootinfo.free_base = ((u64)__kernel_end + (2 << 20) - 1) & ~((2ull << 20) - 1);
     bootinfo.tsc_khz = tsc_khz();
-    kvmclock_init();
     outb(0x21, 0xff);                               /* mask the 8259s: LAPIC timer only */
     outb(0xa1, 0xff);
     build_idt();
@@ -392,6 +393,9 @@ static u64 syscall(u64 nr, u64 a, u64 b)
         return inb((u16)a);
     case SYS_PEEK32:
         return *(volatile u32 *)a;
+    case SYS_KVMCLOCK:
+        kvmclock_init();
+        return bootinfo.has_kvmclock;
     default:
         return (u64)-1;
     }

@@ -63,5 +63,6 @@
 #define SYS_EXIT 2                  /* (status): end the VM through the exit device */
 #define SYS_INB 3                   /* (port): one byte from an I/O port */
 #define SYS_PEEK32 4                /* (phys): one 32-bit read done from ring 0 */
+#define SYS_KVMCLOCK 5              /* (): register KVM's clock in bootinfo; 1 if KVM offers it */
 
 #endif

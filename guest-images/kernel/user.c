@@ -9,7 +9,8 @@
  *                           them; any lost write prints VERIFY-FAIL
  *   wl=exit:STATUS          end the VM at once with STATUS (exercises the exit device)
  *   wl=probe                read a port and an address that have no device, print what came back
- *   wl=clock                read the clock at every timer tick (halting in between); once a
+ *   wl=clock                register KVM's clock (kvmclock) and read it at every timer tick
+ *                           (halting in between); once a
  *                           second `clock: s=N ms=M tsc-up=U back=B max-step-ms=X source=kvmclock`:
  *                           M the clock, U the TSC's time since boot, B steps backwards seen so far
   *   runtime=SECS            end every workload after SECS seconds; the VM exits with status 0, or 1
@@ -507,6 +508,11 @@ static void __attribute__((noreturn)) probe(u64 cpu)
  * must not do to a guest's time. */
 static void __attribute__((noreturn)) clock_watch(u64 cpu, u64 runtime)
 {
+    if (cpu == 0)
+        sys(SYS_KVMCLOCK, 0, 0);
+    else
+        while (!bootinfo.has_kvmclock && rdtsc() - bootinfo.boot_tsc < tsc_hz())
+            cpu_relax();
     u64 last = clock_ns(), next = last + 1000000000ull, seconds = 0, back = 0, max_step = 0;
     for (;;) {
         sys(SYS_HALT, 0, 0);
