@@ -271,6 +271,7 @@ fn migration_parameters_are_checked() {
             "switchover-timeout": 1000, "stall-policy": "throttle", "cpu-throttle-initial": 20,
             "cpu-throttle-increment": 10, "dirty-rate-limit": 0, "channels": 4, "compress": "none",
             "compress-level": 1, "postcopy-after-passes": 0, "max-postcopy-bandwidth": 0, "mode": "normal", "tls-cert": "", "tls-key": "", "tls-ca": "",
+            "tls-psk": "",
         })
     );
     // Each refused for its own reason, named in the error (a refusal for another reason would hide
