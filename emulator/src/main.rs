@@ -171,14 +171,28 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     }
     let notify = monitor.notify.clone();
 
-    let serial = serial_sink(&args.serial)?;
     let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
     let tracker = args.dirty_tracker;
     let dirty_ring = tracker == TrackerKind::KvmDirtyRing;
     let vm_notify = notify.clone();
     let shared_ram = args.memfd;
-    let make_config =
-        move |mem_bytes, vcpus| VmConfig { mem_bytes, vcpus, serial, dirty_ring, notify: vm_notify, shared_ram };
+    let serial_arg = args.serial.clone();
+    let make_config = move |mem_bytes, vcpus| -> Result<VmConfig, String> {
+        let serial = serial_sink(&serial_arg).map_err(|e| format!("{e:#}"))?;
+        Ok(VmConfig { mem_bytes, vcpus, serial, dirty_ring, notify: vm_notify.clone(), shared_ram })
+    };
+    // With --mem the VM is built now, before a source connects, as QEMU's destination is built
+    // from its command line: a migration then waits for no VM creation (most of a same-host
+    // handover's time otherwise). One vCPU unless --smp says; a guest with more gets a VM built
+    // for it when it comes.
+    let prebuilt = match args.mem {
+        Some(mem) => {
+            let vcpus = args.smp.map_or(1, usize::from);
+            let config = make_config(mem, vcpus).map_err(anyhow::Error::msg)?;
+            Some(Vm::create(config, events_tx.clone(), None)?)
+        }
+        None => None,
+    };
     // Receiving and waiting for GO happen off the main thread, so that `quit` still works meanwhile
     // (the guest never ran here, so nothing is lost by it).
     let (done_tx, done) = crossbeam_channel::bounded(1);
@@ -200,7 +214,7 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
         let received = server.next_migration().map_err(anyhow::Error::from).and_then(|accepted| {
             status("setup");
             status("active");
-            migration::receive(accepted, &h, limits, make_config, events_tx, base.as_ref())
+            migration::receive(accepted, &h, limits, prebuilt, make_config, events_tx, base.as_ref())
         });
         let outcome = received.and_then(|mut r| {
             c.attach(r.vm.clone());

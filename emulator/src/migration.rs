@@ -624,7 +624,8 @@ pub fn receive(
     accepted: Accepted,
     handover: &Arc<Handover>,
     limits: IncomingLimits,
-    make_config: impl FnOnce(u64, usize) -> VmConfig,
+    prebuilt: Option<Arc<Vm>>,
+    make_config: impl FnOnce(u64, usize) -> Result<VmConfig, String>,
     events: crossbeam_channel::Sender<crate::events::VmEvent>,
     base: Option<&migrate::checkpoint::Checkpoint>,
 ) -> anyhow::Result<Received<Vm>> {
@@ -632,7 +633,13 @@ pub fn receive(
         let mem: u64 = h.regions.iter().map(|r| r.size).sum();
         let vcpus = h.vcpu_count as usize;
         limits.check("the source has", mem, vcpus)?;
-        Vm::create(make_config(mem, vcpus), events, None).map_err(|e| format!("cannot create the VM: {e}"))
+        if let Some(vm) = prebuilt {
+            if vm.ram().layout().total_bytes() == mem && vm.vcpu_count() == vcpus {
+                return Ok(vm);
+            }
+            log::info!("the source's guest has {vcpus} vCPUs: the VM built for {} is replaced", vm.vcpu_count());
+        }
+        Vm::create(make_config(mem, vcpus)?, events, None).map_err(|e| format!("cannot create the VM: {e}"))
     };
     receiver::receive_with_base(accepted, handover, create, base).map_err(|e: ReceiveError| anyhow::anyhow!(e))
 }
