@@ -265,6 +265,10 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
     // tcp_eof: the socket ended; net_done: the TLS stream ended (close_notify, every byte of
     // plaintext before it taken from rustls), which comes after tcp_eof's records are decrypted.
     let (mut tcp_eof, mut net_done, mut local_done, mut local_told) = (false, false, false, false);
+    // A truncation found while plaintext before it still waits for the local end: reported once
+    // that is written. (Waiting for it in poll would wait for ever: the socket has nothing more
+    // to say, and the local end may have nothing to send.)
+    let mut truncated: Option<io::Error> = None;
     loop {
         while conn.wants_write() {
             match conn.write_tls(&mut tcp_w) {
@@ -284,7 +288,10 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
                 // The network ended without close_notify: a truncation, not an end. What came
                 // before it still goes to the local end, whose reader then sees the end.
                 Err(e) if plain.is_empty() => return Err(e),
-                Err(_) => break,
+                Err(e) => {
+                    truncated = Some(e);
+                    break;
+                }
             }
         }
         while !plain.is_empty() {
@@ -294,6 +301,11 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
                 }
                 Err(e) if would_block(&e) => break,
                 Err(e) => return Err(e),
+            }
+        }
+        if plain.is_empty() {
+            if let Some(e) = truncated.take() {
+                return Err(e);
             }
         }
         if net_done && plain.is_empty() && !local_told {
@@ -440,6 +452,56 @@ mod tests {
         (&conn).read_to_end(&mut back).unwrap();
         assert_eq!(server.join().unwrap(), data.len());
         assert!(back == data, "{} bytes back of {}", back.len(), data.len());
+    }
+
+    /// A peer that sends a lot and then drops the connection without close_notify, while this
+    /// end reads nothing yet: once it reads, it gets what came and then an error, not a wait for
+    /// ever (the relay once sat in poll with the truncation noted and nothing left to poll for,
+    /// when the end came while plaintext still waited for the local end: a postcopy over TLS
+    /// whose link was cut then never paused on the destination).
+    #[test]
+    fn a_truncation_behind_unread_data_ends_the_stream() {
+        let dir = certs_dir();
+        let (l, uri) = listen(creds(&dir, "dst", "ca"), creds(&dir, "src", "ca"));
+        let Uri::Tls { host, port, config } = uri else { panic!("not TLS") };
+        let config = config.0.clone();
+        let sender = std::thread::spawn(move || {
+            let mut tcp = TcpStream::connect((host.as_str(), port)).unwrap();
+            let name = ServerName::try_from(host).unwrap();
+            let mut conn =
+                rustls::Connection::from(rustls::ClientConnection::new(config.client.clone(), name).unwrap());
+            handshake(&mut conn, &mut tcp).unwrap();
+            for _ in 0..(2 << 20) / (16 << 10) {
+                conn.writer().write_all(&[7u8; 16 << 10]).unwrap();
+                while conn.wants_write() {
+                    conn.write_tls(&mut tcp).unwrap();
+                }
+            }
+            // Dropped: FIN without close_notify.
+        });
+        let server_cfg = l.tls().unwrap();
+        let conn = match secure_incoming(accept(&l), &server_cfg, Instant::now() + Duration::from_secs(5)) {
+            Secured::Tls(c) => c,
+            _ => panic!("not taken as TLS"),
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        let end = loop {
+            match (&conn).read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => got += n,
+                Err(e) => break Some(e.kind()),
+            }
+        };
+        assert!(
+            !matches!(end, Some(io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+            "waited: {got} bytes, {end:?}"
+        );
+        assert_eq!(got, 2 << 20, "{end:?}");
+        sender.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     const KEY_A: &str = "qemu:00112233445566778899aabbccddeeff\n";
