@@ -24,7 +24,7 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Multiboot kernel to boot (ELF, or a flat image with load addresses in its header).
     /// Without it emu boots its built-in guest.

@@ -51,6 +51,19 @@ fn serial_sink(arg: &SerialArg) -> Result<SerialSink> {
     })
 }
 
+/// The VM the command line asks for, of `mem_bytes` and `vcpus` (which a boot takes from the
+/// command line and a destination from its stream).
+fn vm_config(args: &RunArgs, mem_bytes: u64, vcpus: usize, notify: &Notifier) -> Result<VmConfig> {
+    Ok(VmConfig {
+        mem_bytes,
+        vcpus,
+        serial: serial_sink(&args.serial)?,
+        dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
+        notify: notify.clone(),
+        shared_ram: args.memfd,
+    })
+}
+
 fn read_image(args: &RunArgs, mem: u64) -> Result<(Vec<u8>, String)> {
     let Some(path) = &args.guest else {
         let cmdline = args.append.clone().unwrap_or_else(|| DEFAULT_GUEST_CMDLINE.to_string());
@@ -172,14 +185,9 @@ fn run_incoming(args: RunArgs, uri: &str, events_tx: Sender<VmEvent>, events: Re
     let notify = monitor.notify.clone();
 
     let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
-    let tracker = args.dirty_tracker;
-    let dirty_ring = tracker == TrackerKind::KvmDirtyRing;
-    let vm_notify = notify.clone();
-    let shared_ram = args.memfd;
-    let serial_arg = args.serial.clone();
+    let (config_args, vm_notify) = (args.clone(), notify.clone());
     let make_config = move |mem_bytes, vcpus| -> Result<VmConfig, String> {
-        let serial = serial_sink(&serial_arg).map_err(|e| format!("{e:#}"))?;
-        Ok(VmConfig { mem_bytes, vcpus, serial, dirty_ring, notify: vm_notify.clone(), shared_ram })
+        vm_config(&config_args, mem_bytes, vcpus, &vm_notify).map_err(|e| format!("{e:#}"))
     };
     // With --mem the VM is built now, before a source connects, as QEMU's destination is built
     // from its command line: a migration then waits for no VM creation (most of a same-host
@@ -266,14 +274,7 @@ fn run_restore(args: RunArgs, path: &str, events_tx: Sender<VmEvent>, events: Re
     let limits = migration::IncomingLimits { mem: args.mem, vcpus: args.smp.map(usize::from) };
     limits.check(&format!("{path} holds a guest with"), mem, vcpus).map_err(anyhow::Error::msg)?;
     let monitor = MonitorSide::new(&args, events_tx.clone(), None);
-    let config = VmConfig {
-        mem_bytes: mem,
-        vcpus,
-        serial: serial_sink(&args.serial)?,
-        dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
-        notify: monitor.notify.clone(),
-        shared_ram: args.memfd,
-    };
+    let config = vm_config(&args, mem, vcpus, &monitor.notify)?;
     let vm: Arc<Vm> = Vm::create(config, events_tx, None)?;
     ckpt.restore_ram(migrate::vm::MigratableVm::ram(&*vm))?;
     vm.restore_machine_state(&ckpt.state)?;
@@ -300,14 +301,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let mem = args.mem.unwrap_or(DEFAULT_MEM);
     let (image, cmdline) = read_image(&args, mem)?;
     let monitor = MonitorSide::new(&args, events_tx.clone(), None);
-    let config = VmConfig {
-        mem_bytes: mem,
-        vcpus: usize::from(args.smp.unwrap_or(1)),
-        serial: serial_sink(&args.serial)?,
-        dirty_ring: args.dirty_tracker == TrackerKind::KvmDirtyRing,
-        notify: monitor.notify.clone(),
-        shared_ram: args.memfd,
-    };
+    let config = vm_config(&args, mem, usize::from(args.smp.unwrap_or(1)), &monitor.notify)?;
     let vm: Arc<Vm> = Vm::create(config, events_tx, Some((&image, &cmdline)))?;
     monitor.commands.attach(vm.clone());
     // Started before the monitor listens: a client that connects at once must not hear the boot's
