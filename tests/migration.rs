@@ -245,6 +245,29 @@ fn mismatched_destination_refuses_and_the_source_goes_on() {
     assert!(matches!(dst.wait_exit(T), Some(c) if c != 0));
 }
 
+/// A destination given --mem builds its VM before the source connects (one vCPU unless --smp
+/// says): a guest of that shape lands in it, one with two vCPUs gets a VM built for it, and both
+/// arrive whole and run on.
+#[test]
+fn a_destination_built_ahead_takes_its_guest_and_builds_anew_for_another() {
+    require_kvm!();
+    for smp in ["1", "2"] {
+        let src = Emu::boot(&["--smp", smp, "--mem", "256M", "--append", "wl=verify:16"]);
+        src.expect_line("verify: written=", T);
+        let (dst, uri) = Emu::incoming(&["--mem", "256M", "-S"]);
+        assert!(dst.wait_monitor(T));
+        let info = common::migrate(&src, &uri, T);
+        assert_eq!(info["status"], "completed", "{info}\n{}", dst.stderr());
+        assert_ram_equal(&src, &dst);
+        dst.qmp_ok("cont", json!({}));
+        let n = dst.line_count();
+        let cpu1 = |l: &str| l.starts_with("cpu1: verify: written=");
+        let want: &dyn Fn(&str) -> bool = if smp == "2" { &cpu1 } else { &|l: &str| l.contains("verify: written=") };
+        dst.wait_line_from(n, want, T).unwrap_or_else(|| panic!("smp {smp}: no verify on: {}", dst.output()));
+        assert!(!dst.output().contains("VERIFY-FAIL"), "{}", dst.output());
+    }
+}
+
 /// The checks above are only worth something if they catch a broken migration: leave pages out of
 /// the final pass on purpose and expect the page comparison to see it.
 fn a_lost_write_is_detected(tracker: &str) {
