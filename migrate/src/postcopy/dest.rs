@@ -79,6 +79,8 @@ struct State {
     generation: u32,
     /// Owed pages that arrived on the urgent connection.
     arrived_urgent: u64,
+    /// COMPLETE went out.
+    complete_told: bool,
     phase: Phase,
     started: Option<Instant>,
     complete_after: Option<Duration>,
@@ -139,6 +141,7 @@ impl IncomingPostcopy {
             urgent: None,
             generation: 0,
             arrived_urgent: 0,
+            complete_told: false,
             phase: Phase::Prepared,
             started: None,
             complete_after: None,
@@ -171,6 +174,12 @@ impl IncomingPostcopy {
                 st.phase = if st.left == 0 { Phase::Complete } else { Phase::Active };
             }
             st.started.get_or_insert_with(Instant::now);
+        }
+        if self.phase() == Phase::Complete {
+            // Everything came before the link did (nothing owed, or the urgent reader was first).
+            if let Err(e) = self.complete() {
+                log::warn!("postcopy: cannot say COMPLETE: {}", crate::report(&e));
+            }
         }
         let me = self.clone();
         std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || me.serve_faults())
@@ -469,21 +478,29 @@ impl IncomingPostcopy {
 
     /// Every page is here: tell the source, and stop catching faults.
     fn complete(&self) -> Result<(), PostcopyError> {
-        let mut st = self.lock();
-        // Both readers get here once the last page is in; the first one says it.
-        if self.stop.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        st.complete_after = st.started.map(|s| s.elapsed());
-        st.phase = Phase::Complete;
-        let told = match st.link.as_mut() {
-            Some(link) => link.complete().and_then(|_| link.flush()),
-            None => Ok(()),
+        let told = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if st.phase != Phase::Complete || st.complete_after.is_none() {
+                st.complete_after = st.started.map(|s| s.elapsed());
+            }
+            st.phase = Phase::Complete;
+            // Both readers get here once the last page is in, the urgent one possibly before the
+            // guest starts (and channel 0's link is there): COMPLETE goes once, on the first link.
+            match (st.link.as_mut(), st.complete_told) {
+                (Some(link), false) => {
+                    let r = link.complete().and_then(|_| link.flush());
+                    st.complete_told = r.is_ok();
+                    r
+                }
+                _ => Ok(()),
+            }
         };
-        drop(st);
-        for (start, len) in self.ram.host_ranges() {
-            if let Err(e) = self.uffd.unregister(start, len) {
-                log::error!("postcopy: {}", crate::report(&e));
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            for (start, len) in self.ram.host_ranges() {
+                if let Err(e) = self.uffd.unregister(start, len) {
+                    log::error!("postcopy: {}", crate::report(&e));
+                }
             }
         }
         self.changed.notify_all();
