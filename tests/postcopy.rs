@@ -115,12 +115,10 @@ fn the_verify_guest_runs_on_while_its_pages_arrive() {
     src.qmp_ok("quit", json!({}));
 }
 
-/// The link breaks three times during postcopy (cut at the destination's first page request, a
-/// corrupt record, cut again): both sides pause, nothing is lost, and recovery on a new connection
-/// each time finishes the migration.
-#[test]
-fn a_link_broken_three_times_during_postcopy_is_recovered() {
-    require_kvm!();
+/// The verify guest migrating by postcopy through a proxy that cuts the connection carrying the
+/// destination's first page request (the urgent one with postcopy-preempt): returns once both
+/// sides are paused, with the source's `query-migrate` then.
+fn paused_at_first_request() -> (Emu, Emu, Proxy, Value) {
     let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
     src.expect_line("verify: written=", T);
     let (dst, uri) = Emu::incoming(&[]);
@@ -128,8 +126,18 @@ fn a_link_broken_three_times_during_postcopy_is_recovered() {
     // A slow postcopy, so that it is still going when the cuts come.
     start_then_postcopy_paced(&src, &proxy.uri, 16 << 20);
     let paused = wait_status(&src, "postcopy-paused");
-    assert!(paused["postcopy"]["paused-reason"].as_str().is_some(), "{paused}");
     wait_status(&dst, "postcopy-paused");
+    (src, dst, proxy, paused)
+}
+
+/// The link breaks three times during postcopy (cut at the destination's first page request, a
+/// corrupt record, cut again): both sides pause, nothing is lost, and recovery on a new connection
+/// each time finishes the migration.
+#[test]
+fn a_link_broken_three_times_during_postcopy_is_recovered() {
+    require_kvm!();
+    let (src, dst, proxy, paused) = paused_at_first_request();
+    assert!(paused["postcopy"]["paused-reason"].as_str().is_some(), "{paused}");
     // The source refuses to quit: it holds pages the destination's guest needs.
     let refused = src.qmp("quit", json!({})).expect_err("quit during postcopy");
     assert!(refused.contains("postcopy"), "{refused}");
@@ -245,15 +253,9 @@ fn the_verify_guest_on_two_vcpus_under_postcopy_preempt_keeps_ram_equal() {
 #[test]
 fn a_cut_urgent_connection_pauses_and_recovers() {
     require_kvm!();
-    let src = Emu::boot(&["--mem", "256M", "--append", "wl=verify:64"]);
-    src.expect_line("verify: written=", T);
-    let (dst, uri) = Emu::incoming(&[]);
-    let proxy = Proxy::start_any(&uri, Dir::ToSource, PAGE_REQUEST, Action::Cut);
-    start_then_postcopy_paced(&src, &proxy.uri, 16 << 20);
     // Which side's reader notices first (the cut urgent connection, or channel 0 that the other
     // side shut on noticing it) is a race: the reasons are not checked, only that both pause.
-    let paused = wait_status(&src, "postcopy-paused");
-    wait_status(&dst, "postcopy-paused");
+    let (src, dst, proxy, paused) = paused_at_first_request();
     assert!(proxy.fired());
     let urgent_before = paused["postcopy"]["pages-urgent"].as_u64().unwrap();
     let again = dst.qmp_ok("migrate-recover", json!({"uri": "tcp:127.0.0.1:0"}));
