@@ -56,7 +56,8 @@ pub(super) fn run(rounds: usize) {
          `migrate-incoming` / `migrate`). **The switch rule, the same for both VMMs**: the benchmark polls the \
          source's `query-migrate` every 10 ms from `migrate` on, and sends `migrate-start-postcopy` at the first poll \
          that shows status `active` with `ram.transferred` at least {} MiB (so in pass 0: the guest's RAM is not yet \
-         sent once). `emu-postcopy`: emu's defaults, the same rule. `emu-postcopy-policy`: emu with `stall-policy` \
+         sent once). `emu-postcopy`: emu's defaults but `postcopy-preempt` off (requests on the one connection), the same rule; \
+         `emu-postcopy-preempt` (uncapped only): with it on (the urgent connection). `emu-postcopy-policy`: emu with `stall-policy` \
          postcopy and no command (it switches once precopy stops paying). `emu-uffd-wp-dirty-rate-limit`: precopy \
          with the uffd-wp tracker and `dirty-rate-limit` {CAPPED_DIRTY_RATE} pages/s from the start (the capped \
          mode's row). `emu-throttle`: emu's default precopy (auto-converge by throttling once passes stop paying). \
