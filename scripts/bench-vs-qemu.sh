@@ -12,10 +12,12 @@
 # sent, the same rule for both), emu's postcopy stall policy, dirty-rate limiting and default precopy on
 # 1 GiB dirty:256:0 over 100 MiB/s; then uncapped dirty:256:0 and verify:256:0 against emu migrating the
 # paused guest (its RAM sent once); one round by default; writes docs/postcopy.md.
+# --postcopy --emu-only: the uncapped postcopy scenarios with emu's rows only (postcopy-preempt off and
+# on, and the paused reference), no QEMU needed; writes docs/postcopy-preempt.md.
 # Run nothing else meanwhile: the host has 2 cores.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 1[0-9]\.'; then
+if [[ " $* " != *" --emu-only "* ]] && ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 1[0-9]\.'; then
     "$top/scripts/install-qemu.sh" >&2
 fi
 (cd "$top" && cargo build --release --quiet)

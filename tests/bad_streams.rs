@@ -30,6 +30,7 @@ fn header(mem: u64, vcpus: u32) -> StreamHeader {
         channels: 1,
         asks_base: false,
         handover: false,
+        preempt: false,
         regions: vec![RamRegion { gpa: 0, size: mem }],
     }
 }

@@ -126,9 +126,16 @@ fn a_failed_migration_says_so_by_event_and_the_capability_silences_them() {
         json!([
             {"capability": "events", "state": true},
             {"capability": "postcopy-ram", "state": true},
+            {"capability": "postcopy-preempt", "state": true},
             {"capability": "background-snapshot", "state": false},
         ])
     );
+    sq.call_ok(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "postcopy-preempt", "state": false}]}),
+    );
+    let caps = sq.call_ok("query-migrate-capabilities", json!({}));
+    assert_eq!(caps[2], json!({"capability": "postcopy-preempt", "state": false}), "{caps}");
     sq.call_ok("migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": false}]}));
     let e = sq.call("migrate-set-capabilities", json!({"capabilities": [{"capability": "multifd", "state": true}]}));
     assert_eq!(e.unwrap_err(), "migration capability 'multifd' is not supported by emu");

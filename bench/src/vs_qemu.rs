@@ -84,8 +84,11 @@ enum Vmm {
     /// QEMU with `postcopy-ram` on both sides (and `postcopy-blocktime` on the destination), then
     /// `migrate-start-postcopy` by the switch rule.
     QemuPostcopy,
-    /// emu, `migrate-start-postcopy` by the same rule.
+    /// emu, `migrate-start-postcopy` by the same rule, without the urgent connection
+    /// (`postcopy-preempt` off).
     EmuPostcopy,
+    /// As `EmuPostcopy` with `postcopy-preempt` on: requested pages overtake the background push.
+    EmuPostcopyPreempt,
     /// emu with `stall-policy` postcopy: it switches by itself once precopy stops paying.
     EmuPostcopyPolicy,
     /// The reference "the time to send its RAM once": emu migrating the guest paused (`stop` on
@@ -103,7 +106,8 @@ const CAPPED_DIRTY_RATE: u64 = CAPPED_BANDWIDTH / 4096 / 4;
 /// The postcopy run: the capped link, then uncapped against the time to send the RAM once.
 const POSTCOPY_CAPPED_VMMS: &[Vmm] =
     &[Vmm::QemuPostcopy, Vmm::EmuPostcopy, Vmm::EmuRateLimit, Vmm::EmuPostcopyPolicy, Vmm::EmuThrottle];
-const POSTCOPY_UNCAPPED_VMMS: &[Vmm] = &[Vmm::QemuPostcopy, Vmm::EmuPostcopy, Vmm::EmuPausedOnce];
+const POSTCOPY_UNCAPPED_VMMS: &[Vmm] =
+    &[Vmm::QemuPostcopy, Vmm::EmuPostcopy, Vmm::EmuPostcopyPreempt, Vmm::EmuPausedOnce];
 const POSTCOPY_UNCAPPED_SCENARIOS: &[Scenario] =
     &[Scenario { name: "dirty:256:0", kind: Kind::Dirty }, Scenario { name: "verify:256:0", kind: Kind::Verify }];
 /// The switch rule, the same for both VMMs: `migrate-start-postcopy` at the first `query-migrate`
@@ -131,6 +135,7 @@ impl Vmm {
             Vmm::EmuThrottle => "emu-throttle",
             Vmm::QemuPostcopy => "qemu-postcopy",
             Vmm::EmuPostcopy => "emu-postcopy",
+            Vmm::EmuPostcopyPreempt => "emu-postcopy-preempt",
             Vmm::EmuPostcopyPolicy => "emu-postcopy-policy",
             Vmm::EmuPausedOnce => "emu-paused-send-once",
         }
@@ -142,7 +147,7 @@ impl Vmm {
 
     /// The benchmark sends `migrate-start-postcopy` (by the switch rule).
     fn starts_postcopy(self) -> bool {
-        matches!(self, Vmm::QemuPostcopy | Vmm::EmuPostcopy)
+        matches!(self, Vmm::QemuPostcopy | Vmm::EmuPostcopy | Vmm::EmuPostcopyPreempt)
     }
 
     /// The migration may end in postcopy (by command or by policy).
@@ -517,6 +522,14 @@ fn run_one(s: &Scenario, vmm: Vmm, loopback: Loopback, max_bandwidth: u64) -> Re
     if vmm == Vmm::QemuPostcopy {
         set_capabilities(src.as_ref(), &["postcopy-ram"])?;
     }
+    // Both emu postcopy rows say it, whatever emu's default.
+    if matches!(vmm, Vmm::EmuPostcopy | Vmm::EmuPostcopyPreempt) {
+        let on = vmm == Vmm::EmuPostcopyPreempt;
+        src.qmp(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "postcopy-preempt", "state": on}]}),
+        )?;
+    }
     // What the source will migrate with, as it says (the parameters this benchmark sets).
     let all = src.qmp("query-migrate-parameters", json!({}))?;
     let mut params = json!({});
@@ -775,12 +788,14 @@ pub fn vs_qemu(args: &[String]) {
     let mut names: Vec<&str> = Vec::new();
     let mut capped = false;
     let mut postcopy = false;
+    let mut emu_only = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()),
             "--capped" => capped = true,
             "--postcopy" => postcopy = true,
+            "--emu-only" => emu_only = true,
             other => names.push(other),
         }
     }
@@ -790,7 +805,7 @@ pub fn vs_qemu(args: &[String]) {
     }
     if postcopy {
         // Minutes a round too (the throttled precopy row alone takes most of one).
-        return postcopy::run(rounds.unwrap_or(1));
+        return if emu_only { postcopy::run_emu_only(rounds.unwrap_or(1)) } else { postcopy::run(rounds.unwrap_or(1)) };
     }
     let rounds = rounds.unwrap_or(ROUNDS);
     let scenarios: Vec<&Scenario> = SCENARIOS.iter().filter(|s| names.is_empty() || names.contains(&s.name)).collect();

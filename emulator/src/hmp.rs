@@ -26,7 +26,11 @@ const HELP: &[(&str, &str, &str)] = &[
     ("migrate_cancel", "", "cancel the current migration"),
     ("migrate_incoming", "uri", "continue an incoming migration from an -incoming defer"),
     ("migrate_set_parameter", "parameter value", "set a parameter for migration"),
-    ("migrate_set_capability", "capability state", "enable or disable a migration capability (events)"),
+    (
+        "migrate_set_capability",
+        "capability state",
+        "enable or disable a migration capability (events, postcopy-preempt, background-snapshot)",
+    ),
     ("quit|q", "", "quit the emulator"),
     ("stop", "", "stop emulation"),
 ];

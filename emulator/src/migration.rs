@@ -528,6 +528,7 @@ fn postcopy_json(s: &PostcopyStats) -> Value {
         "requests": s.requests,
         "pages-requested": s.pages_requested,
         "pages-pushed": s.pages_pushed,
+        "pages-urgent": s.pages_urgent,
         "recoveries": s.recoveries,
     });
     if let Some(d) = s.switchover_to_complete {

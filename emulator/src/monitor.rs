@@ -288,28 +288,34 @@ impl Commands {
     }
 
     fn capabilities(&self) -> Value {
-        let snapshot = self.params.lock().unwrap_or_else(|e| e.into_inner()).background_snapshot;
+        let (snapshot, preempt) = {
+            let p = self.params.lock().unwrap_or_else(|e| e.into_inner());
+            (p.background_snapshot, p.postcopy_preempt)
+        };
         json!([
             {"capability": "events", "state": self.migration_events.load(Ordering::Relaxed)},
             {"capability": "postcopy-ram", "state": true},
+            {"capability": "postcopy-preempt", "state": preempt},
             {"capability": "background-snapshot", "state": snapshot},
         ])
     }
 
-    /// `migrate-set-capabilities {"capabilities": [{"capability", "state"}]}`: only `events` exists
-    /// here; everything is checked before anything changes.
+    /// `migrate-set-capabilities {"capabilities": [{"capability", "state"}]}`: `events`,
+    /// `background-snapshot`, `postcopy-preempt` (and `postcopy-ram`, accepted on):
+    /// everything is checked before anything changes.
     fn set_capabilities(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let list = args
             .get("capabilities")
             .and_then(Value::as_array)
             .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing or not an array"))?;
-        let (mut events, mut snapshot) = (None, None);
+        let (mut events, mut snapshot, mut preempt) = (None, None, None);
         for cap in list {
             let (name, state) =
                 (cap.get("capability").and_then(Value::as_str), cap.get("state").and_then(Value::as_bool));
             match (name, state) {
                 (Some("events"), Some(s)) => events = Some(s),
                 (Some("background-snapshot"), Some(s)) => snapshot = Some(s),
+                (Some("postcopy-preempt"), Some(s)) => preempt = Some(s),
                 // Postcopy needs no capability here (every emu destination takes it); accepted
                 // on, as QEMU's clients set it before migrate-start-postcopy.
                 (Some("postcopy-ram"), Some(true)) => {}
@@ -322,8 +328,12 @@ impl Commands {
         if let Some(s) = events {
             self.migration_events.store(s, Ordering::Relaxed);
         }
+        let mut p = self.params.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = snapshot {
-            self.params.lock().unwrap_or_else(|e| e.into_inner()).background_snapshot = s;
+            p.background_snapshot = s;
+        }
+        if let Some(s) = preempt {
+            p.postcopy_preempt = s;
         }
         Ok(json!({}))
     }

@@ -2,7 +2,8 @@
 //! framing (preamble, then 16-byte frames with a length) and can drop, delay, corrupt, cut at, or
 //! hold one record, as a broken network or a dying peer would. Only the first connection is
 //! tampered with; later ones (a source asking again with RESOLVE) pass untouched, as when a link
-//! comes back.
+//! comes back. [`Proxy::start_any`] instead tampers with whichever connection carries the record
+//! first (postcopy's requests travel the urgent connection, not the first one).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -58,6 +59,15 @@ impl Proxy {
     /// Listens on 127.0.0.1 and forwards to `dst_uri` (`tcp:HOST:PORT`), applying `action` to the
     /// first record of type `record` going `dir` on the first connection.
     pub fn start(dst_uri: &str, dir: Dir, record: u8, action: Action) -> Proxy {
+        Proxy::start_with(dst_uri, dir, record, action, false)
+    }
+
+    /// As [`Proxy::start`], the rule applying to the first such record on any connection.
+    pub fn start_any(dst_uri: &str, dir: Dir, record: u8, action: Action) -> Proxy {
+        Proxy::start_with(dst_uri, dir, record, action, true)
+    }
+
+    fn start_with(dst_uri: &str, dir: Dir, record: u8, action: Action, any: bool) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listen");
         let uri = format!("tcp:{}", listener.local_addr().unwrap());
         let dst = dst_uri.strip_prefix("tcp:").expect("a tcp destination").to_string();
@@ -72,7 +82,7 @@ impl Proxy {
                     let _ = from_src.shutdown(Shutdown::Both);
                     continue;
                 };
-                let rule = if first { Some((dir, record, action)) } else { None };
+                let rule = if first || any { Some((dir, record, action)) } else { None };
                 first = false;
                 pair(from_src, to_dst, rule, s.clone());
             }
@@ -141,9 +151,9 @@ fn pump(
         if from.read_exact(&mut payload).is_err() {
             return cut(both);
         }
-        if let Some((_, action)) = rule.filter(|r| r.0 == frame[0]) {
+        // Once only, whichever connection it fired on.
+        if let Some((_, action)) = rule.filter(|r| r.0 == frame[0] && !shared.fired.swap(true, Ordering::SeqCst)) {
             rule = None;
-            shared.fired.store(true, Ordering::SeqCst);
             match action {
                 Action::Drop => continue,
                 Action::Delay(d) => std::thread::sleep(d),

@@ -6,7 +6,8 @@
 //! version is answered or dropped, and the destination goes on listening. The first connection
 //! whose preamble and HEADER are valid is the migration; a later one is refused with ERROR. A
 //! connection that opens with CHANNEL joins the migration it names, as one of its page channels
-//! (`channel.rs`); one naming another migration is refused.
+//! (`channel.rs`) or, index 0, as its urgent connection (postcopy-preempt, `stream.rs`); one
+//! naming another migration is refused.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,7 +37,8 @@ pub struct Accepted {
     pub channels: mpsc::Receiver<ChannelJoin>,
 }
 
-/// A page channel on its way to its migration: (index, connection after its CHANNEL record).
+/// A page channel on its way to its migration: (index, connection after its CHANNEL record);
+/// index 0 is the urgent connection.
 pub type ChannelJoin = (u32, Connection);
 
 /// Where connections that open with CHANNEL find their migration.

@@ -151,6 +151,9 @@ pub struct PostcopyStats {
     /// Pages sent because they were asked for, and in the background (source).
     pub pages_requested: u64,
     pub pages_pushed: u64,
+    /// Pages sent (source) or owed pages that arrived (destination) on the urgent connection
+    /// (postcopy-preempt); the source counts a page asked for that it sends again.
+    pub pages_urgent: u64,
     /// From the guest's start on the destination to the last page's arrival.
     pub switchover_to_complete: Option<Duration>,
     /// Destination: how long a faulting page took to arrive, from the fault being read to the

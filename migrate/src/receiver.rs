@@ -287,31 +287,37 @@ impl Lanes {
         Lanes { conns: Vec::new(), threads: Vec::new(), state: Arc::default() }
     }
 
-    /// Waits for channels 1..`channels` to connect, and starts a thread for each.
+    /// Waits for channels 1..`channels` to connect (and, with `urgent`, the urgent connection,
+    /// CHANNEL index 0), and starts a thread for each page channel. Returns the urgent connection
+    /// unread: it carries nothing before postcopy.
     fn start(
         joins: &mpsc::Receiver<ChannelJoin>,
         channels: u32,
+        urgent: bool,
         ram: &Arc<GuestRam>,
         handover: &Arc<Handover>,
         base: Option<&BaseLoaded>,
-    ) -> Result<Lanes, Refusal> {
+    ) -> Result<(Lanes, Option<Connection>), Refusal> {
         let mut lanes = Lanes::none();
         lanes.state.0.lock().unwrap_or_else(|e| e.into_inner()).applied = vec![None; channels as usize - 1];
-        let mut conns: Vec<Option<Connection>> = (1..channels).map(|_| None).collect();
+        // Slot 0: the urgent connection (if one comes); slot i: page channel i.
+        let mut conns: Vec<Option<Connection>> = (0..channels).map(|_| None).collect();
+        let wanted = |i: usize| i > 0 || urgent;
         let deadline = Instant::now() + CHANNELS_DEADLINE;
-        while conns.iter().any(Option::is_none) {
-            let missing = conns.iter().filter(|c| c.is_none()).count() as u32;
+        while (0..conns.len()).any(|i| wanted(i) && conns[i].is_none()) {
+            let missing = (0..conns.len()).filter(|&i| wanted(i) && conns[i].is_none()).count() as u32;
             let left = deadline.saturating_duration_since(Instant::now());
             let (index, conn) = joins.recv_timeout(left).map_err(|_| Refusal::ChannelsMissing { missing, channels })?;
-            let slot = conns
-                .get_mut(index as usize - 1)
-                .ok_or(Refusal::Channel { index, why: format!("no such channel: the migration has {channels}") })?;
+            let slot = conns.get_mut(index as usize).filter(|_| wanted(index as usize)).ok_or_else(|| {
+                Refusal::Channel { index, why: format!("no such channel: the migration has {channels}") }
+            })?;
             if slot.is_some() {
                 return Err(Refusal::ChannelTwice(index));
             }
             *slot = Some(conn);
         }
-        for (i, conn) in conns.into_iter().flatten().enumerate() {
+        let urgent = conns[0].take();
+        for (i, conn) in conns.into_iter().skip(1).flatten().enumerate() {
             let index = i as u32 + 1;
             let reader = conn.try_clone().map_err(Refusal::Reply)?;
             reader.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(Refusal::Reply)?;
@@ -324,7 +330,7 @@ impl Lanes {
                 .map_err(Refusal::Reply)?;
             lanes.threads.push(t);
         }
-        Ok(lanes)
+        Ok((lanes, urgent))
     }
 
     /// Waits until every page channel has applied pass `pass` (what SYNC promises).
@@ -446,6 +452,8 @@ struct Target<V> {
     /// Channel 0's pages.
     sink: PageSink,
     lanes: Lanes,
+    /// postcopy-preempt: the urgent connection, idle until postcopy (dropped at a precopy END).
+    urgent: Option<Connection>,
     last_pass: Option<u32>,
     /// Postcopy: the pages the source will send after GO (OWED records).
     owed: Option<PageBitmap>,
@@ -697,7 +705,7 @@ impl<R: std::io::Read> Receiver<'_, R> {
         }
         let ram = vm.ram().clone();
         if let Some(fds) = self.shared_ram.take() {
-            if h.channels > 1 {
+            if h.channels > 1 || h.preempt {
                 return Err(Refusal::Unexpected("page channels in a handover"));
             }
             ram.adopt_shared(fds).map_err(Refusal::Layout)?;
@@ -708,6 +716,7 @@ impl<R: std::io::Read> Receiver<'_, R> {
                 vm,
                 sink: PageSink::new(ram, self.handover.clone(), 0, 1).with_base(Some(&all)),
                 lanes: Lanes::none(),
+                urgent: None,
                 last_pass: None,
                 owed: None,
                 vcpus: vec![None; h.vcpu_count as usize],
@@ -717,16 +726,17 @@ impl<R: std::io::Read> Receiver<'_, R> {
         }
         // Before the page channels start: their pages may come from the base.
         let base = if h.asks_base { self.answer_base(&ram)? } else { None };
-        let lanes = if h.channels > 1 {
-            Lanes::start(joins, h.channels, &ram, &self.handover, base.as_ref())?
+        let (lanes, urgent) = if h.channels > 1 || h.preempt {
+            Lanes::start(joins, h.channels, h.preempt, &ram, &self.handover, base.as_ref())?
         } else {
-            Lanes::none()
+            (Lanes::none(), None)
         };
         self.handover.received.ram_total.store(layout.total_bytes(), Relaxed);
         Ok(Target {
             vm,
             sink: PageSink::new(ram, self.handover.clone(), 0, h.channels).with_base(base.as_ref()),
             lanes,
+            urgent,
             last_pass: None,
             owed: None,
             vcpus: vec![None; h.vcpu_count as usize],
@@ -890,7 +900,16 @@ impl<R: std::io::Read> Receiver<'_, R> {
         // Postcopy: the owed pages are dropped and RAM registered before anything can touch it.
         let postcopy = match owed {
             Some(owed) => match IncomingPostcopy::prepare(t.vm.ram().clone(), owed) {
-                Ok(pc) => Some(pc),
+                Ok(pc) => {
+                    // Read from now on: the source writes on it only after DONE, and a page it
+                    // carries is placed like one from channel 0.
+                    if let Some(conn) = t.urgent.take() {
+                        if let Err(e) = pc.attach_urgent(conn) {
+                            return Err((Phase::State(t), Refusal::Postcopy(e)));
+                        }
+                    }
+                    Some(pc)
+                }
                 Err(e) => return Err((Phase::State(t), Refusal::Postcopy(e))),
             },
             None => None,

@@ -26,7 +26,7 @@ use crate::handover::{self, Side};
 use crate::pagemap::{self, ZeroHints};
 use crate::postcopy::{
     self,
-    source::{OwedPages, PostcopyControl},
+    source::{OwedPages, PostcopyControl, UrgentLink},
 };
 use crate::progress::{Observer, PassRecord, PostcopyStats, Progress, ProgressCell, Status, SwitchoverTimes};
 use crate::ram::{GuestRam, PAGE_SIZE};
@@ -43,6 +43,8 @@ const RESOLVE_HINT: &str = r#"migrate-resolve {"keep": "source" or "destination"
 const ABORT_NOTICES: u32 = 5;
 /// Stream buffer for small records (PAGES records of 1 MiB go out directly).
 const WRITE_BUFFER: usize = 256 << 10;
+/// The urgent connection's buffer: one answer (a few pages) at a time.
+const URGENT_WRITE_BUFFER: usize = 64 << 10;
 
 /// The tracker a migration uses unless told otherwise (README.md: "Dirty trackers" says why).
 pub const DEFAULT_TRACKER: TrackerKind = TrackerKind::UffdWpAsync;
@@ -71,6 +73,11 @@ pub struct MigrationParams {
     /// Switch to postcopy once this many passes after pass 0 are done (0: only when told, or by
     /// the stall policy).
     pub postcopy_after_passes: u32,
+    /// `postcopy-preempt` (QEMU's capability): an urgent connection, opened with the others, on
+    /// which postcopy's requested pages overtake the background push (`stream.rs`). Not on
+    /// `exec:`/`ssh:` (one stream). On by default: docs/postcopy.md has the fault latencies with
+    /// and without it.
+    pub postcopy_preempt: bool,
     /// How dirty pages are tracked (takes effect at the next `migrate`).
     pub tracker: TrackerKind,
     /// While the guest is paused for the switchover, the longest the source waits on the
@@ -183,6 +190,7 @@ impl Default for MigrationParams {
             compress: Codec::None,
             compress_level: 1,
             drop_final_pages: 0,
+            postcopy_preempt: true,
             background_snapshot: false,
         }
     }
@@ -542,6 +550,8 @@ fn migrate(
         conn,
         extra: Vec::new(),
         extra_conns: Vec::new(),
+        urgent: None,
+        preempt: false,
         log,
         params,
         progress,
@@ -600,6 +610,10 @@ struct Sender<'a> {
     extra: Vec<ChannelOut>,
     /// Their connections (timeouts, closing, and shutting them when one fails), in the same order.
     extra_conns: Vec<Connection>,
+    /// postcopy-preempt: the urgent connection, idle until postcopy (and gone while it is paused).
+    urgent: Option<UrgentLink>,
+    /// HEADER said postcopy-preempt: a recovery makes the urgent connection again.
+    preempt: bool,
     log: DirtyLog,
     params: &'a Mutex<MigrationParams>,
     progress: &'a ProgressCell,
@@ -637,6 +651,8 @@ impl Sender<'_> {
             },
             asks_base: !self.params().handover,
             handover: self.params().handover,
+            // Its own connection, so only where a transport has more than one.
+            preempt: self.params().postcopy_preempt && !self.params().handover && !self.uri.single_connection(),
             regions: layout.regions().to_vec(),
         };
         self.out.enc.header(&header)?;
@@ -661,6 +677,10 @@ impl Sender<'_> {
         let base = self.read_base()?;
         for index in 1..header.channels {
             self.connect_channel(index)?;
+        }
+        self.preempt = header.preempt;
+        if header.preempt {
+            self.urgent = Some(self.connect_urgent()?);
         }
         self.progress.update(|p| {
             p.status = Status::Active;
@@ -867,6 +887,12 @@ impl Sender<'_> {
         for c in &self.extra_conns {
             c.finish_writing()?;
         }
+        // Without postcopy the urgent connection has nothing to carry.
+        if !postcopy {
+            if let Some(u) = self.urgent.take() {
+                u.conn.shutdown();
+            }
+        }
         times.last_pass = step.elapsed();
 
         let step = Instant::now();
@@ -1018,6 +1044,9 @@ impl Sender<'_> {
         loop {
             if let Some(mut why) = broken.take() {
                 self.conn.shutdown();
+                if let Some(u) = self.urgent.take() {
+                    u.conn.shutdown();
+                }
                 loop {
                     log::warn!("postcopy paused: {why}; {} pages owed", owed.owed.count());
                     self.progress.update(|p| {
@@ -1039,8 +1068,17 @@ impl Sender<'_> {
             }
             self.progress.update(|p| p.status = Status::PostcopyActive);
             let cap = self.params().max_postcopy_bandwidth;
-            let pushed =
-                postcopy::source::push(&self.ram, &mut self.out.enc, &self.conn, &mut owed, self.progress, cap);
+            let pushed = postcopy::source::push(
+                &self.ram,
+                &mut self.out.enc,
+                &self.conn,
+                self.urgent.as_mut(),
+                &mut owed,
+                self.progress,
+                cap,
+            );
+            // push shut it: done with, or broken (a recovery makes a new one).
+            self.urgent = None;
             let bytes = self.bytes_written();
             let stats = owed.stats.clone();
             self.progress.update(|p| {
@@ -1086,7 +1124,7 @@ impl Sender<'_> {
         conn.set_read_timeout(Some(transport::STALL_TIMEOUT))?;
         let mut out = ChannelOut::new(encoder(&conn, &self.params())?);
         out.enc.preamble()?;
-        out.enc.resume(self.migration_id)?;
+        out.enc.resume(self.migration_id, self.preempt)?;
         out.enc.flush()?;
         let pages = self.ram.page_count();
         let mut lacking = PageBitmap::new(pages);
@@ -1117,6 +1155,13 @@ impl Sender<'_> {
         owed.replace(lacking);
         self.out = out;
         self.conn = conn;
+        if self.preempt {
+            // The destination waits for it a while (dest::URGENT_WAIT), and goes on without it.
+            match self.connect_urgent_at(uri) {
+                Ok(u) => self.urgent = Some(u),
+                Err(e) => log::warn!("postcopy resumed without its urgent connection: {}", crate::report(&e)),
+            }
+        }
         Ok(())
     }
 
@@ -1202,6 +1247,27 @@ impl Sender<'_> {
         self.extra.push(out);
         self.extra_conns.push(conn);
         Ok(())
+    }
+
+    /// Opens the urgent connection (postcopy-preempt): connect, preamble, CHANNEL index 0. Nothing
+    /// more goes on it before postcopy.
+    fn connect_urgent(&mut self) -> Result<UrgentLink, MigrationError> {
+        let u = self.connect_urgent_at(self.uri)?;
+        self.cancel.attach(&u.conn);
+        self.cancel.check()?;
+        Ok(u)
+    }
+
+    fn connect_urgent_at(&self, uri: &Uri) -> Result<UrgentLink, MigrationError> {
+        let conn = transport::connect(uri)
+            .map_err(|source| MigrationError::Connect { uri: format!("{uri} (urgent connection)"), source })?;
+        conn.set_write_timeout(Some(transport::STALL_TIMEOUT))?;
+        // Never compressed: its records are a few pages, and every microsecond counts.
+        let mut enc = Encoder::new(BufWriter::with_capacity(URGENT_WRITE_BUFFER, conn.try_clone()?));
+        enc.preamble()?;
+        enc.channel(self.migration_id, 0)?;
+        enc.flush()?;
+        Ok(UrgentLink { conn, enc })
     }
 
     /// Stream bytes written so far, all channels together.
@@ -1392,6 +1458,9 @@ impl Drop for Sender<'_> {
         self.conn.shutdown();
         for c in &self.extra_conns {
             c.shutdown();
+        }
+        if let Some(u) = &self.urgent {
+            u.conn.shutdown();
         }
     }
 }

@@ -18,7 +18,7 @@
 //!
 //! | type | record       | payload |
 //! |------|--------------|---------|
-//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u16 (0 is read as 1), flags: u16 (bit 0: the source asks for the destination's base, see BASE; bit 1: a same-host handover, see RAM_FDS), migration_id: u64, then (gpa: u64, size: u64) per region |
+//! | 0x01 | HEADER       | page_size: u32, vcpu_count: u32, region_count: u32, channels: u16 (0 is read as 1), flags: u16 (bit 0: the source asks for the destination's base, see BASE; bit 1: a same-host handover, see RAM_FDS; bit 2: postcopy-preempt, an urgent connection joins, see *The urgent connection*), migration_id: u64, then (gpa: u64, size: u64) per region |
 //! | 0x02 | PAGES        | gpa: u64, count: u32, reserved: u32, then count x 4096 bytes (contiguous pages, one region) |
 //! | 0x03 | ZERO_PAGES   | gpa: u64, count: u64 (contiguous pages that are all zero) |
 //! | 0x04 | PASS_END     | pass: u32, reserved: u32, pages sent in the pass: u64 |
@@ -32,9 +32,9 @@
 //! | 0x0c | RESOLVE      | migration_id: u64, action: u32 (1 = GO, 2 = ABORT), reserved: u32: first record of a resolution connection |
 //! | 0x0d | DONE         | (empty): the source has STARTED; nothing is left to resolve |
 //! | 0x0f | PAGES_COMPRESSED | gpa: u64, count: u32, codec: u8 (1 = lz4 block, 2 = zstd frame), reserved: 3 bytes, then the count x 4096 bytes compressed (`compress.rs`) |
-//! | 0x0e | CHANNEL      | migration_id: u64, index: u32, reserved: u32: first record of page channel `index` (1 to channels - 1) |
+//! | 0x0e | CHANNEL      | migration_id: u64, index: u32, reserved: u32: first record of page channel `index` (1 to channels - 1), or, index 0, of the urgent connection (postcopy-preempt) |
 //! | 0x10 | OWED         | first_page: u64, pages: u32, reserved: u32, then ceil(pages / 8) bytes: bit i (byte i / 8, bit i % 8) set = page first_page + i is still owed. Source to destination before END in postcopy (the pages it will send after GO); destination to source after RESUME (the pages it still lacks) |
-//! | 0x11 | RESUME       | migration_id: u64, reserved: u64: first record of a connection that resumes a broken postcopy |
+//! | 0x11 | RESUME       | migration_id: u64, flags: u32 (bit 0: an urgent connection follows, CHANNEL index 0, on the same address), reserved: u32: first record of a connection that resumes a broken postcopy |
 //! | 0x12 | RAM_FDS      | regions: u32, reserved: u32, sent with one memfd per RAM region attached (SCM_RIGHTS, unix: only): a same-host handover (HEADER flag bit 1) passes guest RAM itself, right after HEADER; no page records follow |
 //! | 0x81 | READY        | (empty): destination to source, state restored, guest paused, waiting for GO |
 //! | 0x82 | ERROR        | UTF-8 reason: destination to source, stream refused |
@@ -100,6 +100,22 @@
 //! asks for pages (PAGE_REQUEST) and finally says COMPLETE. A broken postcopy goes on over a new
 //! connection that opens with RESUME, which the destination answers with OWED and RESUMED.
 //!
+//! # The urgent connection (postcopy-preempt)
+//!
+//! In postcopy a vCPU on the destination waits for every page it asks for, and on one connection
+//! that page queues behind whatever background push is in the socket buffers (megabytes). With
+//! HEADER flag bit 2 (the `postcopy-preempt` capability, QEMU's name) the source opens one more
+//! connection after the page channels: preamble, then CHANNEL with index 0 (channel 0 itself opens
+//! with HEADER, so index 0 names nothing else). It idles through precopy and is closed at a
+//! precopy switchover. In postcopy it carries the requests and their answers only: the destination
+//! writes PAGE_REQUEST on it, the source answers on it with PAGES / ZERO_PAGES holding the page
+//! asked for (sent again if the background push sent it already: it may still be queued there)
+//! and a few owed pages after it; the background push and COMPLETE stay on channel 0. A page may
+//! therefore arrive twice; the destination places the first copy and drops the second (both are
+//! the source's one copy: its guest never runs again). A recovery (RESUME with flag bit 0) makes
+//! the urgent connection again, the same way, on the address `migrate-recover` listens at. Pipes
+//! (`exec:`, `ssh:`) have one stream and no urgent connection.
+//!
 //! # At most one running copy
 //!
 //! The destination never runs the guest without GO (or RESOLVE with action GO), and the source never
@@ -149,6 +165,9 @@ const OWED_PREFIX: usize = 16;
 pub const BASE_MAX_PAGES: usize = 65536;
 const HEADER_ASKS_BASE: u32 = 1 << 16;
 const HEADER_HANDOVER: u32 = 1 << 17;
+const HEADER_PREEMPT: u32 = 1 << 18;
+/// RESUME flag: an urgent connection follows.
+const RESUME_URGENT: u32 = 1;
 /// Pages one OWED record covers (a 1 MiB bitmap: 32 GiB of guest RAM).
 pub const OWED_MAX_PAGES: usize = 8 << 20;
 
@@ -332,6 +351,8 @@ pub struct StreamHeader {
     pub asks_base: bool,
     /// A same-host handover: guest RAM comes as memfds (RAM_FDS), not as pages.
     pub handover: bool,
+    /// postcopy-preempt: an urgent connection (CHANNEL index 0) joins after the page channels.
+    pub preempt: bool,
     pub regions: Vec<RamRegion>,
 }
 
@@ -404,6 +425,8 @@ pub enum Record<'a> {
     },
     Resume {
         migration_id: u64,
+        /// An urgent connection follows (postcopy-preempt).
+        urgent: bool,
     },
     PageRequest {
         gpa: u64,
@@ -456,6 +479,14 @@ fn two_u64(a: u64, b: u64) -> [u8; 16] {
     p[..8].copy_from_slice(&a.to_le_bytes());
     p[8..].copy_from_slice(&b.to_le_bytes());
     p
+}
+
+fn flag(on: bool, bit: u32) -> u32 {
+    if on {
+        bit
+    } else {
+        0
+    }
 }
 
 fn two_u32(a: u32, b: u32) -> [u8; 8] {
@@ -600,8 +631,10 @@ impl<W: Write> Encoder<W> {
 
     pub fn header(&mut self, h: &StreamHeader) -> io::Result<()> {
         let mut p = Vec::with_capacity(HEADER_PREFIX + 16 * h.regions.len());
-        let channels =
-            h.channels | if h.asks_base { HEADER_ASKS_BASE } else { 0 } | if h.handover { HEADER_HANDOVER } else { 0 };
+        let channels = h.channels
+            | flag(h.asks_base, HEADER_ASKS_BASE)
+            | flag(h.handover, HEADER_HANDOVER)
+            | flag(h.preempt, HEADER_PREEMPT);
         for v in [h.page_size, h.vcpu_count, h.regions.len() as u32, channels] {
             p.extend_from_slice(&v.to_le_bytes());
         }
@@ -757,8 +790,9 @@ impl<W: Write> Encoder<W> {
         Ok(())
     }
 
-    pub fn resume(&mut self, migration_id: u64) -> io::Result<()> {
-        self.record(RecordType::Resume, &two_u64(migration_id, 0))
+    /// `urgent`: an urgent connection (CHANNEL index 0) follows this one.
+    pub fn resume(&mut self, migration_id: u64, urgent: bool) -> io::Result<()> {
+        self.record(RecordType::Resume, &two_u64(migration_id, u64::from(flag(urgent, RESUME_URGENT))))
     }
 
     pub fn page_request(&mut self, gpa: u64, count: u64) -> io::Result<()> {
@@ -1048,8 +1082,8 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
                 return Err(malformed(kind, format!("{count} RAM regions (1 to {MAX_REGIONS} allowed)")));
             }
             let (word, asks_base) = (u32_le(p, 12), u32_le(p, 12) & HEADER_ASKS_BASE != 0);
-            let handover = word & HEADER_HANDOVER != 0;
-            if word & !(0xffff | HEADER_ASKS_BASE | HEADER_HANDOVER) != 0 {
+            let (handover, preempt) = (word & HEADER_HANDOVER != 0, word & HEADER_PREEMPT != 0);
+            if word & !(0xffff | HEADER_ASKS_BASE | HEADER_HANDOVER | HEADER_PREEMPT) != 0 {
                 return Err(malformed(kind, format!("unknown flags in {word:#x}")));
             }
             let channels = (word & 0xffff).max(1);
@@ -1066,6 +1100,7 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
                 channels,
                 asks_base,
                 handover,
+                preempt,
                 regions,
             })
         }
@@ -1123,10 +1158,11 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
         }
         RecordType::Resume => {
             need(16)?;
-            if u64_le(p, 8) != 0 {
-                return Err(malformed(kind, "reserved field is not zero"));
+            let flags = u64_le(p, 8);
+            if flags & !u64::from(RESUME_URGENT) != 0 {
+                return Err(malformed(kind, format!("unknown flags or reserved bits in {flags:#x}")));
             }
-            Record::Resume { migration_id: u64_le(p, 0) }
+            Record::Resume { migration_id: u64_le(p, 0), urgent: flags != 0 }
         }
         RecordType::PageRequest => {
             need(16)?;
@@ -1165,7 +1201,8 @@ fn parse(kind: RecordType, p: &[u8]) -> Result<Record<'_>, StreamError> {
         RecordType::Channel => {
             need(16)?;
             let (index, reserved) = (u32_le(p, 8), u32_le(p, 12));
-            if index == 0 || index >= MAX_CHANNELS || reserved != 0 {
+            // Index 0: the urgent connection (channel 0 proper opens with HEADER).
+            if index >= MAX_CHANNELS || reserved != 0 {
                 return Err(malformed(kind, format!("channel index {index} (reserved {reserved})")));
             }
             Record::Channel { migration_id: u64_le(p, 0), index }
@@ -1210,6 +1247,7 @@ mod tests {
             channels: 3,
             asks_base: true,
             handover: false,
+            preempt: true,
             regions: vec![RamRegion { gpa: 0, size: 1 << 20 }],
         }
     }
@@ -1240,6 +1278,7 @@ mod tests {
             e.resolve(8, ResolveAction::Abort).unwrap();
             e.done().unwrap();
             e.channel(9, 2).unwrap();
+            e.channel(9, 0).unwrap();
             e.ready().unwrap();
             e.error("no").unwrap();
             e.synced().unwrap();
@@ -1250,7 +1289,8 @@ mod tests {
             owed.set(3);
             owed.set(17);
             e.owed(&owed).unwrap();
-            e.resume(11).unwrap();
+            e.resume(11, true).unwrap();
+            e.resume(12, false).unwrap();
             e.page_request(0x5000, 2).unwrap();
             e.complete().unwrap();
             e.resumed(9).unwrap();
@@ -1282,6 +1322,7 @@ mod tests {
             Record::Resolve { migration_id: 8, action: ResolveAction::Abort },
             Record::Done,
             Record::Channel { migration_id: 9, index: 2 },
+            Record::Channel { migration_id: 9, index: 0 },
             Record::Ready,
             Record::Error("no"),
             Record::Synced,
@@ -1289,7 +1330,8 @@ mod tests {
             Record::Resolved(Resolution::DestinationDiscarded),
             Record::End { vcpu_states: 1, device_states: 0, guest_running: false, postcopy: true },
             Record::Owed { first_page: 0, pages: 20, bits: &[0x08, 0x00, 0x02] },
-            Record::Resume { migration_id: 11 },
+            Record::Resume { migration_id: 11, urgent: true },
+            Record::Resume { migration_id: 12, urgent: false },
             Record::PageRequest { gpa: 0x5000, count: 2 },
             Record::Complete,
             Record::Resumed { pages_owed: 9 },

@@ -2,7 +2,8 @@
 //! (`IncomingServer` + `receiver::receive`), switching to postcopy in the middle of a pass. On the
 //! destination a thread plays the guest: it reads every page, from the last to the first, while the
 //! source pushes them from the first, so that it faults on pages that have not arrived and asks for
-//! them. Needs userfaultfd (no KVM).
+//! them. Needs userfaultfd (no KVM). With postcopy-preempt (the default) the requests and the
+//! pages asked for travel the urgent connection; without it, channel 0.
 
 mod common;
 
@@ -16,7 +17,7 @@ use migrate::ram::PAGE_SIZE;
 use migrate::sender;
 use migrate::vm::RestorableVm;
 
-fn postcopy_migration(channels: u32, guest_running: bool) {
+fn postcopy_migration(channels: u32, guest_running: bool, preempt: bool) {
     let dir = TempDir::new("postcopy");
     let uri = dir.uri("dst.sock");
     let pages = 4096; // 16 MiB
@@ -34,6 +35,7 @@ fn postcopy_migration(channels: u32, guest_running: bool) {
     let destination = real_destination(&uri);
     let params = params(|p| {
         p.channels = channels;
+        p.postcopy_preempt = preempt;
         // Slow enough (16 MiB at 32 MiB/s) that the switch comes in the middle of pass 0.
         p.max_bandwidth = 32 << 20;
     });
@@ -67,6 +69,13 @@ fn postcopy_migration(channels: u32, guest_running: bool) {
     assert_eq!(got.owed_left, 0);
     assert!(got.requests > 0, "the guest thread faulted on pages not yet there: {got:?}");
     assert!(got.latency_us.is_some_and(|l| l.samples > 0 && l.p50 <= l.max), "{got:?}");
+    if preempt {
+        // Every request was answered there: at least the page asked for each time.
+        assert!(sent.pages_urgent >= sent.requests && sent.requests > 0, "{sent:?}");
+        assert!(got.pages_urgent > 0, "owed pages arrived on the urgent connection: {got:?}");
+    } else {
+        assert_eq!((sent.pages_urgent, got.pages_urgent), (0, 0), "no urgent connection: {sent:?} {got:?}");
+    }
     assert_eq!(progress_cell.snapshot().status, Status::Completed);
     assert_eq!(
         src.events(),
@@ -79,12 +88,24 @@ fn postcopy_migration(channels: u32, guest_running: bool) {
 
 #[test]
 fn a_guest_moves_by_postcopy_and_its_pages_follow() {
-    postcopy_migration(1, true);
+    postcopy_migration(1, true, false);
 }
 
 #[test]
 fn postcopy_after_a_pass_over_four_channels() {
-    postcopy_migration(4, true);
+    postcopy_migration(4, true, false);
+}
+
+/// postcopy-preempt: the requests and the pages asked for travel the urgent connection, the rest
+/// channel 0; a page that comes on both is placed once; RAM ends equal.
+#[test]
+fn requested_pages_travel_the_urgent_connection() {
+    postcopy_migration(1, true, true);
+}
+
+#[test]
+fn the_urgent_connection_with_four_channels() {
+    postcopy_migration(4, true, true);
 }
 
 /// A page record whose data fails its checksum ends the connection like a broken link and never

@@ -37,6 +37,7 @@ fn header() -> StreamHeader {
         channels: 1,
         asks_base: false,
         handover: false,
+        preempt: false,
         regions: layout().regions().to_vec(),
     }
 }

@@ -1,7 +1,9 @@
 //! `emu-bench vs-qemu --postcopy`: issue 11's targets in one run, QEMU 10.0 and emu alternating:
 //! the capped writer (QEMU postcopy against emu's postcopy, its dirty-rate limiting, its postcopy
 //! stall policy and its default precopy), then uncapped writers against "the time to send the RAM
-//! once" (emu migrating the same guest paused). Writes docs/postcopy.md.
+//! once" (emu migrating the same guest paused). Writes docs/postcopy.md. With `--emu-only`: the
+//! uncapped scenarios with emu's rows only (postcopy with and without `postcopy-preempt`, and the
+//! paused reference), for the fault latencies; writes docs/postcopy-preempt.md.
 
 use std::path::Path;
 
@@ -54,7 +56,8 @@ pub(super) fn run(rounds: usize) {
          `migrate-incoming` / `migrate`). **The switch rule, the same for both VMMs**: the benchmark polls the \
          source's `query-migrate` every 10 ms from `migrate` on, and sends `migrate-start-postcopy` at the first poll \
          that shows status `active` with `ram.transferred` at least {} MiB (so in pass 0: the guest's RAM is not yet \
-         sent once). `emu-postcopy`: emu's defaults, the same rule. `emu-postcopy-policy`: emu with `stall-policy` \
+         sent once). `emu-postcopy`: emu's defaults but `postcopy-preempt` off (requests on the one connection), the same rule; \
+         `emu-postcopy-preempt` (uncapped only): with it on (the urgent connection). `emu-postcopy-policy`: emu with `stall-policy` \
          postcopy and no command (it switches once precopy stops paying). `emu-uffd-wp-dirty-rate-limit`: precopy \
          with the uffd-wp tracker and `dirty-rate-limit` {CAPPED_DIRTY_RATE} pages/s from the start (the capped \
          mode's row). `emu-throttle`: emu's default precopy (auto-converge by throttling once passes stop paying). \
@@ -164,6 +167,80 @@ pub(super) fn run(rounds: usize) {
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
     if let Err(e) = std::fs::write(docs.join("postcopy.md"), md) {
         eprintln!("cannot write docs/postcopy.md: {e}");
+    }
+}
+
+/// `--postcopy --emu-only`: the uncapped scenarios, emu's rows only (no QEMU needed), alternating;
+/// the fault latencies with and without the urgent connection side by side. Writes
+/// docs/postcopy-preempt.md.
+pub(super) fn run_emu_only(rounds: usize) {
+    let (_, revision, started) = begin("vs-qemu-postcopy-emu-only", rounds);
+    let mut loads = vec![host_load("start")];
+    let loopback = measure_loopback("before");
+    let vmms: Vec<Vmm> = POSTCOPY_UNCAPPED_VMMS.iter().copied().filter(|v| !v.is_qemu()).collect();
+    let mut uncapped = Vec::new();
+    for s in POSTCOPY_UNCAPPED_SCENARIOS {
+        loads.push(host_load(&format!("before {}", s.name)));
+        uncapped.push(alternate(s, &vmms, rounds, loopback, 0));
+    }
+    loads.push(host_load("end"));
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    emit(json!({"bench": "vs-qemu-postcopy-emu-only", "done": true, "minutes": minutes}));
+    let mut md = format!(
+        "# Postcopy with and without the urgent connection (postcopy-preempt)\n\nMade by \
+         `scripts/bench-vs-qemu.sh --postcopy --emu-only` (`emu-bench vs-qemu --postcopy --emu-only`) in \
+         {minutes:.1} minutes: {}. emu {revision}. {rounds} round(s), the rows alternating (the order reversed in \
+         every second round). Single-stream TCP loopback before the run: {:.0} MB/s. {}\n\nThe uncapped scenarios \
+         of docs/postcopy.md (section 2), emu's rows only: `emu-postcopy` with `postcopy-preempt` off (requests \
+         and their pages on the one connection, behind the background push), `emu-postcopy-preempt` with it on \
+         (the urgent connection), `emu-paused-send-once` the reference. The same switch rule: \
+         `migrate-start-postcopy` at the first 10 ms poll with {} MiB sent. Columns as in docs/postcopy.md; the \
+         fault latency is the destination's `postcopy.fault-latency-us` (from the fault read to the page in \
+         place).\n\n",
+        machine(),
+        loopback.hot / 1e6,
+        loads_text(&loads),
+        POSTCOPY_AFTER_BYTES >> 20,
+    );
+    for (s, runs) in POSTCOPY_UNCAPPED_SCENARIOS.iter().zip(&uncapped) {
+        md += &format!("## 1 GiB `wl={}`\n\n", s.name);
+        md += &table(runs, Some(Vmm::EmuPausedOnce));
+        md += &errors(runs);
+        md += "\n";
+    }
+    md += "## Fault latency, without / with the urgent connection\n\nMedians over the rounds (us), and the \
+           requests the destination made.\n\n| scenario | row | p50 | p99 | max | requests | total ms | downtime ms \
+           |\n|---|---|---|---|---|---|---|---|\n";
+    for (s, runs) in POSTCOPY_UNCAPPED_SCENARIOS.iter().zip(&uncapped) {
+        for vmm in [Vmm::EmuPostcopy, Vmm::EmuPostcopyPreempt] {
+            let rows: Vec<&Value> = runs.iter().filter(|r| r["vmm"] == vmm.name() && r["completed"] == true).collect();
+            let med = |f: &dyn Fn(&Value) -> Option<f64>| {
+                let v: Vec<f64> = rows.iter().filter_map(|r| f(r)).collect();
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}", median(v))
+                }
+            };
+            let lat = |k: &'static str| move |r: &Value| r["postcopy"]["destination"]["fault-latency-us"][k].as_f64();
+            md += &format!(
+                "| `{}` | `{}` | {} | {} | {} | {} | {} | {} |\n",
+                s.name,
+                vmm.name(),
+                med(&lat("p50")),
+                med(&lat("p99")),
+                med(&lat("max")),
+                med(&|r| r["postcopy"]["destination"]["requests"].as_f64()),
+                med(&|r| r["total-ms"].as_f64()),
+                med(&|r| r["downtime-ms"].as_f64()),
+            );
+        }
+    }
+    let all: Vec<&Value> = uncapped.iter().flatten().collect();
+    md += &where_time_goes(&all);
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    if let Err(e) = std::fs::write(docs.join("postcopy-preempt.md"), md) {
+        eprintln!("cannot write docs/postcopy-preempt.md: {e}");
     }
 }
 

@@ -7,7 +7,14 @@
 //!   (UFFDIO_COPY, which also wakes whatever waits on it), and is struck from `owed` only after;
 //! - a page that is not owed but missing was sent as zero during precopy and never touched here:
 //!   the fault thread fills it with zeros (UFFDIO_ZEROPAGE) itself;
-//! - a fault on a page filled meanwhile finds it present (EEXIST) and only wakes its waiter.
+//! - a fault on a page filled meanwhile finds it present (EEXIST) and only wakes its waiter;
+//! - with the urgent connection (postcopy-preempt) a page may come twice, asked for on it and
+//!   pushed on channel 0: both are the source's one copy, the first UFFDIO_COPY places it and the
+//!   second finds it present (EEXIST) and leaves it alone, so a page the guest has written since
+//!   is never overwritten.
+//!
+//! Each connection has its reader thread; a reader whose connection breaks shuts the other one
+//! too, so that both sides pause together and a recovery makes both again.
 //!
 //! A page record is checked (CRC) in a scratch buffer before it is copied into place, so a corrupt
 //! record never reaches guest RAM: it ends the connection like a broken link, and a recovery asks
@@ -34,6 +41,8 @@ use crate::uffd::{Filled, Uffd, UffdMsg, EVENT_PAGEFAULT};
 const MAX_LATENCY_SAMPLES: usize = 1 << 20;
 /// How often the fault thread looks up from an idle userfaultfd to see whether it should end.
 const FAULT_POLL_MS: i32 = 100;
+/// The urgent connection carries a few pages per request: a small buffer.
+const URGENT_READ_BUFFER: usize = 64 << 10;
 
 /// Where the destination's postcopy stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,8 +69,18 @@ struct State {
     /// Owed pages that arrived with a fault waiting on them, and without.
     arrived_asked: u64,
     arrived_unasked: u64,
-    /// Where PAGE_REQUEST goes; none while the link is down.
+    /// Where COMPLETE goes, and PAGE_REQUEST without an urgent connection; none while the link
+    /// is down.
     link: Option<Encoder<Connection>>,
+    /// postcopy-preempt: where PAGE_REQUEST goes (its answers come back on it).
+    urgent: Option<Encoder<Connection>>,
+    /// Bumped by every recovery: a reader of an older connection that fails late must not pause
+    /// the new one.
+    generation: u32,
+    /// Owed pages that arrived on the urgent connection.
+    arrived_urgent: u64,
+    /// COMPLETE went out.
+    complete_told: bool,
     phase: Phase,
     started: Option<Instant>,
     complete_after: Option<Duration>,
@@ -76,6 +95,15 @@ pub struct IncomingPostcopy {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// An urgent connection was attached once: a page found present when placed is then expected.
+    preempt: AtomicBool,
+}
+
+/// Which connection a reader thread serves.
+#[derive(Clone, Copy)]
+struct Lane {
+    generation: u32,
+    urgent: bool,
 }
 
 impl IncomingPostcopy {
@@ -110,6 +138,10 @@ impl IncomingPostcopy {
             arrived_asked: 0,
             arrived_unasked: 0,
             link: None,
+            urgent: None,
+            generation: 0,
+            arrived_urgent: 0,
+            complete_told: false,
             phase: Phase::Prepared,
             started: None,
             complete_after: None,
@@ -122,6 +154,7 @@ impl IncomingPostcopy {
             state: Mutex::new(state),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            preempt: AtomicBool::new(false),
         }))
     }
 
@@ -141,6 +174,12 @@ impl IncomingPostcopy {
                 st.phase = if st.left == 0 { Phase::Complete } else { Phase::Active };
             }
             st.started.get_or_insert_with(Instant::now);
+        }
+        if self.phase() == Phase::Complete {
+            // Everything came before the link did (nothing owed, or the urgent reader was first).
+            if let Err(e) = self.complete() {
+                log::warn!("postcopy: cannot say COMPLETE: {}", crate::report(&e));
+            }
         }
         let me = self.clone();
         std::thread::Builder::new().name("postcopy-faults".into()).spawn(move || me.serve_faults())
@@ -170,6 +209,7 @@ impl IncomingPostcopy {
             requests: st.requests,
             pages_requested: st.arrived_asked,
             pages_pushed: st.arrived_unasked,
+            pages_urgent: st.arrived_urgent,
             switchover_to_complete: st.complete_after,
             latency_us: latency,
             recoveries: st.recoveries,
@@ -238,11 +278,21 @@ impl IncomingPostcopy {
         st.waiting.insert(page, Instant::now());
         st.requests += 1;
         let gpa = self.ram.layout().gpa_of(page);
-        if let Some(link) = st.link.as_mut() {
-            if let Err(e) = link.page_request(gpa, 1).and_then(|_| link.flush()) {
-                // The receiving side notices the broken link too; the request goes out again on
-                // the next connection (every waiting page is asked for then).
-                log::warn!("postcopy: cannot ask for page {gpa:#x}: {e}");
+        let st = &mut *st;
+        let (link, urgent) = match (st.urgent.as_mut(), st.link.as_mut()) {
+            (Some(u), _) => (u, true),
+            (None, Some(l)) => (l, false),
+            (None, None) => return,
+        };
+        if let Err(e) = link.page_request(gpa, 1).and_then(|_| link.flush()) {
+            // The reading side notices the broken link too (shut here, in case it is only
+            // half-broken); the request goes out again on the next connection (every waiting page
+            // is asked for then).
+            log::warn!("postcopy: cannot ask for page {gpa:#x}: {e}");
+            link.get_mut().shutdown();
+            if urgent {
+                st.urgent = None;
+            } else {
                 st.link = None;
             }
         }
@@ -252,26 +302,69 @@ impl IncomingPostcopy {
     /// error when the connection breaks or carries something wrong: the guest keeps waiting for
     /// its missing pages, and [`IncomingPostcopy::resume`] goes on over a new connection.
     pub fn receive<R: Read>(&self, dec: &mut Decoder<R>) -> Result<(), PostcopyError> {
-        let result = self.receive_inner(dec);
+        let generation = self.lock().generation;
+        self.receive_on(dec, Lane { generation, urgent: false })
+    }
+
+    fn receive_on<R: Read>(&self, dec: &mut Decoder<R>, lane: Lane) -> Result<(), PostcopyError> {
+        let result = self.receive_inner(dec, lane);
         if let Err(e) = &result {
-            self.link_lost(&crate::report(e));
+            let on = if lane.urgent { "the urgent connection: " } else { "" };
+            self.lost(&format!("{on}{}", crate::report(e)), lane.generation);
         }
         result
+    }
+
+    /// postcopy-preempt: `conn` is the urgent connection, where requests go from now on and the
+    /// pages asked for come back, read by a thread of its own.
+    pub fn attach_urgent(self: &Arc<Self>, conn: Connection) -> Result<(), PostcopyError> {
+        // Quiet for as long as no vCPU faults: no read timeout (channel 0's reader notices a
+        // source that is gone, and shuts this one).
+        conn.set_read_timeout(None).map_err(PostcopyError::Write)?;
+        let reader = conn.try_clone().map_err(PostcopyError::Write)?;
+        let lane = {
+            let mut st = self.lock();
+            st.urgent = Some(Encoder::new(conn));
+            Lane { generation: st.generation, urgent: true }
+        };
+        self.preempt.store(true, Ordering::Relaxed);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn(move || {
+                let mut dec = Decoder::new(std::io::BufReader::with_capacity(URGENT_READ_BUFFER, reader));
+                let _ = me.receive_on(&mut dec, lane);
+            })
+            .map_err(PostcopyError::Write)?;
+        Ok(())
     }
 
     /// The link broke (or carried something wrong): the guest keeps waiting for its missing pages
     /// until [`IncomingPostcopy::resume`].
     pub fn link_lost(&self, why: &str) {
+        let generation = self.lock().generation;
+        self.lost(why, generation);
+    }
+
+    /// One of the connections of recovery `generation` broke: both are shut (the source then
+    /// notices on either), and postcopy pauses until a recovery.
+    fn lost(&self, why: &str, generation: u32) {
         let mut st = self.lock();
-        st.link = None;
-        if st.phase != Phase::Complete {
+        if st.generation != generation || st.phase == Phase::Complete {
+            return;
+        }
+        for mut link in [st.link.take(), st.urgent.take()].into_iter().flatten() {
+            link.get_mut().shutdown();
+        }
+        // The first reason is the one that says what happened; the other reader's is its echo.
+        if !matches!(st.phase, Phase::Paused(_)) {
             log::warn!("postcopy paused: {why}; {} pages still owed", st.left);
             st.phase = Phase::Paused(why.to_string());
         }
         self.changed.notify_all();
     }
 
-    fn receive_inner<R: Read>(&self, dec: &mut Decoder<R>) -> Result<(), PostcopyError> {
+    fn receive_inner<R: Read>(&self, dec: &mut Decoder<R>, lane: Lane) -> Result<(), PostcopyError> {
         let layout = self.ram.layout().clone();
         let mut scratch = vec![0u8; MAX_PAGES_PER_RECORD * PAGE_SIZE];
         let range = |gpa: u64, count: u64| {
@@ -293,7 +386,7 @@ impl IncomingPostcopy {
                         Ok::<_, PostcopyError>(&mut scratch[..count * PAGE_SIZE])
                     });
                     let (_, count) = read.map_err(PostcopyError::Link)??;
-                    self.place(first, count, Some(&scratch))?;
+                    self.place(first, count, Some(&scratch), lane.urgent)?;
                 }
                 RecordType::ZeroPages => {
                     let (gpa, count) = match dec.read_record(&frame).map_err(PostcopyError::Link)? {
@@ -301,7 +394,7 @@ impl IncomingPostcopy {
                         _ => unreachable!("a ZERO_PAGES frame decodes to one"),
                     };
                     let first = range(gpa, count)?;
-                    self.place(first, count as usize, None)?;
+                    self.place(first, count as usize, None, lane.urgent)?;
                 }
                 kind => return Err(PostcopyError::Protocol(format!("unexpected {} in postcopy", kind.name()))),
             }
@@ -311,7 +404,7 @@ impl IncomingPostcopy {
     /// Fills the owed pages among `first..first + count` with `data` (the record's pages, in
     /// order) or zeros, and strikes them from `owed`. Pages not owed (sent twice: asked for and
     /// pushed) are left alone.
-    fn place(&self, first: usize, count: usize, data: Option<&[u8]>) -> Result<(), PostcopyError> {
+    fn place(&self, first: usize, count: usize, data: Option<&[u8]>, urgent: bool) -> Result<(), PostcopyError> {
         let runs: Vec<(usize, usize)> = {
             let st = self.lock();
             let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -340,22 +433,27 @@ impl IncomingPostcopy {
                 };
                 match filled {
                     Filled::All => done = n,
-                    // Present already, which only a bug here would cause: never overwrite it, say
-                    // so, and go on after it.
+                    // Present already: placed meanwhile by the other connection's reader (the
+                    // same copy), or, with one connection, a bug here. Never overwrite it, say so
+                    // if it is a bug, and go on after it.
                     Filled::Exists { filled } => {
                         let skipped = done + filled as usize / PAGE_SIZE;
-                        log::error!("postcopy: owed page {} was present already", p + skipped);
+                        if self.preempt.load(Ordering::Relaxed) {
+                            log::debug!("postcopy: owed page {} came on both connections", p + skipped);
+                        } else {
+                            log::error!("postcopy: owed page {} was present already", p + skipped);
+                        }
                         let _ = self.uffd.wake(at, len);
                         done = skipped + 1;
                     }
                 }
             }
-            self.arrived(p, n);
+            self.arrived(p, n, urgent);
         }
         Ok(())
     }
 
-    fn arrived(&self, first: usize, count: usize) {
+    fn arrived(&self, first: usize, count: usize, urgent: bool) {
         let mut st = self.lock();
         let now = Instant::now();
         for page in first..first + count {
@@ -364,6 +462,7 @@ impl IncomingPostcopy {
             }
             st.owed.clear_bit(page);
             st.left -= 1;
+            st.arrived_urgent += u64::from(urgent);
             let Some(since) = st.waiting.remove(&page) else {
                 st.arrived_unasked += 1;
                 continue;
@@ -379,18 +478,29 @@ impl IncomingPostcopy {
 
     /// Every page is here: tell the source, and stop catching faults.
     fn complete(&self) -> Result<(), PostcopyError> {
-        let mut st = self.lock();
-        st.complete_after = st.started.map(|s| s.elapsed());
-        st.phase = Phase::Complete;
-        let told = match st.link.as_mut() {
-            Some(link) => link.complete().and_then(|_| link.flush()),
-            None => Ok(()),
+        let told = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if st.phase != Phase::Complete || st.complete_after.is_none() {
+                st.complete_after = st.started.map(|s| s.elapsed());
+            }
+            st.phase = Phase::Complete;
+            // Both readers get here once the last page is in, the urgent one possibly before the
+            // guest starts (and channel 0's link is there): COMPLETE goes once, on the first link.
+            match (st.link.as_mut(), st.complete_told) {
+                (Some(link), false) => {
+                    let r = link.complete().and_then(|_| link.flush());
+                    st.complete_told = r.is_ok();
+                    r
+                }
+                _ => Ok(()),
+            }
         };
-        drop(st);
-        self.stop.store(true, Ordering::Release);
-        for (start, len) in self.ram.host_ranges() {
-            if let Err(e) = self.uffd.unregister(start, len) {
-                log::error!("postcopy: {}", crate::report(&e));
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            for (start, len) in self.ram.host_ranges() {
+                if let Err(e) = self.uffd.unregister(start, len) {
+                    log::error!("postcopy: {}", crate::report(&e));
+                }
             }
         }
         self.changed.notify_all();
@@ -411,7 +521,12 @@ impl IncomingPostcopy {
                 link.page_request(layout.gpa_of(page), 1).map_err(PostcopyError::Write)?;
             }
             link.flush().map_err(PostcopyError::Write)?;
-            st.link = Some(link);
+            // Whatever is left of the old connections goes; their readers' late failures are
+            // theirs (an older generation), not the new link's.
+            for mut old in [st.link.replace(link), st.urgent.take()].into_iter().flatten() {
+                old.get_mut().shutdown();
+            }
+            st.generation += 1;
             st.recoveries += 1;
             st.started.get_or_insert_with(Instant::now);
             if st.phase != Phase::Complete {
@@ -434,7 +549,9 @@ impl Drop for IncomingPostcopy {
 /// `migrate-recover`: listens at `uri` for the source of a paused postcopy to come back (RESUME
 /// naming this migration), and goes on with it in a thread of its own. Returns the address it
 /// listens at. A source that never heard STARTED may come back this way too: RESUME then counts
-/// as the GO it sent.
+/// as the GO it sent. A RESUME that says an urgent connection follows (postcopy-preempt) is
+/// followed on the same address by one that opens with CHANNEL index 0; without it (not within
+/// [`URGENT_WAIT`]) postcopy goes on, requests and pages on the one connection.
 pub fn listen_for_resume(handover: Arc<Handover>, uri: &Uri) -> Result<Uri, PostcopyError> {
     let Some(pc) = handover.postcopy().cloned() else {
         return Err(PostcopyError::Protocol("no postcopy here to recover".into()));
@@ -446,40 +563,33 @@ pub fn listen_for_resume(handover: Arc<Handover>, uri: &Uri) -> Result<Uri, Post
     let local = listener.local_uri().map_err(PostcopyError::Write)?;
     std::thread::Builder::new()
         .name("postcopy-recover".into())
-        .spawn(move || loop {
-            let conn = match listener.accept_timeout(Duration::from_secs(1)) {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    log::error!("postcopy recovery: accepting: {e}");
-                    return;
-                }
+        .spawn(move || {
+            let Some((conn, urgent)) = accept_screened(&listener, None, |c| screen_resume(c, &handover)) else {
+                return;
             };
-            // A destination with TLS credentials recovers over TLS only, as it was migrated.
-            let conn = match listener.tls() {
-                None => conn,
-                Some(config) => {
-                    match crate::transport::secure_incoming(conn, &config, Instant::now() + RESUME_SCREEN) {
-                        crate::transport::Secured::Tls(c) => c,
-                        _ => {
-                            log::warn!("postcopy recovery: refused a connection that is not TLS");
-                            continue;
-                        }
+            // The main connection's reader in a thread of its own: this one may still take the
+            // urgent connection.
+            let main = pc.clone();
+            let spawned = std::thread::Builder::new().name("postcopy-resumed".into()).spawn(move || {
+                if let Err(e) = main.resume(&conn) {
+                    log::warn!("postcopy recovery: {}", crate::report(&e));
+                }
+            });
+            if let Err(e) = spawned {
+                log::error!("postcopy recovery: {e}");
+                return;
+            }
+            if !urgent {
+                return;
+            }
+            let deadline = Some(Instant::now() + URGENT_WAIT);
+            match accept_screened(&listener, deadline, |c| screen_urgent(c, &handover)) {
+                Some((conn, ())) => {
+                    if let Err(e) = pc.attach_urgent(conn) {
+                        log::warn!("postcopy recovery: the urgent connection: {}", crate::report(&e));
                     }
                 }
-            };
-            match screen_resume(&conn, &handover) {
-                Ok(()) => {
-                    if let Err(e) = pc.resume(&conn) {
-                        log::warn!("postcopy recovery: {}", crate::report(&e));
-                    }
-                    return;
-                }
-                Err(why) => {
-                    log::warn!("postcopy recovery: refused a connection: {why}");
-                    let _ = Encoder::new(&conn).error(&why);
-                    conn.shutdown();
-                }
+                None => log::warn!("postcopy recovery: no urgent connection came; going on without it"),
             }
         })
         .map_err(PostcopyError::Write)?;
@@ -488,16 +598,56 @@ pub fn listen_for_resume(handover: Arc<Handover>, uri: &Uri) -> Result<Uri, Post
 
 /// How long a recovery connection has for its TLS handshake (as for its first records).
 const RESUME_SCREEN: Duration = Duration::from_secs(5);
+/// How long after RESUME the urgent connection may take to come.
+pub const URGENT_WAIT: Duration = Duration::from_secs(10);
+
+/// The next connection at `listener` that `screen` takes (until `deadline`, if any): secured
+/// first if the destination has TLS credentials (it recovers over TLS only, as it was migrated);
+/// one screened out is told why and closed.
+fn accept_screened<T>(
+    listener: &Listener,
+    deadline: Option<Instant>,
+    screen: impl Fn(&Connection) -> Result<T, String>,
+) -> Option<(Connection, T)> {
+    loop {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        let conn = match listener.accept_timeout(Duration::from_secs(1)) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                log::error!("postcopy recovery: accepting: {e}");
+                return None;
+            }
+        };
+        let conn = match listener.tls() {
+            None => conn,
+            Some(config) => match crate::transport::secure_incoming(conn, &config, Instant::now() + RESUME_SCREEN) {
+                crate::transport::Secured::Tls(c) => c,
+                _ => {
+                    log::warn!("postcopy recovery: refused a connection that is not TLS");
+                    continue;
+                }
+            },
+        };
+        match screen(&conn) {
+            Ok(t) => return Some((conn, t)),
+            Err(why) => {
+                log::warn!("postcopy recovery: refused a connection: {why}");
+                let _ = Encoder::new(&conn).error(&why);
+                conn.shutdown();
+            }
+        }
+    }
+}
 
 /// The first records of a recovery connection: preamble, then RESUME for this migration.
-fn screen_resume(conn: &Connection, handover: &Handover) -> Result<(), String> {
-    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    let mut dec = Decoder::new(conn);
-    dec.preamble().map_err(|e| crate::report(&e))?;
-    let id = match dec.next_record() {
-        Ok(Record::Resume { migration_id }) => migration_id,
-        Ok(other) => return Err(format!("expected RESUME, got {other:?}")),
-        Err(e) => return Err(crate::report(&e)),
+/// Returns whether an urgent connection follows.
+fn screen_resume(conn: &Connection, handover: &Handover) -> Result<bool, String> {
+    let (id, urgent) = match first_record(conn)? {
+        Record::Resume { migration_id, urgent } => (migration_id, urgent),
+        other => return Err(format!("expected RESUME, got {other:?}")),
     };
     if handover.migration_id() != Some(id) {
         return Err(format!("RESUME for migration {id:#x}, which is not the one here"));
@@ -506,5 +656,26 @@ fn screen_resume(conn: &Connection, handover: &Handover) -> Result<(), String> {
         return Err("the guest was discarded here".into());
     }
     conn.set_read_timeout(Some(crate::transport::STALL_TIMEOUT)).map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(urgent)
+}
+
+/// The urgent connection of a recovery: preamble, then CHANNEL index 0 for this migration.
+fn screen_urgent(conn: &Connection, handover: &Handover) -> Result<(), String> {
+    match first_record(conn)? {
+        Record::Channel { migration_id, index: 0 } if handover.migration_id() == Some(migration_id) => Ok(()),
+        other => Err(format!("expected this migration's urgent connection (CHANNEL 0), got {other:?}")),
+    }
+}
+
+/// A recovery connection's preamble and first record, read within [`RESUME_SCREEN`].
+fn first_record(conn: &Connection) -> Result<Record<'static>, String> {
+    conn.set_read_timeout(Some(RESUME_SCREEN)).map_err(|e| e.to_string())?;
+    let mut dec = Decoder::new(conn);
+    dec.preamble().map_err(|e| crate::report(&e))?;
+    match dec.next_record() {
+        Ok(Record::Resume { migration_id, urgent }) => Ok(Record::Resume { migration_id, urgent }),
+        Ok(Record::Channel { migration_id, index }) => Ok(Record::Channel { migration_id, index }),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(crate::report(&e)),
+    }
 }

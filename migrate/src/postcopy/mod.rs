@@ -42,6 +42,9 @@ pub enum PostcopyError {
     Ram(#[source] std::io::Error),
     #[error("{0}")]
     Protocol(String),
+    /// Something went wrong on the urgent connection (postcopy-preempt).
+    #[error("the urgent connection")]
+    Urgent(#[source] Box<PostcopyError>),
     #[error("the other side refused: {0}")]
     Refused(String),
 }
@@ -50,6 +53,10 @@ impl PostcopyError {
     /// Whether a new connection may recover from it (a broken or corrupt link), as opposed to a
     /// failure of this side.
     pub fn is_link(&self) -> bool {
-        matches!(self, PostcopyError::Link(_) | PostcopyError::Write(_))
+        match self {
+            PostcopyError::Link(_) | PostcopyError::Write(_) => true,
+            PostcopyError::Urgent(e) => e.is_link(),
+            _ => false,
+        }
     }
 }

@@ -3,22 +3,34 @@
 //!
 //! A request moves the background cursor to just after the requested pages, as QEMU does: a guest
 //! that faults on one page is likely to touch the next ones soon, and they are then on their way.
-//! Requests are read by a thread of their own, so that one arriving while a background record is
-//! being written is served at the next record boundary (one record, 1 MiB at most, later).
+//!
+//! On one connection, requests are read by a thread of their own and answered by the push at its
+//! next record boundary, so the page asked for goes out behind everything already in the socket
+//! buffers. With the urgent connection (postcopy-preempt, `stream.rs`) a second thread reads the
+//! requests there and answers each at once on it, with the page asked for (even if the push sent
+//! it already: it may still be queued on channel 0) and the next [`URGENT_NEIGHBOURS`] owed pages;
+//! the push never writes there. The two threads share the owed pages under one lock, and a page
+//! is struck from them when it is chosen, so that apart from a resent page asked for, every page
+//! goes once.
 
-use std::io::{BufReader, BufWriter};
-use std::sync::mpsc;
+use std::io::{BufReader, BufWriter, Write};
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::PostcopyError;
 use crate::bitmap::PageBitmap;
 use crate::progress::{PostcopyStats, ProgressCell};
-use crate::ram::{is_zero_page, GuestRam, PAGE_SIZE};
+use crate::ram::{is_zero_page, GuestRam, RamLayout, PAGE_SIZE};
 use crate::stream::{Decoder, Encoder, PageBatch, Record, MAX_PAGES_PER_RECORD};
 use crate::transport::Connection;
 
 /// How long the source waits for COMPLETE once every owed page has gone out.
 const COMPLETE_WAIT: Duration = Duration::from_secs(30);
+/// Owed pages after the one asked for that go with it on the urgent connection: a vCPU that
+/// faults on a page usually touches the next ones soon. 15 (64 KiB in all) keeps an answer
+/// within a few tens of microseconds on the wire, so that the next request does not wait long
+/// behind it.
+pub const URGENT_NEIGHBOURS: usize = 15;
 
 /// What the destination says during postcopy.
 enum Heard {
@@ -60,14 +72,83 @@ impl OwedPages {
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
+
+    /// A request for `count` pages at `gpa`: the pages to send for it, struck from the owed ones
+    /// (and counted). On channel 0 only the owed ones among them (one sent already is ahead on
+    /// the same stream); on the urgent connection all of them, and up to [`URGENT_NEIGHBOURS`]
+    /// owed pages after them. The push goes on after them either way.
+    fn take_request(
+        &mut self,
+        layout: &RamLayout,
+        gpa: u64,
+        count: u64,
+        urgent: bool,
+    ) -> Result<Vec<usize>, PostcopyError> {
+        self.stats.requests += 1;
+        let first = layout
+            .page_of(gpa)
+            .filter(|&f| count > 0 && layout.is_contiguous(f, count as usize))
+            .ok_or_else(|| PostcopyError::Protocol(format!("a request for {count} pages at {gpa:#x}")))?;
+        let n = count as usize;
+        let mut pages: Vec<usize> =
+            if urgent { (first..first + n).collect() } else { self.owed.ones_in_range(first, n).collect() };
+        if urgent {
+            let after = (first + n).min(self.owed.len());
+            let window = (self.owed.len() - after).min(URGENT_NEIGHBOURS);
+            pages.extend(self.owed.ones_in_range(after, window));
+        }
+        for &page in &pages {
+            if self.owed.get(page) {
+                self.owed.clear_bit(page);
+                self.stats.pages_requested += 1;
+            }
+        }
+        if urgent {
+            self.stats.pages_urgent += pages.len() as u64;
+        }
+        self.cursor = pages.last().map_or(first + n, |&l| l + 1);
+        Ok(pages)
+    }
+
+    /// The next record's worth of the background push, from the cursor on (wrapping), struck
+    /// from the owed pages.
+    fn take_next(&mut self) -> Vec<usize> {
+        let total = self.owed.len();
+        if self.cursor >= total {
+            self.cursor = 0;
+        }
+        let next: Vec<usize> = self
+            .owed
+            .ones_in_range(self.cursor, total - self.cursor)
+            .chain(self.owed.ones_in_range(0, self.cursor))
+            .take(MAX_PAGES_PER_RECORD)
+            .collect();
+        for &page in &next {
+            self.owed.clear_bit(page);
+        }
+        self.stats.pages_pushed += next.len() as u64;
+        if let Some(&last) = next.last() {
+            self.cursor = last + 1;
+        }
+        next
+    }
+}
+
+/// The urgent connection of a postcopy (postcopy-preempt): requests come in on it and the pages
+/// asked for go out on it.
+pub struct UrgentLink {
+    pub conn: Connection,
+    pub enc: Encoder<BufWriter<Connection>>,
 }
 
 /// Sends the owed pages on `enc` (whose connection is `conn`) until the destination says
-/// COMPLETE. Figures go to `progress` as they change.
+/// COMPLETE, answering requests on `urgent` if there is one. Figures go to `progress` as they
+/// change. Whatever happens, `urgent` is shut when this returns: a recovery makes a new one.
 pub fn push(
     ram: &GuestRam,
     enc: &mut Encoder<BufWriter<Connection>>,
     conn: &Connection,
+    urgent: Option<&mut UrgentLink>,
     owed: &mut OwedPages,
     progress: &ProgressCell,
     background_cap: u64,
@@ -76,13 +157,60 @@ pub fn push(
     let reader = conn.try_clone().map_err(PostcopyError::Write)?;
     // A silent destination is normal here (it asks only when a vCPU faults): no read timeout.
     reader.set_read_timeout(None).map_err(PostcopyError::Write)?;
+    let urgent_reader = match &urgent {
+        Some(u) => {
+            let r = u.conn.try_clone().map_err(PostcopyError::Write)?;
+            r.set_read_timeout(None).map_err(PostcopyError::Write)?;
+            Some(r)
+        }
+        None => None,
+    };
+    let requests = tx.clone();
     std::thread::Builder::new()
         .name("postcopy-requests".into())
-        .spawn(move || read_requests(reader, tx))
+        .spawn(move || read_requests(reader, requests))
         .map_err(PostcopyError::Write)?;
-    let mut batch = PageBatch::default();
-    let mut zero_run: Option<(u64, u64)> = None;
-    let mut buf = vec![0u8; PAGE_SIZE];
+    let owed = Mutex::new(owed);
+    std::thread::scope(|s| {
+        let shut = match (urgent, urgent_reader) {
+            (Some(UrgentLink { conn, enc: urgent_enc }), Some(reader)) => {
+                let owed = &owed;
+                let spawned = std::thread::Builder::new()
+                    .name("postcopy-urgent".into())
+                    .spawn_scoped(s, move || serve_urgent(ram, urgent_enc, reader, owed, tx));
+                if let Err(e) = spawned {
+                    conn.shutdown();
+                    return Err(PostcopyError::Write(e));
+                }
+                Some(&*conn)
+            }
+            _ => None,
+        };
+        let result = push_background(ram, enc, &heard, &owed, progress, background_cap);
+        // Ends the urgent thread (blocked reading the next request); COMPLETE or a broken link
+        // ends this connection's use anyway.
+        if let Some(c) = shut {
+            c.shutdown();
+        }
+        result
+    })
+}
+
+fn lock<'a, 'b>(owed: &'a Mutex<&'b mut OwedPages>) -> MutexGuard<'a, &'b mut OwedPages> {
+    owed.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The background push on channel 0, and the requests heard there (all of them on one
+/// connection; after a recovery, those the destination asks again for).
+fn push_background(
+    ram: &GuestRam,
+    enc: &mut Encoder<BufWriter<Connection>>,
+    heard: &mpsc::Receiver<Heard>,
+    owed: &Mutex<&mut OwedPages>,
+    progress: &ProgressCell,
+    background_cap: u64,
+) -> Result<(), PostcopyError> {
+    let mut out = PageOut::default();
     let layout = ram.layout().clone();
     let mut last_report = Instant::now();
     // `max-postcopy-bandwidth`: the background push keeps to it; asked-for pages never wait.
@@ -98,9 +226,13 @@ pub fn push(
         }
         // Requests first, each answered at once.
         loop {
+            let all_sent = {
+                let o = lock(owed);
+                o.owed.count() == 0 && o.stats.owed_left == 0
+            };
             let h = if let Some(h) = early.take() {
                 h
-            } else if owed.owed.count() == 0 && owed.stats.owed_left == 0 {
+            } else if all_sent {
                 enc.flush().map_err(PostcopyError::Write)?;
                 match heard.recv_timeout(COMPLETE_WAIT) {
                     Ok(h) => h,
@@ -119,70 +251,78 @@ pub fn push(
             };
             match h {
                 Heard::Complete => {
-                    owed.stats.switchover_to_complete = Some(owed.elapsed());
-                    if owed.owed.count() > 0 {
-                        log::warn!("postcopy: COMPLETE with {} pages not sent from here", owed.owed.count());
+                    let mut o = lock(owed);
+                    o.stats.switchover_to_complete = Some(o.elapsed());
+                    if o.owed.count() > 0 {
+                        log::warn!("postcopy: COMPLETE with {} pages not sent from here", o.owed.count());
                     }
-                    owed.stats.owed_left = 0;
+                    o.stats.owed_left = 0;
                     enc.flush().map_err(PostcopyError::Write)?;
-                    report(progress, owed);
+                    report(progress, &o);
                     return Ok(());
                 }
                 Heard::Refused(why) => return Err(PostcopyError::Refused(why)),
                 Heard::Broken(e) => return Err(e),
                 Heard::Request { gpa, count } => {
-                    owed.stats.requests += 1;
-                    let first = layout
-                        .page_of(gpa)
-                        .filter(|&f| count > 0 && layout.is_contiguous(f, count as usize))
-                        .ok_or_else(|| {
-                        PostcopyError::Protocol(format!("a request for {count} pages at {gpa:#x}"))
-                    })?;
-                    let n = count as usize;
-                    let wanted: Vec<usize> = owed.owed.ones_in_range(first, n).collect();
-                    for page in wanted {
-                        send_page(ram, enc, &mut batch, &mut zero_run, &mut buf, page)?;
-                        owed.owed.clear_bit(page);
-                        owed.stats.pages_requested += 1;
-                    }
-                    flush(enc, &mut batch, &mut zero_run)?;
-                    enc.flush().map_err(PostcopyError::Write)?;
-                    owed.cursor = first + n;
+                    let pages = lock(owed).take_request(&layout, gpa, count, false)?;
+                    out.send_all(ram, enc, &pages)?;
                 }
             }
         }
         // Then one record's worth of the rest.
-        let total = owed.owed.len();
-        if owed.cursor >= total {
-            owed.cursor = 0;
-        }
-        let next: Vec<usize> = owed
-            .owed
-            .ones_in_range(owed.cursor, total - owed.cursor)
-            .chain(owed.owed.ones_in_range(0, owed.cursor))
-            .take(MAX_PAGES_PER_RECORD)
-            .collect();
+        let next = lock(owed).take_next();
         let before = enc.bytes_written();
         for &page in &next {
-            send_page(ram, enc, &mut batch, &mut zero_run, &mut buf, page)?;
-            owed.owed.clear_bit(page);
-            owed.stats.pages_pushed += 1;
+            out.add(ram, enc, page)?;
         }
         pushed_bytes += enc.bytes_written() - before;
-        if let Some(&last) = next.last() {
-            owed.cursor = last + 1;
-        }
-        if owed.owed.count() == 0 {
-            flush(enc, &mut batch, &mut zero_run)?;
+        let mut o = lock(owed);
+        if o.owed.count() == 0 {
+            drop(o);
+            out.finish(enc)?;
             // Sent, not yet known to have arrived: `owed_left` reaches 0 with COMPLETE.
-            owed.stats.owed_left = 0;
+            lock(owed).stats.owed_left = 0;
             enc.flush().map_err(PostcopyError::Write)?;
             continue;
         }
-        owed.stats.owed_left = owed.owed.count() as u64;
+        o.stats.owed_left = o.owed.count() as u64;
         if last_report.elapsed() > Duration::from_millis(50) {
-            report(progress, owed);
+            report(progress, &o);
             last_report = Instant::now();
+        }
+    }
+}
+
+/// The urgent connection's thread: each request read there is answered there at once. A broken
+/// or wrong connection is told to the push (`tx`), which pauses the postcopy.
+fn serve_urgent(
+    ram: &GuestRam,
+    enc: &mut Encoder<BufWriter<Connection>>,
+    reader: Connection,
+    owed: &Mutex<&mut OwedPages>,
+    tx: mpsc::Sender<Heard>,
+) {
+    let layout = ram.layout().clone();
+    let mut out = PageOut::default();
+    let mut dec = Decoder::new(BufReader::new(reader));
+    let on = |e: PostcopyError| Heard::Broken(PostcopyError::Urgent(Box::new(e)));
+    loop {
+        let (gpa, count) = match dec.next_record() {
+            Ok(Record::PageRequest { gpa, count }) => (gpa, count),
+            Ok(other) => {
+                let _ = tx.send(on(PostcopyError::Protocol(format!("unexpected {other:?} on the urgent connection"))));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(on(PostcopyError::Link(e)));
+                return;
+            }
+        };
+        let answered =
+            lock(owed).take_request(&layout, gpa, count, true).and_then(|pages| out.send_all(ram, enc, &pages));
+        if let Err(e) = answered {
+            let _ = tx.send(on(e));
+            return;
         }
     }
 }
@@ -192,63 +332,85 @@ fn report(progress: &ProgressCell, owed: &OwedPages) {
     progress.update(|p| p.postcopy = Some(stats));
 }
 
-/// Adds page `page` to the record being built (zero pages to a zero run), sending what it
-/// completes.
-fn send_page(
-    ram: &GuestRam,
-    enc: &mut Encoder<BufWriter<Connection>>,
-    batch: &mut PageBatch,
-    zero_run: &mut Option<(u64, u64)>,
-    buf: &mut [u8],
-    page: usize,
-) -> Result<(), PostcopyError> {
-    let gpa = ram.layout().gpa_of(page);
-    ram.read_page(page, buf);
-    if is_zero_page(buf) {
-        if !batch.is_empty() {
-            enc.pages(batch).map_err(PostcopyError::Write)?;
-        }
-        match zero_run {
-            // A run stays inside one region (two regions may touch in gpa).
-            Some((first, n))
-                if *first + *n * PAGE_SIZE as u64 == gpa
-                    && ram.layout().page_of(*first).is_some_and(|f| ram.layout().is_contiguous(f, *n as usize + 1)) =>
-            {
-                *n += 1
-            }
-            _ => {
-                if let Some((first, n)) = zero_run.take() {
-                    enc.zero_pages(first, n).map_err(PostcopyError::Write)?;
-                }
-                *zero_run = Some((gpa, 1));
-            }
-        }
-        return Ok(());
-    }
-    if let Some((first, n)) = zero_run.take() {
-        enc.zero_pages(first, n).map_err(PostcopyError::Write)?;
-    }
-    if !batch.accepts(gpa) {
-        enc.pages(batch).map_err(PostcopyError::Write)?;
-    }
-    batch.next_slot(gpa).copy_from_slice(buf);
-    batch.commit();
-    if batch.len() == MAX_PAGES_PER_RECORD {
-        enc.pages(batch).map_err(PostcopyError::Write)?;
-    }
-    Ok(())
+/// One connection's PAGES record and run of zero pages being gathered.
+struct PageOut {
+    batch: PageBatch,
+    zero_run: Option<(u64, u64)>,
+    buf: Vec<u8>,
 }
 
-fn flush(
-    enc: &mut Encoder<BufWriter<Connection>>,
-    batch: &mut PageBatch,
-    zero_run: &mut Option<(u64, u64)>,
-) -> Result<(), PostcopyError> {
-    enc.pages(batch).map_err(PostcopyError::Write)?;
-    if let Some((first, n)) = zero_run.take() {
-        enc.zero_pages(first, n).map_err(PostcopyError::Write)?;
+impl Default for PageOut {
+    fn default() -> Self {
+        PageOut { batch: PageBatch::default(), zero_run: None, buf: vec![0u8; PAGE_SIZE] }
     }
-    Ok(())
+}
+
+impl PageOut {
+    /// Sends `pages` and everything gathered, and flushes: an answer to a request.
+    fn send_all<W: Write>(
+        &mut self,
+        ram: &GuestRam,
+        enc: &mut Encoder<W>,
+        pages: &[usize],
+    ) -> Result<(), PostcopyError> {
+        for &page in pages {
+            self.add(ram, enc, page)?;
+        }
+        self.finish(enc)?;
+        enc.flush().map_err(PostcopyError::Write)
+    }
+
+    /// Adds page `page` to the record being built (zero pages to a zero run), sending what it
+    /// completes.
+    fn add<W: Write>(&mut self, ram: &GuestRam, enc: &mut Encoder<W>, page: usize) -> Result<(), PostcopyError> {
+        let gpa = ram.layout().gpa_of(page);
+        ram.read_page(page, &mut self.buf);
+        if is_zero_page(&self.buf) {
+            if !self.batch.is_empty() {
+                enc.pages(&mut self.batch).map_err(PostcopyError::Write)?;
+            }
+            match &mut self.zero_run {
+                // A run stays inside one region (two regions may touch in gpa).
+                Some((first, n))
+                    if *first + *n * PAGE_SIZE as u64 == gpa
+                        && ram
+                            .layout()
+                            .page_of(*first)
+                            .is_some_and(|f| ram.layout().is_contiguous(f, *n as usize + 1)) =>
+                {
+                    *n += 1
+                }
+                _ => {
+                    if let Some((first, n)) = self.zero_run.take() {
+                        enc.zero_pages(first, n).map_err(PostcopyError::Write)?;
+                    }
+                    self.zero_run = Some((gpa, 1));
+                }
+            }
+            return Ok(());
+        }
+        if let Some((first, n)) = self.zero_run.take() {
+            enc.zero_pages(first, n).map_err(PostcopyError::Write)?;
+        }
+        if !self.batch.accepts(gpa) {
+            enc.pages(&mut self.batch).map_err(PostcopyError::Write)?;
+        }
+        self.batch.next_slot(gpa).copy_from_slice(&self.buf);
+        self.batch.commit();
+        if self.batch.len() == MAX_PAGES_PER_RECORD {
+            enc.pages(&mut self.batch).map_err(PostcopyError::Write)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is gathered.
+    fn finish<W: Write>(&mut self, enc: &mut Encoder<W>) -> Result<(), PostcopyError> {
+        enc.pages(&mut self.batch).map_err(PostcopyError::Write)?;
+        if let Some((first, n)) = self.zero_run.take() {
+            enc.zero_pages(first, n).map_err(PostcopyError::Write)?;
+        }
+        Ok(())
+    }
 }
 
 fn read_requests(conn: Connection, tx: mpsc::Sender<Heard>) {

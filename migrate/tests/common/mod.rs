@@ -506,8 +506,10 @@ pub fn params(f: impl FnOnce(&mut MigrationParams)) -> Arc<Mutex<MigrationParams
         // and a missed deadline would turn a success test into an unresolved migration. The
         // failure tests that wait on a silent destination set a short one.
         switchover_timeout: Duration::from_secs(5),
-        // The hand-written destination reads one connection; the tests of channels set theirs.
+        // The hand-written destination reads one connection; the tests of channels (and of the
+        // urgent connection) set theirs.
         channels: 1,
+        postcopy_preempt: false,
         ..MigrationParams::default()
     };
     f(&mut p);
