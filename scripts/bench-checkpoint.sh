@@ -25,7 +25,7 @@ run() { # NAME MEM WORKLOAD LIVE ROUND
     if [ "$3" = idle ]; then
         sleep 2
     else
-        while :; do w=$(grep -o 'written=[0-9]*' "$D/s.log" | tail -1 | cut -d= -f2); [ "${w:-0}" -gt 260000 ] && break; sleep 0.5; done
+        while :; do w=$({ grep -so 'written=[0-9]*' "$D/s.log" || true; } | tail -1 | cut -d= -f2); [ "${w:-0}" -gt 260000 ] && break; sleep 0.5; done
     fi
     q s migrate-set-capabilities "{\"capabilities\": [{\"capability\": \"background-snapshot\", \"state\": $4}]}" >/dev/null
     q s migrate "{\"uri\": \"file:$D/g.ckpt\"}" >/dev/null

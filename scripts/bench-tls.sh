@@ -30,7 +30,7 @@ creds() { # MODE WHO
 
 # The data, written once.
 "$E" --mem 1G --append wl=verify:1000:25000 --monitor "unix:$D/g.sock" --serial "file:$D/g.log" 2>"$D/g.err" &
-while :; do w=$(grep -o 'written=[0-9]*' "$D/g.log" | tail -1 | cut -d= -f2); [ "${w:-0}" -gt 260000 ] && break; sleep 0.5; done
+while :; do w=$({ grep -so 'written=[0-9]*' "$D/g.log" || true; } | tail -1 | cut -d= -f2); [ "${w:-0}" -gt 260000 ] && break; sleep 0.5; done
 q g migrate "{\"uri\": \"file:$D/data.ckpt\"}" >/dev/null
 [ "$(wait_done g)" = completed ]
 q g quit >/dev/null || true

@@ -271,13 +271,20 @@ static u64 *require_memory(u64 cpu, u64 bytes, const char *what)
     return (u64 *)base;
 }
 
-/* Waits until `done` pages are no longer ahead of what `rate` pages/s allows since `start`. */
-static void pace(u64 start, u64 done, u64 rate)
+/* Holds `done` pages to `rate` per second since *start. Behind by more than 100 ms of pages (the VM
+ * was paused, or slowed), the schedule moves on instead: no burst at full speed to catch up, which
+ * would write far more than `rate` right after a pause. */
+static void pace(u64 *start, u64 done, u64 rate)
 {
     if (!rate)
         return;
     u64 cycles_per_page = tsc_hz() / rate;
-    while ((rdtsc() - start) / (cycles_per_page ? cycles_per_page : 1) < done)
+    if (!cycles_per_page)
+        cycles_per_page = 1;
+    u64 now = rdtsc(), due = *start + done * cycles_per_page;
+    if (now > due + tsc_hz() / 10)
+        *start += now - due;
+    while ((rdtsc() - *start) / cycles_per_page < done)
         sys(SYS_HALT, 0, 0);
 }
 
@@ -344,7 +351,7 @@ static void __attribute__((noreturn)) dirty(u64 cpu, u64 mib, u64 rate, u64 runt
         u64 b1 = rdtsc();
         second_pages += batch;
         second_cycles += b1 - b0;
-        pace(start, total, rate);
+        pace(&start, total, rate);
         u64 now = rdtsc();
         if (ticker_due(&t, now)) {
             start_line(&l, cpu);
@@ -474,7 +481,7 @@ static void __attribute__((noreturn)) verify(u64 cpu, u64 mib, u64 rate, u64 run
             verify_check(&v);
         }
         steps += 64;
-        pace(start, steps, rate);
+        pace(&start, steps, rate);
         u64 now = rdtsc();
         if (ticker_due(&t, now)) {
             start_line(&l, cpu);

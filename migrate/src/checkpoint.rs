@@ -57,7 +57,7 @@ pub const VERSION: u32 = 1;
 const HEADER_LEN: usize = 4096;
 const FLAG_RUNNING: u32 = 1;
 const FLAG_LIVE: u32 = 2;
-/// Pages written (and, live, unprotected) per step.
+/// Pages written (and, live, unprotected) per step; read per call on a restore.
 const CHUNK: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -450,23 +450,54 @@ impl Checkpoint {
     /// the others stay as they are (zero in a new VM). Pages are read at their fixed offsets, so a
     /// mostly idle guest restores in the time its data pages take.
     pub fn restore_ram(&self, ram: &GuestRam) -> Result<(), CheckpointError> {
+        self.restore_ram_with(ram, |_, _| {})
+    }
+
+    fn has_data(&self, page: usize) -> bool {
+        self.data[page / 8] & (1 << (page % 8)) != 0
+    }
+
+    /// [`Checkpoint::restore_ram`], telling `each` every page read (its index and bytes, checked).
+    /// Runs of data pages are read straight into guest RAM, up to [`CHUNK`] pages a read: one
+    /// system call and no copy per run, where a read per page made restoring 1000 MiB of data
+    /// take seconds here. Only before the guest runs (as `GuestRam::write_page`).
+    pub fn restore_ram_with(&self, ram: &GuestRam, mut each: impl FnMut(usize, &[u8])) -> Result<(), CheckpointError> {
         if ram.layout().regions() != self.info.regions.as_slice() {
             return Err(CheckpointError::Malformed {
                 path: self.path.clone(),
                 why: format!("its RAM layout {:?} is not this VM's {:?}", self.info.regions, ram.layout().regions()),
             });
         }
-        let mut buf = vec![0u8; PAGE_SIZE];
-        for page in 0..ram.page_count() {
-            if self.data[page / 8] & (1 << (page % 8)) == 0 {
+        let pages = ram.page_count();
+        let mut page = 0;
+        while page < pages {
+            if !self.has_data(page) {
+                page += 1;
                 continue;
             }
-            let at = self.ram_offset + (page * PAGE_SIZE) as u64;
-            self.file.read_exact_at(&mut buf, at).map_err(io(&self.path))?;
-            if crc32fast::hash(&buf) != self.digests[page] {
-                return Err(CheckpointError::Checksum { path: self.path.clone(), what: format!("page {page}") });
+            let mut count = 1;
+            while count < CHUNK
+                && page + count < pages
+                && self.has_data(page + count)
+                && ram.layout().is_contiguous(page, count + 1)
+            {
+                count += 1;
             }
-            ram.write_page(page, &buf);
+            // SAFETY: a restore runs before the guest does and nothing else touches these pages
+            // meanwhile (the contract of write_page, which this replaces for runs).
+            let dst = unsafe { ram.pages_mut(page, count) };
+            let at = self.ram_offset + (page * PAGE_SIZE) as u64;
+            self.file.read_exact_at(dst, at).map_err(io(&self.path))?;
+            for (i, data) in dst.chunks_exact(PAGE_SIZE).enumerate() {
+                if crc32fast::hash(data) != self.digests[page + i] {
+                    return Err(CheckpointError::Checksum {
+                        path: self.path.clone(),
+                        what: format!("page {}", page + i),
+                    });
+                }
+                each(page + i, data);
+            }
+            page += count;
         }
         Ok(())
     }

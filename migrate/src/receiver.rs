@@ -748,9 +748,12 @@ impl<R: std::io::Read> Receiver<'_, R> {
     /// HEADER asked for a base: loads it into `ram` and sends the digest of every page (BASE),
     /// or says there is none (BASE_END 0). Returns the base's pages holding data.
     fn answer_base(&mut self, ram: &GuestRam) -> Result<Option<BaseLoaded>, Refusal> {
+        // The digests of the pages with data are made as they are read; the others are zero.
+        let zero = crate::checkpoint::page_digest(&[0u8; PAGE_SIZE]);
+        let mut digests = vec![zero; ram.page_count()];
         let loaded = match self.base {
             None => None,
-            Some(b) => match b.restore_ram(ram) {
+            Some(b) => match b.restore_ram_with(ram, |p, data| digests[p] = crate::checkpoint::page_digest(data)) {
                 Ok(()) => Some(b.data_pages()),
                 Err(e) => {
                     // Partly loaded pages are rewritten or cleared by the full migration (they
@@ -768,18 +771,6 @@ impl<R: std::io::Read> Receiver<'_, R> {
             self.replies.base(&[]).and_then(|_| self.replies.flush()).map_err(Refusal::Reply)?;
             return Ok(None);
         };
-        let zero = crate::checkpoint::page_digest(&[0u8; PAGE_SIZE]);
-        let mut buf = vec![0u8; PAGE_SIZE];
-        let digests: Vec<u128> = (0..ram.page_count())
-            .map(|p| {
-                if data.get(p) {
-                    ram.read_page(p, &mut buf);
-                    crate::checkpoint::page_digest(&buf)
-                } else {
-                    zero
-                }
-            })
-            .collect();
         self.replies.base(&digests).and_then(|_| self.replies.flush()).map_err(Refusal::Reply)?;
         *self.handover.base_note.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(format!("used: {} pages with data", data.count()));
