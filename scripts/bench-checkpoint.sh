@@ -38,8 +38,14 @@ run() { # NAME MEM WORKLOAD LIVE ROUND
     dd if="$D/g.ckpt" of=/dev/null bs=4M 2>/dev/null
     t1=$(ms)
     "$E" --incoming "file:$D/g.ckpt" -S --monitor "unix:$D/r.sock" --serial "file:$D/r.log" 2>"$D/r.err" &
+    local rp=$!
     until grep -q "restored" "$D/r.err" 2>/dev/null; do sleep 0.02; done
-    q r quit >/dev/null 2>&1 || true
+    q r quit >"$D/quit.out" 2>&1 || true
+    for _ in $(seq 100); do kill -0 $rp 2>/dev/null || break; sleep 0.05; done
+    if kill -0 $rp 2>/dev/null; then
+        echo "bench-checkpoint: the restored emu did not quit ($(cat "$D/quit.out")); killed" >&2
+        kill $rp
+    fi
     wait
     python3 - "$info" "$(grep -o 'in [0-9.]* ms' "$D/r.err" | head -1 | cut -d' ' -f2)" $((t1 - t0)) \
         "$(stat -c %s "$D/g.ckpt")" "$(du -k "$D/g.ckpt" | cut -f1)" "$1" "$5" <<'PY' | tee -a "$out"
