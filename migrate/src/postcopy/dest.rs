@@ -111,6 +111,7 @@ impl IncomingPostcopy {
     /// drops whatever those pages hold (an older copy from precopy), and registers all of RAM for
     /// missing-page faults. Called before READY; the guest has not run.
     pub fn prepare(ram: Arc<GuestRam>, owed: PageBitmap) -> Result<Arc<Self>, PostcopyError> {
+        let t0 = Instant::now();
         for (start, len) in ram.host_ranges() {
             // Pages arrive 4 KiB at a time, and a huge page would have to arrive whole.
             // SAFETY: advice on our own mapping.
@@ -123,11 +124,19 @@ impl IncomingPostcopy {
                 return Err(PostcopyError::Ram(std::io::Error::last_os_error()));
             }
         }
+        let t1 = Instant::now();
         let uffd = Uffd::open(0)?;
         for (start, len) in ram.host_ranges() {
             uffd.register_missing(start, len)?;
         }
         let left = owed.count();
+        // While the guest is paused: its downtime, worth seeing.
+        log::info!(
+            "postcopy prepared in {:?}: {left} owed pages dropped in {:?}, RAM registered in {:?}",
+            t0.elapsed(),
+            t1 - t0,
+            t1.elapsed()
+        );
         let state = State {
             owed,
             left,
