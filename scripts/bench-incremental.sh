@@ -11,14 +11,8 @@
 # for page. Run nothing else meanwhile (2 cores). Writes docs/incremental.md.
 #   scripts/bench-incremental.sh [PERCENT]
 set -euo pipefail
-top=$(cd "$(dirname "$0")/.." && pwd)
-(cd "$top" && cargo build --release --quiet)
-E="$top/target/release/emu"
+. "$(dirname "$0")/bench-lib.sh"
 PERCENT=${1:-10}
-D=$(mktemp -d)
-trap 'pkill -f "$D/" 2>/dev/null || true; rm -rf "$D"' EXIT
-q() { "$E" qmp "unix:$D/$1.sock" "${@:2}"; }
-wait_done() { while :; do s=$(q "$1" query-migrate --get status); s=${s//\"/}; case $s in completed|failed|cancelled) echo "$s"; return;; esac; sleep 0.05; done; }
 written() { { grep -so 'written=[0-9]*' "$D/src.log" || true; } | tail -1 | cut -d= -f2; }
 "$E" --mem 1G --append wl=verify:1000:25000 --monitor "unix:$D/src.sock" --serial "file:$D/src.log" 2>"$D/src.err" &
 sleep 2

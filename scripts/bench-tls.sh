@@ -11,14 +11,8 @@
 # Run nothing else meanwhile (2 cores).
 #   scripts/bench-tls.sh [ROUNDS]
 set -euo pipefail
-top=$(cd "$(dirname "$0")/.." && pwd)
-(cd "$top" && cargo build --release --quiet)
-E="$top/target/release/emu"
+. "$(dirname "$0")/bench-lib.sh"
 ROUNDS=${1:-3}
-D=$(mktemp -d)
-trap 'pkill -f "$D/" 2>/dev/null || true; rm -rf "$D"' EXIT
-q() { "$E" qmp "unix:$D/$1.sock" "${@:2}"; }
-wait_done() { while :; do s=$(q "$1" query-migrate --get status); s=${s//\"/}; case $s in completed|failed|cancelled) echo "$s"; return;; esac; sleep 0.05; done; }
 
 sh "$top/scripts/test-certs.sh" "$D/certs" >/dev/null
 printf 'qemu:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$D/keys.psk"
