@@ -516,22 +516,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// network that dropped without a reset), so that a migration fails instead of hanging.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The socket buffers of a TCP migration connection: the source's send buffer and the
-/// destination's receive buffer (the kernel doubles the figure for its bookkeeping). Left to
-/// autotuning they grew to 4 MiB and 32 MiB here, so up to 36 MiB per connection was on its way
-/// when the guest paused, and all of it had to be placed before the state could follow: with a
-/// destination that faults in fresh memory at 0.3 GB/s (seen on this host), 60-450 ms of a
-/// postcopy's downtime against 3-5 ms with these. A paused 1 GiB guest still moves at the rate its
-/// destination takes pages (0.5-2 GB/s here, the same with either setting). A link with a large
-/// bandwidth-delay product would want more; that is not exposed.
-pub const SOCKET_BUFFER: usize = 256 << 10;
-
-fn bound_buffer(fd: &impl std::os::fd::AsFd, opt: impl nix::sys::socket::SetSockOpt<Val = usize>) {
-    if let Err(e) = nix::sys::socket::setsockopt(fd, opt, &SOCKET_BUFFER) {
-        log::warn!("cannot bound a migration socket's buffer: {e}");
-    }
-}
-
 /// Source side: opens the migration's first connection. For `exec:` and `ssh:` that starts the
 /// command, which is then the destination.
 pub fn open(uri: &Uri) -> io::Result<Connection> {
@@ -577,7 +561,6 @@ fn connect_tcp(host: &str, port: u16) -> io::Result<TcpStream> {
             Ok(s) => {
                 // The switchover exchange is latency-bound; bulk data goes in large writes.
                 s.set_nodelay(true)?;
-                bound_buffer(&s, nix::sys::socket::sockopt::SndBuf);
                 return Ok(s);
             }
             Err(e) => last = e,
@@ -638,10 +621,6 @@ impl Listener {
                 ))
             }
         };
-        // Before any connection comes: accepted sockets take the listener's receive buffer.
-        if let Listener::Tcp(t) | Listener::Tls(t, _) = &l {
-            bound_buffer(t, nix::sys::socket::sockopt::RcvBuf);
-        }
         match &l {
             Listener::Tcp(t) | Listener::Tls(t, _) => t.set_nonblocking(true)?,
             Listener::Unix(u, _) => u.set_nonblocking(true)?,
@@ -736,33 +715,6 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Both ends of a TCP migration connection keep their buffers bounded (SOCKET_BUFFER, which
-    /// the kernel doubles), where autotuning let megabytes queue up before a switchover.
-    #[test]
-    fn tcp_migration_sockets_have_bounded_buffers() {
-        use nix::sys::socket::{getsockopt, sockopt};
-        let l = Listener::bind(&Uri::Tcp { host: "127.0.0.1".into(), port: 0 }).unwrap();
-        let Uri::Tcp { host, port } = l.local_uri().unwrap() else { panic!("not TCP") };
-        let src = connect_tcp(&host, port).unwrap();
-        let dst = loop {
-            if let Some(c) = l.accept_timeout(Duration::from_secs(5)).unwrap() {
-                break c;
-            }
-        };
-        let Connection::Tcp(dst) = dst else { panic!("not TCP") };
-        let snd = getsockopt(&src, sockopt::SndBuf).unwrap();
-        let rcv = getsockopt(&dst, sockopt::RcvBuf).unwrap();
-        assert!(snd <= 2 * SOCKET_BUFFER && rcv <= 2 * SOCKET_BUFFER, "send {snd}, receive {rcv}");
-        // Moving data does not let them grow.
-        let data = vec![1u8; 8 << 20];
-        let t = std::thread::spawn(move || (&src).write_all(&data).map(|_| src));
-        let mut got = vec![0u8; 8 << 20];
-        (&dst).read_exact(&mut got).unwrap();
-        let src = t.join().unwrap().unwrap();
-        assert_eq!(getsockopt(&dst, sockopt::RcvBuf).unwrap(), rcv);
-        assert_eq!(getsockopt(&src, sockopt::SndBuf).unwrap(), snd);
-    }
 
     #[test]
     fn parses_uris() {
