@@ -648,7 +648,7 @@ impl Checkpoint {
     pub fn data_pages(&self) -> PageBitmap {
         let pages = self.digests.len();
         let mut b = PageBitmap::new(pages);
-        for p in (0..pages).filter(|&p| self.data[p / 8] & (1 << (p % 8)) != 0) {
+        for p in (0..pages).filter(|&p| self.has_data(p)) {
             b.set(p);
         }
         b

@@ -1048,7 +1048,7 @@ impl Sender<'_> {
                     u.conn.shutdown();
                 }
                 loop {
-                    log::warn!("postcopy paused: {why}; {} pages owed", owed.owed.count());
+                    log::warn!("postcopy paused: {why}; {} pages owed", owed.unsent());
                     self.progress.update(|p| {
                         p.status = Status::PostcopyPaused;
                         if let Some(s) = p.postcopy.as_mut() {
@@ -1064,7 +1064,7 @@ impl Sender<'_> {
                 }
                 owed.stats.recoveries += 1;
                 owed.stats.paused_reason = None;
-                log::info!("postcopy resumed; {} pages still owed", owed.owed.count());
+                log::info!("postcopy resumed; {} pages still owed", owed.unsent());
             }
             self.progress.update(|p| p.status = Status::PostcopyActive);
             let cap = self.params().max_postcopy_bandwidth;

@@ -42,7 +42,10 @@ enum Heard {
 
 /// The owed pages of a postcopy phase, and the figures of sending them.
 pub struct OwedPages {
-    pub owed: PageBitmap,
+    owed: PageBitmap,
+    /// Pages of `owed` still set: kept as they are struck, since counting the bitmap is linear
+    /// in guest RAM and the push asks for every record.
+    unsent: usize,
     /// The next page the background push looks at.
     cursor: usize,
     pub stats: PostcopyStats,
@@ -51,9 +54,11 @@ pub struct OwedPages {
 
 impl OwedPages {
     pub fn new(owed: PageBitmap) -> Self {
-        let n = owed.count() as u64;
+        let unsent = owed.count();
+        let n = unsent as u64;
         OwedPages {
             owed,
+            unsent,
             cursor: 0,
             stats: PostcopyStats { owed_at_switchover: n, owed_left: n, ..PostcopyStats::default() },
             started: Instant::now(),
@@ -63,9 +68,15 @@ impl OwedPages {
     /// After a reconnection: the destination's word on what it still lacks replaces ours (it may
     /// have lost records in flight when the link broke).
     pub fn replace(&mut self, owed: PageBitmap) {
-        self.stats.owed_left = owed.count() as u64;
+        self.unsent = owed.count();
+        self.stats.owed_left = self.unsent as u64;
         self.owed = owed;
         self.cursor = 0;
+    }
+
+    /// Pages not sent yet.
+    pub fn unsent(&self) -> usize {
+        self.unsent
     }
 
     /// Postcopy from the guest's start on the destination until now.
@@ -100,6 +111,7 @@ impl OwedPages {
         for &page in &pages {
             if self.owed.get(page) {
                 self.owed.clear_bit(page);
+                self.unsent -= 1;
                 self.stats.pages_requested += 1;
             }
         }
@@ -126,6 +138,7 @@ impl OwedPages {
         for &page in &next {
             self.owed.clear_bit(page);
         }
+        self.unsent -= next.len();
         self.stats.pages_pushed += next.len() as u64;
         if let Some(&last) = next.last() {
             self.cursor = last + 1;
@@ -228,7 +241,7 @@ fn push_background(
         loop {
             let all_sent = {
                 let o = lock(owed);
-                o.owed.count() == 0 && o.stats.owed_left == 0
+                o.unsent == 0 && o.stats.owed_left == 0
             };
             let h = if let Some(h) = early.take() {
                 h
@@ -253,8 +266,8 @@ fn push_background(
                 Heard::Complete => {
                     let mut o = lock(owed);
                     o.stats.switchover_to_complete = Some(o.elapsed());
-                    if o.owed.count() > 0 {
-                        log::warn!("postcopy: COMPLETE with {} pages not sent from here", o.owed.count());
+                    if o.unsent > 0 {
+                        log::warn!("postcopy: COMPLETE with {} pages not sent from here", o.unsent);
                     }
                     o.stats.owed_left = 0;
                     enc.flush().map_err(PostcopyError::Write)?;
@@ -277,7 +290,7 @@ fn push_background(
         }
         pushed_bytes += enc.bytes_written() - before;
         let mut o = lock(owed);
-        if o.owed.count() == 0 {
+        if o.unsent == 0 {
             drop(o);
             out.finish(enc)?;
             // Sent, not yet known to have arrived: `owed_left` reaches 0 with COMPLETE.
@@ -285,7 +298,7 @@ fn push_background(
             enc.flush().map_err(PostcopyError::Write)?;
             continue;
         }
-        o.stats.owed_left = o.owed.count() as u64;
+        o.stats.owed_left = o.unsent as u64;
         if last_report.elapsed() > Duration::from_millis(50) {
             report(progress, &o);
             last_report = Instant::now();

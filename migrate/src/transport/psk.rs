@@ -169,22 +169,19 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// What a proof is the MAC of: role || identity || exporter value.
+fn proof_input(role: &[u8], id: &str, exporter: &[u8]) -> Vec<u8> {
+    [role, id.as_bytes(), exporter].concat()
+}
+
 fn mac(key: &[u8], role: &[u8], id: &str, exporter: &[u8]) -> ring::hmac::Tag {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
-    let mut ctx = ring::hmac::Context::with_key(&key);
-    ctx.update(role);
-    ctx.update(id.as_bytes());
-    ctx.update(exporter);
-    ctx.sign()
+    ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &proof_input(role, id, exporter))
 }
 
 fn verify(key: &[u8], role: &[u8], id: &str, exporter: &[u8], tag: &[u8]) -> bool {
-    let mut msg = Vec::with_capacity(role.len() + id.len() + exporter.len());
-    msg.extend_from_slice(role);
-    msg.extend_from_slice(id.as_bytes());
-    msg.extend_from_slice(exporter);
     // Constant time: a wrong proof says nothing about how wrong it was.
-    ring::hmac::verify(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), &msg, tag).is_ok()
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    ring::hmac::verify(&key, &proof_input(role, id, exporter), tag).is_ok()
 }
 
 fn exporter(conn: &rustls::Connection) -> io::Result<[u8; 32]> {
@@ -206,25 +203,20 @@ pub(super) fn prove(conn: &mut rustls::Connection, sock: &mut impl ReadWrite, ke
     msg.extend_from_slice(mac(key, b"emu-psk source", id, &exp).as_ref());
     io.write_all(&msg)?;
     io.flush()?;
-    let mut verdict = [0u8; 1 + MAC_LEN];
-    let mut got = 0;
-    while got < verdict.len() {
-        match io.read(&mut verdict[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-        if verdict[0] == 0 {
-            break;
-        }
-    }
-    if got == 0 || verdict[0] == 0 {
+    // The end of the stream where an answer was due counts as "no": a refusing destination
+    // closes after its 0.
+    let read = |io: &mut Session<'_, _>, buf: &mut [u8]| match io.read_exact(buf) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        done => done.map(|_| true),
+    };
+    let mut verdict = [0u8; 1];
+    if !read(&mut io, &mut verdict)? || verdict[0] == 0 {
         return Err(refused(format!(
             "the destination refused our pre-shared key (identity '{id}'): its tls-psk does not hold the same key"
         )));
     }
-    if got < verdict.len() || !verify(key, b"emu-psk destination", id, &exp, &verdict[1..]) {
+    let mut tag = [0u8; MAC_LEN];
+    if !read(&mut io, &mut tag)? || !verify(key, b"emu-psk destination", id, &exp, &tag) {
         return Err(refused(format!(
             "the destination's proof of the pre-shared key (identity '{id}') fails: not the destination meant"
         )));

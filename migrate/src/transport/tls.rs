@@ -257,6 +257,18 @@ fn would_block(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
 }
 
+/// Writes the records rustls holds to the (non-blocking) socket until it takes no more.
+fn send_tls(conn: &mut rustls::Connection, tcp: &mut &TcpStream) -> io::Result<()> {
+    while conn.wants_write() {
+        match conn.write_tls(tcp) {
+            Ok(_) => {}
+            Err(e) if would_block(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Moves bytes both ways until both directions have ended (or either fails): network records
 /// through rustls to the local end, the local end's bytes through rustls to the network. The end
 /// of the local end's stream becomes close_notify; close_notify (or the network's end) becomes the
@@ -276,13 +288,7 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
     // to say, and the local end may have nothing to send.)
     let mut truncated: Option<io::Error> = None;
     loop {
-        while conn.wants_write() {
-            match conn.write_tls(&mut tcp_w) {
-                Ok(_) => {}
-                Err(e) if would_block(&e) => break,
-                Err(e) => return Err(e),
-            }
-        }
+        send_tls(&mut conn, &mut tcp_w)?;
         while !net_done && plain.len() < PLAIN_CAP {
             match conn.reader().read(&mut buf) {
                 Ok(0) => {
@@ -399,13 +405,7 @@ fn relay(tcp: &TcpStream, mut conn: rustls::Connection, local: &UnixStream) -> i
                     Err(e) if would_block(&e) => break,
                     Err(e) => return Err(e),
                 }
-                while conn.wants_write() {
-                    match conn.write_tls(&mut tcp_w) {
-                        Ok(_) => {}
-                        Err(e) if would_block(&e) => break,
-                        Err(e) => return Err(e),
-                    }
-                }
+                send_tls(&mut conn, &mut tcp_w)?;
                 if conn.wants_write() {
                     break;
                 }
